@@ -1,0 +1,370 @@
+"""``he2rna compare``: check tile scores against ground truth (cells, masks, annotations), slide or cohort.
+
+One slide::
+
+    he2rna compare --scores S_tile_scores.csv --slide S.svs --cells S_CD3.tsv --class Positive \
+        --column "T cells" --column "B cells" --out DIR
+
+writes ``DIR/tiles.csv`` (tile id, position, scores, truth per tile) and ``DIR/metrics.csv`` (long table:
+score, truth, metric, subset, value, threshold, n_positive, note). A cohort::
+
+    he2rna compare --manifest cohort.csv --column "T cells" --out DIR
+
+where ``cohort.csv`` has one row per slide with columns ``slide, scores`` and any of ``cells, class, mask,
+mask_mpp, mask_channel, annotations, annotation_class, negative_class, mpp, width, height`` (paths relative to
+the manifest; empty cells fall back to the command-line options), writes ``DIR/per_slide.csv`` (one row per
+slide, score and truth, then mean/median/sd rows over slides), ``DIR/metrics.csv`` and
+``DIR/<slide>_tiles.csv``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..errors import DataError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "compare",
+        help="compare tile scores with ground truth (QuPath cells, masks, annotations): R, AUC, top-N",
+        description=(
+            "Compare per-tile scores (from he2rna spatialize) with ground truth aligned by microns: QuPath "
+            "cell detections (counts per tile), a segmentation mask (fraction per tile) or GeoJSON "
+            "annotations (label per tile). Reports Pearson R (two-tailed p) and Spearman rho, ROC-AUC for "
+            "tiles above the 75/90/95/99th percentile of the count, the median count in the top-N tiles, and "
+            "for annotations the inside-vs-outside AUC and the share of top-N tiles inside. Tile-level "
+            "p-values treat neighbouring "
+            "tiles as independent and are optimistic; --spatial-null adds a circular-shift null."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    src = p.add_argument_group("one slide")
+    src.add_argument("--scores", type=Path, help="tile-scores CSV written by he2rna spatialize")
+    src.add_argument("--slide", type=Path, help="the slide the scores belong to (for its size and µm/px)")
+    src.add_argument("--slide-size", type=int, nargs=2, metavar=("W", "H"), help="slide size in level-0 px")
+    src.add_argument("--mpp", type=float, default=None, help="µm per level-0 pixel (overrides the slide's)")
+    src.add_argument("--cells", type=Path, help="QuPath detections: measurement TSV/CSV or GeoJSON")
+    src.add_argument("--mask", type=Path, help="segmentation mask image covering the slide (PNG/TIFF)")
+    src.add_argument("--annotations", type=Path, help="QuPath GeoJSON annotations (e.g. tumour polygons)")
+    p.add_argument("--manifest", type=Path, help="cohort CSV, one row per slide (see the description)")
+    p.add_argument("--class", dest="cell_class", action="append", help="cell class to count (repeatable)")
+    p.add_argument("--mask-mpp", type=float, default=None, help="µm per mask pixel (default: scale by size)")
+    p.add_argument("--mask-channel", default=None, help="channel of a colour mask: red, green or blue")
+    p.add_argument(
+        "--annotation-class", action="append", help="annotation class that is 'inside' (repeatable)"
+    )
+    p.add_argument(
+        "--negative-class", action="append", help="annotation class that is 'outside'; others left out"
+    )
+    p.add_argument(
+        "--min-fraction", type=float, default=0.5, help="tile share inside a polygon to be 'inside'"
+    )
+    p.add_argument(
+        "--offset-um",
+        type=float,
+        nargs=2,
+        default=(0.0, 0.0),
+        metavar=("DX", "DY"),
+        help="shift of the truth scan onto the slide, µm",
+    )
+    p.add_argument("--scale", type=float, default=1.0, help="scale of the truth scan onto the slide")
+    p.add_argument("--rotation", type=float, default=0.0, help="rotation of the truth scan, degrees")
+    p.add_argument("--column", action="append", help="score column (gene or set) to compare (default: all)")
+    p.add_argument(
+        "--percentiles", type=float, nargs="+", default=[75, 90, 95, 99], help="AUC percentile cuts"
+    )
+    p.add_argument("--threshold", type=float, action="append", default=[], help="extra AUC count threshold")
+    p.add_argument("--top-n", type=int, default=100, help="top-scored tiles for the median / share metrics")
+    p.add_argument(
+        "--spatial-null",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also a p-value of R from N circular shifts of the score map (0: off)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output folder (created if needed)")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.set_defaults(func=run)
+
+
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _atomic_csv(df: pd.DataFrame, path: Path, overwrite: bool) -> None:
+    if path.exists() and not overwrite:
+        raise DataError(f"{path} exists; pass --overwrite to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            df.to_csv(fh, index=False, float_format="%.6g")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _slide_facts(
+    slide: Path | None, size: Any, mpp: float | None
+) -> tuple[tuple[int, int] | None, float | None]:
+    if slide is not None and Path(slide).is_file():
+        from ..slide import open_slide
+
+        with open_slide(slide, mpp=mpp) as s:
+            return tuple(s.dimensions), s.mpp
+    if size is not None and all(v is not None and not _blank(v) for v in size):
+        return (int(float(size[0])), int(float(size[1]))), mpp
+    if slide is not None:
+        raise DataError(f"the slide {slide} does not exist; give it, or its size with --slide-size W H")
+    return None, mpp
+
+
+def _blank(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+
+
+def compare_one(
+    scores_path: Path,
+    *,
+    slide: Path | None = None,
+    slide_size: Any = None,
+    mpp: float | None = None,
+    cells: Path | None = None,
+    cell_class: list[str] | None = None,
+    mask: Path | None = None,
+    mask_mpp: float | None = None,
+    mask_channel: str | None = None,
+    annotations: Path | None = None,
+    annotation_class: list[str] | None = None,
+    negative_class: list[str] | None = None,
+    min_fraction: float = 0.5,
+    alignment: Any = None,
+    columns: list[str] | None = None,
+    percentiles: Any = (75, 90, 95, 99),
+    thresholds: Any = (),
+    top_n: int = 100,
+    spatial_null: int = 0,
+) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
+    """Everything for one slide: (per-tile table, long metrics table, flat rows per score x truth)."""
+    from .. import compare, truth
+
+    dims, mpp = _slide_facts(slide, slide_size, mpp)
+    grid, scores = compare.read_tile_scores(scores_path, slide_dimensions=dims, mpp=mpp)
+    if columns:
+        missing = [c for c in columns if c not in scores.columns]
+        if missing:
+            raise DataError(
+                f"{scores_path.name} has no column {', '.join(map(repr, missing))}; "
+                f"its score columns are: {', '.join(scores.columns)}"
+            )
+        scores = scores[columns]
+    truths: dict[str, np.ndarray] = {}
+    if cells is not None:
+        detections = truth.read_qupath_detections(cells, grid.mpp, classes=cell_class or None)
+        label = "cell count" + (f" ({'+'.join(cell_class)})" if cell_class else "")
+        truths[label] = truth.cell_counts_per_tile(detections, grid, alignment=alignment)
+    if mask is not None:
+        m = truth.read_mask(mask, channel=mask_channel)
+        truths["mask fraction"] = truth.mask_fraction_per_tile(
+            m, grid, mask_mpp=mask_mpp, alignment=alignment
+        )
+    labels = None
+    if annotations is not None:
+        polys = truth.read_annotations(annotations, classes=annotation_class or None)
+        negative = truth.read_annotations(annotations, classes=negative_class) if negative_class else None
+        labels = truth.annotation_labels(grid, polys, min_fraction, negative=negative, alignment=alignment)
+    if not truths and labels is None:
+        raise DataError("give some truth to compare with: --cells, --mask or --annotations")
+    results: dict[tuple[str, str], Any] = {}
+    for col in scores.columns:
+        s = scores[col].to_numpy(float)
+        for name, values in truths.items():
+            results[(col, name)] = compare.tile_metrics(s, values, percentiles, thresholds, top_n)
+        if labels is not None:
+            results[(col, "annotation")] = compare.annotation_metrics(s, labels, top_n)
+    tiles = compare.compare_table(
+        grid.table, scores, {**truths, **({"inside annotation": labels} if labels is not None else {})}
+    )
+    long_parts, rows = [], []
+    for (col, name), res in results.items():
+        t = res.table()
+        t.insert(0, "truth", name)
+        t.insert(0, "score", col)
+        row = {"score": col, "truth": name, **res.as_dict()}
+        if spatial_null and name in truths:
+            from ..spatial import heatmap_raster
+
+            null = compare.spatial_null_p(
+                heatmap_raster(grid, scores[col].to_numpy(float)),
+                heatmap_raster(grid, truths[name]),
+                spatial_null,
+            )
+            row["spatial_null_p"] = null["p"]
+            extra = pd.DataFrame(
+                [
+                    {
+                        "score": col,
+                        "truth": name,
+                        "metric": "pearson_p_spatial_null",
+                        "subset": f"{null['n_shifts']} circular shifts",
+                        "value": null["p"],
+                        "note": null["note"],
+                    }
+                ]
+            )
+            t = pd.concat([t, extra], ignore_index=True)
+        long_parts.append(t)
+        rows.append(row)
+    return tiles, pd.concat(long_parts, ignore_index=True), rows
+
+
+def _alignment(args: argparse.Namespace):
+    from ..truth import Alignment
+
+    a = Alignment.from_offset_scale(args.offset_um, args.scale, args.rotation)
+    return None if a.is_identity else a
+
+
+def _print_rows(rows: list[dict[str, Any]]) -> None:
+    keys = [
+        "score",
+        "truth",
+        "n_tiles",
+        "pearson_r",
+        "pearson_p",
+        "spearman_rho",
+        "auc_p75",
+        "auc_p90",
+        "auc_p95",
+        "auc_p99",
+        "median_truth_top_n",
+        "median_truth_all",
+        "annotation_auc",
+        "top_n_share_inside",
+    ]
+    df = pd.DataFrame(rows)
+    df = df[[k for k in keys if k in df.columns]]
+    with pd.option_context(
+        "display.width", 160, "display.max_columns", 30, "display.float_format", "{:.4g}".format
+    ):
+        print(df.to_string(index=False))
+    notes = [
+        f"{r['score']} vs {r['truth']}: {r['note']}"
+        for r in rows
+        if isinstance(r.get("note"), str) and r["note"]
+    ]
+    for n in notes:
+        print(f"note: {n}")
+
+
+def run(args: argparse.Namespace) -> int:
+    alignment = _alignment(args)
+    common = {
+        "cell_class": args.cell_class,
+        "mask_mpp": args.mask_mpp,
+        "mask_channel": args.mask_channel,
+        "annotation_class": args.annotation_class,
+        "negative_class": args.negative_class,
+        "min_fraction": args.min_fraction,
+        "alignment": alignment,
+        "columns": args.column,
+        "percentiles": tuple(args.percentiles),
+        "thresholds": tuple(args.threshold),
+        "top_n": args.top_n,
+        "spatial_null": args.spatial_null,
+    }
+    if args.manifest is not None:
+        return _run_manifest(args, common)
+    if args.scores is None:
+        raise DataError("give --scores TILE_SCORES.csv (or --manifest COHORT.csv)")
+    tiles, metrics, rows = compare_one(
+        args.scores,
+        slide=args.slide,
+        slide_size=args.slide_size,
+        mpp=args.mpp,
+        cells=args.cells,
+        mask=args.mask,
+        annotations=args.annotations,
+        **common,
+    )
+    _atomic_csv(tiles, args.out / "tiles.csv", args.overwrite)
+    _atomic_csv(metrics, args.out / "metrics.csv", args.overwrite)
+    _print_rows(rows)
+    print(f"per-tile table: {args.out / 'tiles.csv'}")
+    print(f"metrics:        {args.out / 'metrics.csv'}")
+    return 0
+
+
+def _run_manifest(args: argparse.Namespace, common: dict[str, Any]) -> int:
+    from ..compare import summarize_slides
+
+    path = args.manifest
+    if not path.is_file() or path.stat().st_size == 0:
+        raise DataError(f"the manifest {path} is missing or empty")
+    sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
+    manifest = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    missing = [c for c in ("slide", "scores") if c not in manifest.columns]
+    if missing:
+        raise DataError(f"the manifest {path.name} lacks the column(s) {', '.join(missing)}")
+    base = path.parent
+
+    def p(value: str) -> Path | None:
+        return None if _blank(value) else (base / value if not Path(value).is_absolute() else Path(value))
+
+    def get(row: pd.Series, key: str, default: Any = None) -> Any:
+        return row[key] if key in row and not _blank(row[key]) else default
+
+    all_rows, long_parts = [], []
+    for i, row in manifest.iterrows():
+        name = Path(row["slide"]).stem or f"slide{i}"
+        kw = dict(common)
+        for key in ("cell_class", "annotation_class", "negative_class"):
+            manifest_key = {"cell_class": "class"}.get(key, key)
+            if get(row, manifest_key) is not None:
+                kw[key] = [c.strip() for c in row[manifest_key].split("|")]
+        if get(row, "mask_mpp") is not None:
+            kw["mask_mpp"] = float(row["mask_mpp"])
+        if get(row, "mask_channel") is not None:
+            kw["mask_channel"] = row["mask_channel"]
+        try:
+            tiles, metrics, rows = compare_one(
+                p(row["scores"]),
+                slide=p(row["slide"]),
+                slide_size=(get(row, "width"), get(row, "height")) if get(row, "width") else None,
+                mpp=float(row["mpp"]) if get(row, "mpp") else args.mpp,
+                cells=p(get(row, "cells", "")),
+                mask=p(get(row, "mask", "")),
+                annotations=p(get(row, "annotations", "")),
+                **kw,
+            )
+        except DataError as exc:  # one bad slide must not hide the others: say which and carry on
+            print(f"he2rna: error: slide {name}: {exc}", file=sys.stderr)
+            all_rows.append({"slide": name, "note": f"error: {exc}"})
+            continue
+        _atomic_csv(tiles, args.out / f"{name}_tiles.csv", args.overwrite)
+        metrics.insert(0, "slide", name)
+        long_parts.append(metrics)
+        all_rows += [{"slide": name, **r} for r in rows]
+    per_slide = pd.DataFrame(all_rows)
+    ok = per_slide[
+        ~per_slide.get("note", pd.Series("", index=per_slide.index)).astype(str).str.startswith("error")
+    ]
+    if ok.empty:
+        raise DataError(f"no slide of {path.name} could be compared (see the errors above)")
+    summary = summarize_slides(ok.drop(columns=[c for c in ("note",) if c in ok.columns]))
+    out = pd.concat([per_slide, summary], ignore_index=True)
+    _atomic_csv(out, args.out / "per_slide.csv", args.overwrite)
+    _atomic_csv(pd.concat(long_parts, ignore_index=True), args.out / "metrics.csv", args.overwrite)
+    _print_rows([r for r in out.to_dict("records") if isinstance(r.get("score"), str)])
+    print(f"per slide: {args.out / 'per_slide.csv'} ({len(ok['slide'].unique())} slides + mean/median/sd)")
+    return 0 if len(ok) == len(per_slide) else 2

@@ -1,0 +1,198 @@
+"""``he2rna extract SLIDES... --out DIR``: tile features of a cohort, cached, one task per slide.
+
+SLIDES are slide files, folders (their whole-slide and TIFF files), glob patterns, or a manifest CSV/TSV
+with a ``slide`` column (relative paths are relative to the manifest). Slides already cached are skipped;
+a slide that fails is reported on stderr and the others go on; the exit code is 1 when any failed.
+
+With ``--scheduler ADDRESS`` each slide is one task on a dask.distributed cluster; on SLURM, start one with
+dask-jobqueue, e.g.::
+
+    from dask_jobqueue import SLURMCluster
+    cluster = SLURMCluster(cores=8, memory="32GB", job_extra_directives=["--gres=gpu:1"])
+    cluster.scale(jobs=4)
+    print(cluster.scheduler_address)   # pass this to --scheduler
+
+Workers need the package, the slides and the weights file at the same paths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from ..errors import DataError
+
+# Folders are searched for these only: a cohort folder also holds thumbnails, masks and tables.
+FOLDER_SUFFIXES = (
+    ".svs",
+    ".ndpi",
+    ".mrxs",
+    ".scn",
+    ".bif",
+    ".vms",
+    ".vmu",
+    ".svslide",
+    ".tif",
+    ".tiff",
+    ".btf",
+    ".tf8",
+)
+MANIFEST_SUFFIXES = (".csv", ".tsv")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "extract",
+        help="extract and cache tile features of one or many slides",
+        description=(
+            "Tile the tissue of each slide into 112 µm squares and cache one feature vector per tile "
+            "(zarr store per slide, backbone and tile size). Cached slides are skipped; failures are "
+            "reported and the others go on."
+        ),
+    )
+    parser.add_argument(
+        "slides",
+        nargs="+",
+        metavar="SLIDES",
+        help="slide files, folders, glob patterns or a manifest CSV/TSV with a 'slide' column",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="where the feature stores go (default: the feature cache folder)",
+    )
+    parser.add_argument(
+        "--backbone",
+        default="resnet50-imagenet",
+        help="feature extractor (resnet50-imagenet, hed-stats, uni, phikon, h-optimus-0)",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="a local weights file for the backbone (safetensors or a torch state dict)",
+    )
+    parser.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm (default 112)")
+    parser.add_argument(
+        "--min-tissue", type=float, default=0.5, help="smallest tissue fraction of a kept tile (default 0.5)"
+    )
+    parser.add_argument(
+        "--max-tiles",
+        type=int,
+        default=8000,
+        help="at most this many tiles per slide, sampled reproducibly (default 8000)",
+    )
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps (default auto)")
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32", "bf16", "fp16"],
+        help="autocast precision (default: bf16/fp16 on GPU, fp32 on CPU)",
+    )
+    parser.add_argument("--batch-size", type=int, default=32, help="tiles per batch (halved on GPU OOM)")
+    parser.add_argument("--workers", type=int, default=2, help="tile reader threads per slide (default 2)")
+    parser.add_argument(
+        "--scheduler",
+        default=None,
+        metavar="ADDRESS",
+        help="dask.distributed scheduler address: one task per slide on that cluster",
+    )
+    parser.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="pixel size in µm/px for slides that do not say it (overrides the files')",
+    )
+    parser.set_defaults(func=run)
+
+
+def _from_manifest(path: Path) -> list[Path]:
+    sep = "\t" if path.suffix.lower() == ".tsv" else ","
+    try:
+        table = pd.read_csv(path, sep=sep)
+    except Exception as exc:
+        raise DataError(f"cannot read the manifest {path}: {exc}.") from exc
+    if "slide" not in table.columns:
+        raise DataError(
+            f"the manifest {path} has no 'slide' column (columns: {', '.join(map(str, table.columns))})."
+        )
+    paths = []
+    for value in table["slide"].dropna().astype(str):
+        p = Path(value).expanduser()
+        paths.append(p if p.is_absolute() else path.parent / p)
+    return paths
+
+
+def expand_slides(items: list[str]) -> list[Path]:
+    """Slide paths from files, folders, globs and manifests, in order, without duplicates.
+
+    A name that is neither an existing path nor matches a glob is kept, so that it is reported as failed.
+    """
+    out: list[Path] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            out += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
+        elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
+            out += _from_manifest(path)
+        elif path.exists():
+            out.append(path)
+        elif glob.has_magic(item):
+            out += [Path(p) for p in sorted(glob.glob(str(path), recursive=True)) if Path(p).is_file()]
+        else:
+            out.append(path)
+    seen: set[Path] = set()
+    unique = []
+    for p in out:
+        key = p.resolve() if p.exists() else p
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    return unique
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..features import backbone_info, extract_cohort, get_backbone
+    from ..jobs import TextProgress
+
+    slides = expand_slides(args.slides)
+    if not slides:
+        raise DataError(f"no slides found in {' '.join(args.slides)}.")
+    backbone_info(args.backbone)  # an unknown name fails before any slide is opened
+    if args.scheduler is None:
+        # Fail once, clearly, when the weights are missing rather than once per slide.
+        get_backbone(args.backbone, weights=args.weights, device=args.device)
+    progress = TextProgress(f"extract ({args.backbone})") if sys.stderr.isatty() else None
+    results = extract_cohort(
+        slides,
+        args.backbone,
+        out_dir=args.out,
+        scheduler=args.scheduler,
+        weights=args.weights,
+        tile_um=args.tile_um,
+        min_tissue=args.min_tissue,
+        max_tiles=args.max_tiles,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        num_workers=args.workers,
+        mpp=args.mpp,
+        progress=progress,
+    )
+    failed = 0
+    for r in results:
+        if r["status"] == "failed":
+            failed += 1
+            print(f"he2rna: {r['slide']}: failed: {r['reason']}", file=sys.stderr)
+        else:
+            print(f"{r['status']:>6}  {r['n_tiles']:>5} tiles  {r['slide']}  ->  {r['store']}")
+    ok = len(results) - failed
+    print(f"{ok} of {len(results)} slides have features" + (f"; {failed} failed" if failed else "") + ".")
+    return 1 if failed else 0

@@ -1,0 +1,89 @@
+"""``he2rna predict``: slide-level expression predictions and per-tile scores for one slide."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+# Above this many genes, per-tile scores are written only for the genes asked for with --genes.
+MAX_TILE_GENES_BY_DEFAULT = 100
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "predict",
+        help="predict a slide's gene expression (slide-level CSV) and per-tile scores (CSV)",
+        description=(
+            "Tile the slide, extract (or reuse cached) features with the model's backbone, and write "
+            "<slide>_prediction.csv (gene, predicted log10(1 + FPKM-UQ): the mean over k of the top-k tile "
+            "mean, "
+            "averaged over the fold models) and <slide>_tile_scores.csv (one row per tile: id, grid "
+            "position, "
+            "level-0 x/y, one column per gene)."
+        ),
+    )
+    p.add_argument("slide", help="whole-slide image (.svs, .tiff, .ndpi, ...)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model bundle (.safetensors); default: the bundled demo model (synthetic slides)",
+    )
+    p.add_argument("--genes", default=None, help="comma-separated genes (default: all genes of the model)")
+    p.add_argument("--out", default=".", help="output folder (default: current folder)")
+    p.add_argument("--mpp", type=float, default=None, help="µm per level-0 pixel, if the slide does not say")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--cache-dir", default=None, help="feature cache folder ($HE2RNA_CACHE when not given)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    import pandas as pd
+
+    from ..features import load_or_extract
+    from ..jobs import TextProgress
+    from ..model import _atomic_write_bytes
+    from ..pipeline import load_model
+    from ..slide import open_slide
+
+    bundle = load_model(args.model)
+    genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
+    bundle.gene_index(genes)  # unknown genes fail before any feature extraction
+    with open_slide(args.slide, mpp=args.mpp) as slide:
+        grid, feats = load_or_extract(
+            slide,
+            bundle.backbone,
+            tile_um=bundle.tile_um,
+            cache_dir=args.cache_dir,
+            device=args.device,
+            progress=TextProgress("features"),
+        )
+    bundle.check_features(bundle.backbone, feats.shape[1], grid.tile_um)
+    names = genes or bundle.genes
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = Path(args.slide).stem
+    slide_pred = pd.DataFrame({"gene": names, "prediction": bundle.slide_prediction(feats, names)})
+    slide_csv = out / f"{stem}_prediction.csv"
+    _atomic_write_bytes(slide_csv, slide_pred.to_csv(index=False, float_format="%.5f").encode())
+    if bundle.demo:
+        print(
+            "he2rna: warning: DEMO model trained on synthetic slides; its predictions mean nothing "
+            "on tissue.",
+            file=sys.stderr,
+        )
+    tile_genes = names if (genes or len(names) <= MAX_TILE_GENES_BY_DEFAULT) else None
+    print(f"{len(grid.table)} tiles; slide-level predictions: {slide_csv}")
+    if tile_genes is None:
+        print(f"per-tile scores not written for {len(names)} genes; choose some with --genes")
+        return 0
+    table = grid.table[["tile_id", "row", "col", "x", "y"]].reset_index(drop=True)
+    scores = pd.DataFrame(bundle.tile_scores(feats, tile_genes), columns=tile_genes)
+    tile_csv = out / f"{stem}_tile_scores.csv"
+    text = pd.concat([table, scores], axis=1).to_csv(index=False, float_format="%.5f")
+    _atomic_write_bytes(tile_csv, text.encode())
+    print(f"per-tile scores: {tile_csv}")
+    if len(names) <= 20:
+        print(slide_pred.to_string(index=False))
+    return 0

@@ -1,0 +1,422 @@
+"""The bundled demo model: HE2RNA trained by this package's own pipeline on the synthetic sample cohort.
+
+:func:`build_demo_model` runs, end to end and deterministically from a seed, exactly what a user runs on
+real data: ``make_cohort`` (slides with planted truth and an expression table driven by it) -> "hed-stats"
+tile features in the feature cache -> supertiles -> patient-grouped 5-fold cross-validated training ->
+evaluation of the out-of-fold predictions against the same architecture untrained (empirical p,
+Holm–Šidák and Benjamini–Hochberg per cancer type) -> one model bundle flagged ``demo`` and its report.
+
+The model means nothing on real tissue: it learnt the colour statistics of drawn slides. Its point is that
+the planted truth is known, so the whole chain can be checked: genes with a planted driver (T cells, B
+cells, epithelium, proliferation, stroma, fat) must come out significant on held-out slides and the
+housekeeping controls (noise only) must not; on a slide, the T-cell genes must be hot where T cells are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .jobs import CancelToken, ProgressCallback, check_cancel, report
+
+if TYPE_CHECKING:  # numpy/pandas/torch load when a build runs, not when the CLI lists commands
+    import pandas as pd
+
+    from .evaluation import Evaluation
+
+log = logging.getLogger(__name__)
+
+BACKBONE = "hed-stats"
+TILE_UM = 112.0
+
+#: Defaults of the committed demo model (see sample_data/README.md, "Demo model").
+DEFAULT_N_SLIDES = 150
+DEFAULT_SIZE_PX = (1344, 1344)
+DEFAULT_HIDDEN = (256, 256)
+DEFAULT_EPOCHS = 200
+DEFAULT_PATIENCE = 30
+DEFAULT_LR = 1e-3
+DEFAULT_NULL_INITS = 100  # 100 x 37 genes null R per type: smallest empirical p ~ 2.7e-4, room for Holm-Sidak
+
+
+def planted_gene_sets() -> dict[str, list[str]]:
+    """The synthetic panel grouped by planted driver (``t_density`` -> T-cell genes, ...)."""
+    from .synthetic import GENE_PANEL
+
+    sets: dict[str, list[str]] = {}
+    for gene, (driver, *_rest) in GENE_PANEL.items():
+        if driver:
+            sets.setdefault(driver, []).append(gene)
+    return sets
+
+
+def significance_counts(per_gene: pd.DataFrame, column: str = "significant") -> dict[str, dict[str, int]]:
+    """Per cancer type: how many planted and how many control genes are significant.
+
+    Parameters
+    ----------
+    per_gene
+        ``Evaluation.per_gene`` (or the committed ``per_gene.csv``): ``cancer_type``, ``gene``, ``column``.
+    """
+    from .synthetic import GENE_PANEL, HOUSEKEEPING
+
+    out: dict[str, dict[str, int]] = {}
+    for t, sub in per_gene.groupby("cancer_type", sort=True):
+        sig = sub.set_index("gene")[column].astype(bool)
+        planted = [g for g in GENE_PANEL if g in sig.index]
+        controls = [g for g in HOUSEKEEPING if g in sig.index]
+        out[str(t)] = {
+            "planted_significant": int(sig[planted].sum()),
+            "planted": len(planted),
+            "controls_significant": int(sig[controls].sum()),
+            "controls": len(controls),
+        }
+    return out
+
+
+def _r_table(per_gene: pd.DataFrame) -> dict[str, dict[str, float | None]]:
+    """``{gene: {cancer_type: R}}`` (out-of-fold, mean over folds), JSON-able."""
+    import numpy as np
+
+    wide = per_gene.pivot(index="gene", columns="cancer_type", values="r")
+    return {
+        str(g): {str(t): (None if not np.isfinite(v) else round(float(v), 4)) for t, v in row.items()}
+        for g, row in wide.iterrows()
+    }
+
+
+def feature_scaling(features: Mapping[str, Any]) -> tuple[Any, Any]:
+    """Mean and standard deviation of every feature over all rows of all samples.
+
+    Parameters
+    ----------
+    features
+        ``sample_id -> (n_rows, dim)`` arrays (supertiles).
+
+    Returns
+    -------
+    (mean, std)
+        ``(dim,)`` float64 each; a constant feature gets std 1 (it is then only centred).
+    """
+    import numpy as np
+
+    rows = np.concatenate([np.asarray(a, dtype=np.float64) for a in features.values()])
+    mean, std = rows.mean(axis=0), rows.std(axis=0)
+    return mean, np.where(std > 1e-8 * np.maximum(np.abs(mean), 1.0), std, 1.0)
+
+
+def fold_scaling_into_first_layer(model: Any, mean: Any, std: Any) -> None:
+    """Make ``model`` take raw features: ``W (x - mean) / std + b == (W / std) x + (b - W (mean / std))``.
+
+    Parameters
+    ----------
+    model
+        A :class:`napari_he2rna.model.HE2RNA` trained on standardised features; changed in place.
+    mean, std
+        ``(input_dim,)`` the standardisation it was trained with (see :func:`feature_scaling`).
+    """
+    import torch
+
+    first = model.layers[0]
+    with torch.no_grad():
+        w = first.weight.double()  # (out, in, 1)
+        scale = torch.as_tensor(1.0 / std, dtype=torch.float64)
+        shift = torch.as_tensor(mean / std, dtype=torch.float64)
+        first.bias.copy_((first.bias.double() - w[:, :, 0] @ shift).to(first.bias.dtype))
+        first.weight.copy_((w * scale[None, :, None]).to(first.weight.dtype))
+
+
+def _features_digest(ids: Sequence[str], features: Mapping[str, Any]) -> str:
+    """Short hash of the training features: the fold checkpoints' resume key does not cover them."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for sid in ids:
+        h.update(sid.encode())
+        h.update(np.ascontiguousarray(features[sid], dtype=np.float32).tobytes())
+    return h.hexdigest()[:16]
+
+
+def _cohort_ready(cohort_dir: Path, stamp: dict[str, Any]) -> bool:
+    path = cohort_dir / "demo_cohort.json"
+    if not (path.is_file() and (cohort_dir / "samples.tsv").is_file()):
+        return False
+    try:
+        return json.loads(path.read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
+def build_demo_model(
+    out_path: str | Path,
+    work_dir: str | Path,
+    n_slides: int = DEFAULT_N_SLIDES,
+    seed: int = 0,
+    size_px: tuple[int, int] = DEFAULT_SIZE_PX,
+    hidden: Sequence[int] = DEFAULT_HIDDEN,
+    epochs: int = DEFAULT_EPOCHS,
+    patience: int = DEFAULT_PATIENCE,
+    lr: float = DEFAULT_LR,
+    n_folds: int = 5,
+    null_inits: int = DEFAULT_NULL_INITS,
+    report_dir: str | Path | None = None,
+    device: str = "cpu",
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+) -> tuple[Path, Evaluation]:
+    """Generate the synthetic cohort, train HE2RNA on it with cross-validation, evaluate, save the bundle.
+
+    Every step is the package's public pipeline; nothing here is specific to synthetic data except where
+    the cohort comes from. Deterministic from ``seed`` (on CPU; the default ``device="cpu"`` also keeps the
+    committed bytes independent of a GPU being present).
+
+    Parameters
+    ----------
+    out_path
+        The model bundle to write (``.safetensors``), flagged ``demo``.
+    work_dir
+        Scratch folder: ``cohort/`` (slides, sample sheet, expression), ``features/`` (the feature cache)
+        and ``checkpoints/`` (finished folds). Reused by a rerun with the same cohort settings, so only the
+        missing steps are redone.
+    n_slides, seed, size_px
+        The cohort (:func:`napari_he2rna.synthetic.make_cohort`); ``size_px`` is level-0 (width, height)
+        at 0.5 µm/px (1344 px = 672 µm = 6 x 6 tiles of 112 µm).
+    hidden, epochs, patience, lr, n_folds
+        Training (:class:`napari_he2rna.training.TrainConfig`, supertile mode, batch 16).
+    null_inits
+        Random inits of the untrained architecture for the significance test.
+    report_dir
+        Where the evaluation report goes (default ``<out_path stem>_report`` next to the bundle).
+    device
+        Torch device for features and training.
+    progress, cancel
+        See :mod:`napari_he2rna.jobs`; progress runs over the five stages, the message says which.
+
+    Returns
+    -------
+    (Path, Evaluation)
+        The bundle written and its :class:`napari_he2rna.evaluation.Evaluation` (the report is in
+        ``report_dir``).
+    """
+    import torch
+
+    # Everything here is small per call (224 px tiles in batches of 32; a (16 slides x ~20 tiles) x 33 -> 256
+    # -> 256 -> 37 network): intra-op threads buy little, and on a busy machine their spin-waits made each
+    # training step ~10x slower (measured 730 vs 76 ms per step on 2 shared cores). So one thread for this
+    # build; the caller's setting is restored afterwards.
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _build(
+            out_path,
+            work_dir,
+            n_slides,
+            seed,
+            size_px,
+            hidden,
+            epochs,
+            patience,
+            lr,
+            n_folds,
+            null_inits,
+            report_dir,
+            device,
+            progress,
+            cancel,
+        )
+    finally:
+        torch.set_num_threads(n_threads)
+
+
+def _build(
+    out_path,
+    work_dir,
+    n_slides,
+    seed,
+    size_px,
+    hidden,
+    epochs,
+    patience,
+    lr,
+    n_folds,
+    null_inits,
+    report_dir,
+    device,
+    progress,
+    cancel,
+):
+    import numpy as np
+
+    from .evaluation import evaluate, write_report
+    from .model import save_bundle
+    from .synthetic import HOUSEKEEPING, make_cohort
+    from .training import (
+        TrainConfig,
+        bundle_metadata,
+        cohort_features,
+        cross_validate,
+        load_expression,
+        load_samples,
+        match_cohort,
+        untrained_predictions,
+    )
+
+    out = Path(out_path)
+    if out.suffix.lower() != ".safetensors":
+        out = out.with_suffix(".safetensors")
+    work = Path(work_dir)
+    cohort_dir = work / "cohort"
+    report_dir = Path(report_dir) if report_dir is not None else out.with_name(f"{out.stem}_report")
+    size_px = (int(size_px[0]), int(size_px[1]))
+    stages = 5
+
+    def stage(i: int, name: str, done: int = 0, total: int = 1, msg: str = "") -> None:
+        # One bar over the stages: stage i spans [i, i + 1) of `stages`, scaled to per-mille.
+        frac = (i + (done / total if total else 1.0)) / stages
+        report(progress, int(round(1000 * frac)), 1000, f"{name}: {msg}" if msg else name)
+
+    # 1. The cohort (slides + planted truth + expression), regenerated only when its settings changed.
+    t0 = time.perf_counter()
+    stamp = {"n_slides": int(n_slides), "seed": int(seed), "size_px": list(size_px)}
+    if not _cohort_ready(cohort_dir, stamp):
+        make_cohort(
+            cohort_dir,
+            n_slides=n_slides,
+            seed=seed,
+            size_px=size_px,
+            progress=lambda d, t, m: stage(0, "slides", d, t, m),
+            cancel=cancel,
+        )
+        (cohort_dir / "demo_cohort.json").write_text(json.dumps(stamp))
+    log.info("demo model: cohort took %.1f s", time.perf_counter() - t0)
+
+    # 2. Features (the shared zarr cache: a rerun reads them back) and their supertiles.
+    t0 = time.perf_counter()
+    samples = load_samples(cohort_dir / "samples.tsv")
+    expression = load_expression(cohort_dir / "expression.tsv", transform="log")
+    feats, failed = cohort_features(
+        samples,
+        BACKBONE,
+        TILE_UM,
+        cache_dir=work / "features",
+        supertiles=True,
+        device=device,
+        progress=lambda d, t, m: stage(1, "features", d, t, m),
+        cancel=cancel,
+    )
+    if failed:
+        from .errors import DataError
+
+        sid, why = next(iter(failed.items()))
+        raise DataError(f"{len(failed)} synthetic slides gave no features (e.g. {sid}: {why}).")
+    # hed-stats features live on very different scales (fractions in [0, 1], blob counts per 10k px in the
+    # tens): trained on them raw, the network mostly sees the largest ones and an untrained one correlates
+    # with whatever they track. So training (and the untrained null) see standardised features, and the
+    # standardisation is folded into each fold's first layer before saving: the bundle takes raw hed-stats
+    # features like any other model. Mean/std come from all slides' supertiles (no expression involved).
+    mean, std = feature_scaling(feats)
+    scaled = {sid: ((np.asarray(a, np.float64) - mean) / std).astype(np.float32) for sid, a in feats.items()}
+    cohort, _ = match_cohort(expression, samples, scaled)
+    log.info("demo model: features took %.1f s", time.perf_counter() - t0)
+
+    # 3. Cross-validated training (each finished fold is checkpointed, so an interrupted build resumes).
+    t0 = time.perf_counter()
+    check_cancel(cancel)
+    config = TrainConfig(
+        mode="supertiles",
+        hidden=tuple(hidden),
+        lr=lr,
+        max_epochs=epochs,
+        patience=patience,
+        n_folds=n_folds,
+        seed=seed,
+        device=device,
+    )
+    result = cross_validate(
+        cohort,
+        config,
+        progress=lambda d, t, m: stage(2, "training", d, t, m),
+        cancel=cancel,
+        checkpoint_dir=work / "checkpoints" / _features_digest(cohort.sample_ids, scaled),
+    )
+    log.info("demo model: training took %.1f s", time.perf_counter() - t0)
+
+    # 4. Evaluation against the untrained architecture, corrected per cancer type.
+    t0 = time.perf_counter()
+    stage(3, "evaluation", msg="untrained null")
+    null = untrained_predictions(
+        cohort, config.hidden, null_inits, config.k_list, seed=seed + 12345, device=device, cancel=cancel
+    )
+    gene_sets = {f"planted: {k}": v for k, v in planted_gene_sets().items() if len(v) > 1}
+    ev = evaluate(
+        cohort.expression,
+        result.oof,
+        result.cancer_types,
+        result.folds,
+        null,
+        gene_sets=gene_sets,
+        n_random_sets=10_000,
+        seed=seed,
+    )
+    log.info("demo model: evaluation took %.1f s", time.perf_counter() - t0)
+
+    # 5. The bundle (demo flag + what it was trained on + how well it did) and its report.
+    stage(4, "saving")
+    controls = [g for g in HOUSEKEEPING if g in cohort.genes]
+    summary_cols = [
+        c
+        for c in (
+            "cancer_type",
+            "n_samples",
+            "mean_r",
+            "n_significant_holm_sidak",
+            "n_significant_bh",
+            "null_r_q99",
+        )
+        if c in ev.summary
+    ]
+    extra = {
+        "trained_on": (
+            f"synthetic sample cohort (napari-he2rna make-sample, seed {seed}, {len(cohort.sample_ids)} "
+            f"slides of {size_px[0]} x {size_px[1]} px at 0.5 µm/px)"
+        ),
+        "demo_note": (
+            "Demo model trained on synthetic slides drawn by napari_he2rna.synthetic; it means nothing on "
+            "real tissue."
+        ),
+        "synthetic_cohort": {
+            "n_slides": int(n_slides),
+            "seed": int(seed),
+            "size_px": list(size_px),
+            "planted_genes": {k: v for k, v in planted_gene_sets().items()},
+            "control_genes": controls,
+        },
+        "evaluation": {
+            "summary": json.loads(ev.summary[summary_cols].to_json(orient="records")),
+            "significance_counts_holm_sidak": significance_counts(ev.per_gene, "significant"),
+            "significance_counts_bh": significance_counts(ev.per_gene, "significant_bh"),
+            "null_inits": int(null_inits),
+        },
+        "per_gene_r": _r_table(ev.per_gene),
+    }
+    extra["input_standardization"] = {
+        "note": "training saw (x - mean) / std; folded into the first layer, the bundle takes raw features",
+        "mean": [round(float(v), 6) for v in mean],
+        "std": [round(float(v), 6) for v in std],
+    }
+    meta = bundle_metadata(result, cohort, extra)
+    for model in result.models:
+        fold_scaling_into_first_layer(model, mean, std)
+    dim = result.models[0].input_dim
+    save_bundle(out, result.models, cohort.genes, BACKBONE, dim, TILE_UM, config.k_list, meta, demo=True)
+    report_path = write_report(
+        ev, report_dir, title="HE2RNA demo model evaluation (DEMO: synthetic slides, held-out folds)"
+    )
+    stage(5, "done", msg=f"report {report_path}")
+    return out, ev

@@ -1,0 +1,45 @@
+"""Errors a user can act on.
+
+Every exception here carries one clear sentence meant for a person: the napari widgets show it as a
+notification and the CLI prints it on stderr with a non-zero exit, never a traceback.
+"""
+
+
+class He2rnaError(Exception):
+    """Base class of all user-facing errors of napari-he2rna."""
+
+
+class SlideError(He2rnaError):
+    """A slide cannot be opened or read (missing, truncated, unsupported, not a slide)."""
+
+
+class MissingMPPError(SlideError):
+    """The slide does not say its pixel size; the user must give it (µm/px)."""
+
+
+class TissueError(He2rnaError):
+    """No tissue was found where tissue was expected."""
+
+
+class CacheError(He2rnaError):
+    """A feature cache is unreadable, stale or belongs to another slide/backbone."""
+
+
+class WeightsError(He2rnaError):
+    """Backbone weights are missing, unsafe or do not fit the network."""
+
+
+class ModelError(He2rnaError):
+    """A model bundle is malformed, tampered with or does not fit the features."""
+
+
+class GeneError(He2rnaError):
+    """A gene or gene set is not known to the model."""
+
+
+class DataError(He2rnaError):
+    """A cohort table, annotation or ground-truth file is malformed or does not match the slide."""
+
+
+class Cancelled(He2rnaError):
+    """A long job was cancelled by the user; nothing half-written was left behind."""

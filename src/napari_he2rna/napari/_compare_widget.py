@@ -1,0 +1,959 @@
+"""The "Compare" dock widget: check a heatmap against ground truth, with tile-level metrics on the fly.
+
+Pick a slide layer, load a truth file (QuPath cell detections as TSV/CSV/GeoJSON, a segmentation mask image,
+or QuPath GeoJSON annotations), align it in µm when it comes from another scan (offset, scale, rotation: the
+truth layer moves with it), pick one or two painted genes/sets, and read Pearson R / Spearman ρ, ROC-AUC at
+the 75/90/95/99th percentile (and a threshold you type), the median truth in the top-N tiles, or for
+annotations the inside-vs-outside AUC and the share of the top-N tiles inside. The ROC curves are drawn below.
+
+All the numbers come from :mod:`napari_he2rna.truth` (binning) and :mod:`napari_he2rna.compare` (metrics);
+this module only wires Qt to them. They are recomputed a moment after any change (a QTimer debounce) on the
+GUI thread: a full recompute takes tens of milliseconds even at 30,000 tiles, so a worker thread would only
+add latency. Every error becomes a napari notification; the widget stays usable.
+
+The per-slide :class:`~napari_he2rna.pipeline.SlideSession` (grid and tile scores) comes from the shared
+registry of :mod:`napari_he2rna.napari._state` (the Model widget fills it), or from ``session_provider``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
+from matplotlib.figure import Figure
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtGui import QDoubleValidator
+from qtpy.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QLineEdit,
+    QMessageBox,
+    QPushButton,
+    QSpinBox,
+    QTableWidget,
+    QTableWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .. import compare, spatial, truth
+from ..errors import DataError, He2rnaError
+from ._state import META_KEY, get_registry, is_slide_layer, layer_info
+
+if TYPE_CHECKING:
+    import napari
+
+    from ..pipeline import SlideSession
+
+ALL_CLASSES = "(all classes)"
+OTHER_TILES = "(all other tiles)"
+NO_SCORE = "(none)"
+AUTO_CHANNEL = "(grey / auto)"
+#: QuPath's positive cell detection names its classes "Positive"/"Negative": count the positives by default.
+DEFAULT_CELL_CLASS = "Positive"
+DEBOUNCE_MS = 150
+TRUTH_FILTER = (
+    "Ground truth (*.tsv *.csv *.txt *.geojson *.json *.png *.tif *.tiff *.jpg *.jpeg *.bmp);;"
+    "QuPath detections (*.tsv *.csv *.txt *.geojson *.json);;"
+    "QuPath annotations (*.geojson *.json);;"
+    "Masks (*.png *.tif *.tiff *.jpg *.jpeg *.bmp);;All files (*)"
+)
+_METRIC_NAMES = {
+    "n_tiles": "tiles",
+    "pearson_r": "Pearson R",
+    "pearson_p": "Pearson p",
+    "spearman_rho": "Spearman ρ",
+    "spearman_p": "Spearman p",
+    "roc_auc": "ROC-AUC",
+    "median_truth_top_n": "median truth",
+    "median_truth_all": "median truth",
+    "annotation_auc": "inside-vs-outside AUC",
+    "top_n_share_inside": "share inside",
+    "share_inside_all": "share inside",
+}
+_CAVEAT_TIP = (
+    "Neighbouring tiles are correlated, so this tile-level p-value (which treats tiles as independent) is "
+    "optimistic; read it as a rough guide, not a test. " + compare.P_VALUE_CAVEAT
+)
+
+
+def _fmt(metric: str, value: Any) -> str:
+    """Table text of one number: p-values in scientific form, counts as integers, NaN as an em dash."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if metric == "n_tiles":
+        return str(int(value))
+    if metric.endswith("_p"):
+        return f"{float(value):.3g}"
+    return f"{float(value):.3f}"
+
+
+def _outline_paths(rings_um: list[np.ndarray], tolerance_um: float = 1.0) -> list[np.ndarray]:
+    """Closed (y, x) µm outlines for a Shapes layer, simplified to ``tolerance_um`` for drawing only.
+
+    napari triangulates every polygon's fill even when it is transparent (seconds for a few thousand
+    vertices, minutes for a detailed QuPath tumour outline), so annotations are drawn as closed paths;
+    the metrics use the full polygons, holes included.
+    """
+    out = []
+    for ring in rings_um:
+        ring = np.asarray(ring, dtype=float)
+        closed = ring if np.array_equal(ring[0], ring[-1]) else np.vstack([ring, ring[:1]])
+        if truth.shapely is not None and len(closed) > 8:
+            simple = truth.shapely.simplify(truth.shapely.LineString(closed), tolerance_um)
+            closed = np.asarray(simple.coords, dtype=float)
+        out.append(closed)
+    return out
+
+
+class CompareWidget(QWidget):
+    """Load ground truth for a slide, align it, and compare one or two tile-score maps with it.
+
+    Parameters
+    ----------
+    napari_viewer
+        The viewer (napari passes it).
+    session_provider
+        ``layer -> SlideSession | None``: where the slide's grid and tile scores come from. Default: the
+        session the Model widget keeps for that slide layer in the viewer's shared registry.
+    """
+
+    def __init__(
+        self,
+        napari_viewer: napari.viewer.Viewer,
+        session_provider: Callable[[Any], SlideSession | None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.registry = get_registry(napari_viewer)
+        self._provider = session_provider or self._registry_session
+        # Truth state: the raw file content is kept so class / alignment / grid changes only re-bin it.
+        self.truth_path: Path | None = None
+        self.truth_kind: str | None = None  # "cells" | "mask" | "annotations"
+        self._cells_all: pd.DataFrame | None = None
+        self._polygons_all: list[truth.AnnotationPolygon] | None = None
+        self._mask: np.ndarray | None = None
+        self._truth_mpp: float | None = None
+        self.truth_layer = None
+        self._truth_layer_slide = None
+        self._truth_cache: tuple[Any, np.ndarray] | None = None
+        self._last_error = ""
+        self._loading = False
+        self._pending_mask: Path | None = None  # a mask that failed to load for want of a channel
+        # Results of the last recompute, for the exports and the tests.
+        self.truth_values: np.ndarray | None = None
+        self.results: dict[str, compare.TileMetrics | compare.AnnotationMetrics] = {}
+        self.score_values: dict[str, np.ndarray] = {}
+        self.metrics: pd.DataFrame = compare.metrics_table({})
+
+        self._build_ui()
+        self._timer = QTimer(self)
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(DEBOUNCE_MS)
+        self._timer.timeout.connect(self.recompute)
+
+        self.viewer.layers.events.inserted.connect(self._layers_changed)
+        self.viewer.layers.events.removed.connect(self._layers_changed)
+        self.registry.changed.connect(self._registry_changed)
+        self.refresh_slides()
+        self._update_truth_options()
+
+    # ================================================================================================ UI
+    def _build_ui(self) -> None:
+        layout = QVBoxLayout(self)
+
+        slide_box = QGroupBox("Slide")
+        form = QFormLayout(slide_box)
+        self.slide_combo = QComboBox()
+        self.slide_combo.setToolTip("The slide whose heatmaps are compared (opened by HE2RNA)")
+        form.addRow("slide layer", self.slide_combo)
+        layout.addWidget(slide_box)
+
+        truth_box = QGroupBox("Ground truth")
+        tform = QFormLayout(truth_box)
+        self.load_button = QPushButton("Load truth…")
+        self.load_button.setToolTip(
+            "QuPath detections (TSV/CSV/GeoJSON with centroids), a segmentation mask (PNG/TIFF) or "
+            "QuPath GeoJSON annotations (tumour / non-tumour polygons)"
+        )
+        self.truth_label = QLabel("No truth loaded.")
+        self.truth_label.setWordWrap(True)
+        self.class_combo = QComboBox()
+        self.class_combo.setToolTip("Cells: the class to count. Annotations: the class that is 'inside'.")
+        self.negative_combo = QComboBox()
+        self.negative_combo.setToolTip(
+            "Annotations: the class that is 'outside' (tiles in neither are left out), or every other tile"
+        )
+        self.channel_combo = QComboBox()
+        self.channel_combo.addItems([AUTO_CHANNEL, "red", "green", "blue"])
+        self.channel_combo.setToolTip("Colour masks: the channel whose non-zero pixels are positive")
+        self.downsample_spin = QDoubleSpinBox()
+        self.downsample_spin.setRange(0.0, 1e5)
+        self.downsample_spin.setDecimals(3)
+        self.downsample_spin.setSpecialValueText("by size")
+        self.downsample_spin.setToolTip("Level-0 slide px per mask px; 'by size' stretches it over the slide")
+        self.mask_mpp_spin = QDoubleSpinBox()
+        self.mask_mpp_spin.setRange(0.0, 1e5)
+        self.mask_mpp_spin.setDecimals(4)
+        self.mask_mpp_spin.setSpecialValueText("unknown")
+        self.mask_mpp_spin.setToolTip("µm per mask pixel (wins over the downsample when given)")
+        tform.addRow(self.load_button)
+        tform.addRow(self.truth_label)
+        tform.addRow("class", self.class_combo)
+        tform.addRow("outside class", self.negative_combo)
+        tform.addRow("mask channel", self.channel_combo)
+        tform.addRow("mask downsample", self.downsample_spin)
+        tform.addRow("mask µm/px", self.mask_mpp_spin)
+        self._truth_form = tform
+        layout.addWidget(truth_box)
+
+        align_box = QGroupBox("Alignment (truth → slide, µm)")
+        aform = QFormLayout(align_box)
+        self.offset_x = self._spin(-1e6, 1e6, 2, " µm", "Shift of the truth along x, µm")
+        self.offset_y = self._spin(-1e6, 1e6, 2, " µm", "Shift of the truth along y, µm")
+        self.scale_spin = self._spin(0.001, 1000.0, 4, "", "Scale of the truth scan onto the slide")
+        self.scale_spin.setValue(1.0)
+        self.scale_spin.setSingleStep(0.01)
+        self.rotation_spin = self._spin(-180.0, 180.0, 2, "°", "Rotation, anticlockwise on screen")
+        self.reset_align = QPushButton("Reset alignment")
+        aform.addRow("offset x", self.offset_x)
+        aform.addRow("offset y", self.offset_y)
+        aform.addRow("scale", self.scale_spin)
+        aform.addRow("rotation", self.rotation_spin)
+        aform.addRow(self.reset_align)
+        layout.addWidget(align_box)
+
+        score_box = QGroupBox("Scores")
+        sform = QFormLayout(score_box)
+        self.score_a = QComboBox()
+        self.score_a.setEditable(True)
+        self.score_a.setInsertPolicy(QComboBox.NoInsert)
+        self.score_a.setToolTip("A painted gene or gene set (type any gene of the model)")
+        self.score_b = QComboBox()
+        self.score_b.setEditable(True)
+        self.score_b.setInsertPolicy(QComboBox.NoInsert)
+        self.score_b.setToolTip("Optional second gene/set, compared side by side on the same truth")
+        self.top_n_spin = QSpinBox()
+        self.top_n_spin.setRange(1, 10_000_000)
+        self.top_n_spin.setValue(100)
+        self.top_n_spin.setToolTip("Median truth in this many best-scored tiles (paper: 100)")
+        self.threshold_edit = QLineEdit()
+        self.threshold_edit.setPlaceholderText("e.g. 5 (optional)")
+        self.threshold_edit.setValidator(QDoubleValidator())
+        self.threshold_edit.setToolTip("Extra ROC-AUC for tiles whose truth exceeds this value")
+        sform.addRow("score", self.score_a)
+        sform.addRow("compare with", self.score_b)
+        sform.addRow("top N tiles", self.top_n_spin)
+        sform.addRow("truth threshold", self.threshold_edit)
+        layout.addWidget(score_box)
+
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        layout.addWidget(self.status)
+
+        self.table = QTableWidget(0, 0)
+        self.table.setEditTriggers(QAbstractItemView.NoEditTriggers)
+        self.table.verticalHeader().setVisible(False)
+        self.table.horizontalHeader().setSectionResizeMode(QHeaderView.ResizeToContents)
+        self.table.setMinimumHeight(200)
+        layout.addWidget(self.table)
+
+        self.figure = Figure(figsize=(4, 2.6), tight_layout=True)
+        self.canvas = FigureCanvasQTAgg(self.figure)
+        self.canvas.setMinimumHeight(220)
+        layout.addWidget(self.canvas)
+
+        buttons = QHBoxLayout()
+        self.export_metrics_button = QPushButton("Export metrics…")
+        self.export_tiles_button = QPushButton("Export per-tile table…")
+        buttons.addWidget(self.export_metrics_button)
+        buttons.addWidget(self.export_tiles_button)
+        layout.addLayout(buttons)
+
+        # Wiring: anything that changes the numbers schedules one debounced recompute.
+        self.slide_combo.currentIndexChanged.connect(self._slide_changed)
+        self.load_button.clicked.connect(self._load_clicked)
+        self.class_combo.currentIndexChanged.connect(self._class_changed)
+        self.negative_combo.currentIndexChanged.connect(self._truth_changed)
+        self.channel_combo.currentIndexChanged.connect(self._channel_changed)
+        self.downsample_spin.valueChanged.connect(self._mask_geometry_changed)
+        self.mask_mpp_spin.valueChanged.connect(self._mask_geometry_changed)
+        for spin in (self.offset_x, self.offset_y, self.scale_spin, self.rotation_spin):
+            spin.valueChanged.connect(self._alignment_changed)
+        self.reset_align.clicked.connect(self.reset_alignment)
+        self.score_a.currentTextChanged.connect(self.schedule)
+        self.score_b.currentTextChanged.connect(self.schedule)
+        self.top_n_spin.valueChanged.connect(self.schedule)
+        self.threshold_edit.textChanged.connect(self.schedule)
+        self.export_metrics_button.clicked.connect(lambda: self.export_metrics())
+        self.export_tiles_button.clicked.connect(lambda: self.export_tiles())
+
+    @staticmethod
+    def _spin(lo: float, hi: float, decimals: int, suffix: str, tip: str) -> QDoubleSpinBox:
+        spin = QDoubleSpinBox()
+        spin.setRange(lo, hi)
+        spin.setDecimals(decimals)
+        spin.setSuffix(suffix)
+        spin.setToolTip(tip)
+        spin.setKeyboardTracking(False)  # typing "112" must not recompute at "1" and "11"
+        return spin
+
+    # ================================================================================================ slides
+    def _registry_session(self, layer: Any) -> SlideSession | None:
+        state = self.registry.get(layer)
+        return None if state is None else state.session
+
+    def slide_layers(self) -> list:
+        return [ly for ly in self.viewer.layers if is_slide_layer(ly)]
+
+    @property
+    def slide_layer(self):
+        """The slide layer picked in the combo (None when no slide is open)."""
+        layers = self.slide_layers()
+        name = self.slide_combo.currentText()
+        return next((ly for ly in layers if ly.name == name), None)
+
+    @property
+    def session(self) -> SlideSession | None:
+        layer = self.slide_layer
+        return None if layer is None else self._provider(layer)
+
+    def refresh_slides(self) -> None:
+        """Fill the slide combo from the viewer (keeps the current pick when it is still there)."""
+        current = self.slide_combo.currentText()
+        names = [ly.name for ly in self.slide_layers()]
+        self.slide_combo.blockSignals(True)
+        self.slide_combo.clear()
+        self.slide_combo.addItems(names)
+        if current in names:
+            self.slide_combo.setCurrentText(current)
+        self.slide_combo.blockSignals(False)
+        if self.slide_combo.currentText() != current:
+            self._slide_changed()
+        else:
+            self.refresh_scores()
+
+    def refresh_scores(self) -> None:
+        """Fill the score pickers: painted names first, then the gene sets and the model's genes."""
+        session = self.session
+        painted: list[str] = []
+        others: list[str] = []
+        if session is not None:
+            painted = list(session.cached_names())
+            state = self.registry.get(self.slide_layer)
+            if state is not None:
+                for ly in self.registry.layers_of(state, "heatmap"):
+                    name = (layer_info(ly) or {}).get("name")
+                    if name and name not in painted:
+                        painted.append(name)
+            if session.bundle is not None:
+                try:
+                    others = [c for c in session.choices() if c not in painted]
+                except He2rnaError:
+                    others = []
+        for combo, first in ((self.score_a, []), (self.score_b, [NO_SCORE])):
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems(first + painted + others)
+            if current and (current in painted or current in others or current == NO_SCORE):
+                combo.setCurrentText(current)
+            elif combo is self.score_a and painted:
+                combo.setCurrentText(painted[0])
+            elif combo is self.score_b:
+                combo.setCurrentText(NO_SCORE)
+            combo.blockSignals(False)
+        self.schedule()
+
+    def _layers_changed(self, event=None) -> None:
+        layer = getattr(event, "value", None)
+        if layer is not None and layer is self.truth_layer and layer not in self.viewer.layers:
+            self.truth_layer = None  # the user closed it; the truth itself stays loaded
+        try:
+            self.refresh_slides()
+        except RuntimeError:  # the dock was closed (Qt object deleted) while the viewer lives on
+            self._disconnect()
+
+    def _registry_changed(self, *args) -> None:
+        try:
+            self.refresh_scores()
+        except RuntimeError:
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        for emitter, slot in (
+            (self.viewer.layers.events.inserted, self._layers_changed),
+            (self.viewer.layers.events.removed, self._layers_changed),
+            (self.registry.changed, self._registry_changed),
+        ):
+            try:
+                emitter.disconnect(slot)
+            except (RuntimeError, ValueError, TypeError):
+                pass
+
+    def _slide_changed(self, *args) -> None:
+        self._truth_cache = None
+        if self.truth_path is not None and self.slide_layer is not None:
+            # The truth was placed through the previous slide's µm/px: read it again for this one.
+            self.load_truth_file(self.truth_path, kind=self.truth_kind)
+        self.refresh_scores()
+
+    # ================================================================================================ truth
+    def _load_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load ground truth", "", TRUTH_FILTER)
+        if path:
+            self.load_truth_file(path)
+
+    def _slide_mpp(self) -> tuple[Any, float]:
+        layer = self.slide_layer
+        if layer is None:
+            raise DataError("open a slide first (File > Open, or the Slide widget), then load its truth")
+        slide = layer.metadata["slide"]
+        if slide.mpp is None:
+            raise DataError(
+                f"{slide.path.name} does not say its pixel size: give its µm/px in the Slide widget first"
+            )
+        return slide, float(slide.mpp)
+
+    def load_truth_file(self, path: str | Path, kind: str | None = None) -> bool:
+        """Read a truth file for the current slide and show it; False (and a notification) on failure.
+
+        ``kind`` is ``"cells"``, ``"mask"`` or ``"annotations"``; guessed from the file when None. A failed
+        load leaves the previous truth in place.
+        """
+        path = Path(path)
+        try:
+            slide, mpp = self._slide_mpp()
+            channel = self.channel_combo.currentText()  # ignored by grey masks and by other kinds
+            channel = None if channel == AUTO_CHANNEL else channel
+            loaded = truth.load_truth(path, mpp, kind=kind, channel=channel)
+        except He2rnaError as exc:
+            if path.suffix.lower() in truth.MASK_SUFFIXES and kind in (None, "mask"):
+                # e.g. a colour mask: let the user pick the channel, which loads it again
+                self._pending_mask = path
+                self._set_rows_visible("mask")
+            return self._fail(str(exc))
+        except Exception as exc:  # a reader we do not know raised: still a sentence, not a traceback
+            return self._fail(f"cannot read {path.name}: {exc.__class__.__name__}: {exc}")
+        self._loading = True
+        try:
+            self._pending_mask = None
+            self.truth_path, self.truth_kind, self._truth_mpp = path, loaded.kind, mpp
+            self._cells_all = loaded.cells
+            self._polygons_all = loaded.polygons
+            self._mask = loaded.mask
+            self._truth_cache = None
+            self._update_truth_options()
+            self._show_truth_layer()
+        finally:
+            self._loading = False
+        self._last_error = ""
+        self.schedule()
+        return True
+
+    def _fail(self, message: str) -> bool:
+        show_error(message)
+        self.status.setText(message)
+        self._last_error = message
+        return False
+
+    def _update_truth_options(self) -> None:
+        """Fill the class combos from the file and show only the options of this kind of truth."""
+        kind = self.truth_kind
+        classes: list[str] = []
+        if kind == "cells" and self._cells_all is not None:
+            counts = self._cells_all.attrs.get("classes") or dict(self._cells_all["cls"].value_counts())
+            classes = [c for c, _ in sorted(counts.items(), key=lambda kv: -kv[1])]
+        elif kind == "annotations" and self._polygons_all is not None:
+            classes = list(dict.fromkeys(p.cls for p in self._polygons_all))
+        for combo, first in ((self.class_combo, ALL_CLASSES), (self.negative_combo, OTHER_TILES)):
+            current = combo.currentText()
+            combo.blockSignals(True)
+            combo.clear()
+            combo.addItems([first, *classes])
+            if current in classes:
+                combo.setCurrentText(current)
+            elif combo is self.class_combo and kind == "cells" and DEFAULT_CELL_CLASS in classes:
+                combo.setCurrentText(DEFAULT_CELL_CLASS)
+            elif combo is self.class_combo and kind == "annotations" and classes:
+                combo.setCurrentText(classes[0])
+            combo.blockSignals(False)
+        self._set_rows_visible(kind)
+        self._update_truth_label()
+
+    def _set_rows_visible(self, kind: str | None) -> None:
+        """Show only the options that apply to this kind of truth."""
+        rows = {
+            self.class_combo: kind in ("cells", "annotations"),
+            self.negative_combo: kind == "annotations",
+            self.channel_combo: kind == "mask",
+            self.downsample_spin: kind == "mask",
+            self.mask_mpp_spin: kind == "mask",
+        }
+        for widget, visible in rows.items():
+            widget.setVisible(visible)
+            label = self._truth_form.labelForField(widget)
+            if label is not None:
+                label.setVisible(visible)
+
+    def _update_truth_label(self) -> None:
+        if self.truth_path is None:
+            self.truth_label.setText("No truth loaded.")
+            return
+        name = self.truth_path.name
+        if self.truth_kind == "cells":
+            n = len(self._selected_cells())
+            text = f"{name}: {n} cells ({self.class_combo.currentText()})"
+        elif self.truth_kind == "annotations":
+            text = f"{name}: {len(self._polygons_all or [])} polygons"
+        else:
+            h, w = self._mask.shape
+            text = f"{name}: {w}x{h} px mask"
+        self.truth_label.setText(text)
+
+    def _selected_cells(self) -> pd.DataFrame:
+        cells = self._cells_all
+        cls = self.class_combo.currentText()
+        if cells is None or cls in ("", ALL_CLASSES):
+            return cells if cells is not None else pd.DataFrame(columns=["x_px", "y_px", "cls"])
+        out = cells[cells["cls"].to_numpy() == cls].reset_index(drop=True)
+        out.attrs = dict(cells.attrs)
+        return out
+
+    def _polygons(self, which: str) -> list[truth.AnnotationPolygon] | None:
+        combo = self.class_combo if which == "inside" else self.negative_combo
+        cls = combo.currentText()
+        if which == "outside" and cls in ("", OTHER_TILES):
+            return None
+        polys = self._polygons_all or []
+        if cls in ("", ALL_CLASSES):
+            return list(polys)
+        return [p for p in polys if p.cls == cls]
+
+    def ground_truth(self) -> truth.GroundTruth | None:
+        """The loaded truth with the class filter applied (None before any load)."""
+        if self.truth_kind == "cells":
+            cls = self.class_combo.currentText()
+            label = "cell count" + ("" if cls in ("", ALL_CLASSES) else f" ({cls})")
+            return truth.GroundTruth("cells", self.truth_path, label, cells=self._selected_cells())
+        if self.truth_kind == "mask":
+            return truth.GroundTruth(
+                "mask",
+                self.truth_path,
+                "mask fraction",
+                mask=self._mask,
+                mask_downsample=self.downsample_spin.value() or None,
+                mask_mpp=self.mask_mpp_spin.value() or None,
+            )
+        if self.truth_kind == "annotations":
+            cls = self.class_combo.currentText()
+            label = "inside" if cls in ("", ALL_CLASSES) else cls
+            return truth.GroundTruth("annotations", self.truth_path, label, polygons=self._polygons("inside"))
+        return None
+
+    def _class_changed(self, *args) -> None:
+        if self.truth_kind == "cells":
+            self._update_truth_label()
+            self._show_truth_layer()
+        elif self.truth_kind == "annotations":
+            self._style_shapes()
+        self._truth_changed()
+
+    def _channel_changed(self, *args) -> None:
+        if self._loading:
+            return
+        if self._pending_mask is not None:
+            self.load_truth_file(self._pending_mask, kind="mask")
+        elif self.truth_kind == "mask" and self.truth_path is not None:
+            self.load_truth_file(self.truth_path, kind="mask")
+
+    def _mask_geometry_changed(self, *args) -> None:
+        if self.truth_kind == "mask":
+            self._place_truth_layer()
+        self._truth_changed()
+
+    def _truth_changed(self, *args) -> None:
+        self._truth_cache = None
+        self.schedule()
+
+    # ================================================================================================ layers
+    def _show_truth_layer(self) -> None:
+        """(Re)draw the truth layer: Points (cells), Shapes (annotations) or Image (mask), in µm."""
+        mpp = self._truth_mpp
+        name = f"{self.truth_path.stem} truth"
+        layer = self.truth_layer if self.truth_layer in self.viewer.layers else None
+        want = {"cells": "points", "annotations": "shapes", "mask": "image"}[self.truth_kind]
+        if layer is not None and (
+            type(layer).__name__.lower() != want or layer.metadata.get("source") != self.truth_path
+        ):
+            self.viewer.layers.remove(layer)
+            layer = None
+        slide_layer = self.slide_layer
+        # same units as the slide layer (µm), else napari stops using units for all layers
+        units = dict(units=tuple(slide_layer.units)) if slide_layer is not None else {}
+        meta = {
+            META_KEY: {"kind": "truth", "session_key": id(slide_layer), "name": name},
+            "source": self.truth_path,
+        }
+        if self.truth_kind == "cells":
+            pts = truth.cells_points_um(self._selected_cells(), mpp)
+            if layer is None:
+                # ~ a lymphocyte's size in µm, so the dots sit on the nuclei at full zoom
+                layer = self.viewer.add_points(
+                    pts,
+                    name=name,
+                    size=6.0,
+                    face_color="yellow",
+                    border_color="yellow",
+                    border_width=0,
+                    opacity=0.8,
+                    metadata=meta,
+                    **units,
+                )
+            else:
+                layer.data = pts
+        elif self.truth_kind == "annotations":
+            shapes = _outline_paths(truth.annotation_shapes_um(self._polygons_all or [], mpp)[0])
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+            layer = self.viewer.add_shapes(
+                shapes or None,
+                shape_type="path",
+                name=name,
+                edge_width=max(4 * mpp, 2.0),
+                metadata=meta,
+                **units,
+            )
+        else:
+            data = (np.asarray(self._mask) != 0).astype(np.uint8)
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+            layer = self.viewer.add_image(
+                data,
+                name=name,
+                colormap="green",
+                blending="additive",
+                opacity=0.5,
+                contrast_limits=(0, 1),
+                metadata=meta,
+                **units,
+            )
+        self.truth_layer = layer
+        self._style_shapes()
+        self._place_truth_layer()
+
+    def _style_shapes(self) -> None:
+        layer = self.truth_layer
+        if self.truth_kind != "annotations" or layer is None or not len(layer.data):
+            return
+        _, classes = truth.annotation_shapes_um(self._polygons_all or [], self._truth_mpp)
+        inside, outside = self.class_combo.currentText(), self.negative_combo.currentText()
+        colours = []
+        for cls in classes:
+            base = cls.removesuffix(" (hole)")
+            if base == inside or inside == ALL_CLASSES:
+                colours.append("red")
+            elif base == outside:
+                colours.append("cyan")
+            else:
+                colours.append("gray")
+        layer.edge_color = colours
+
+    def alignment(self) -> truth.Alignment:
+        """The alignment set in the widget (truth scan -> slide, µm)."""
+        return truth.Alignment.from_offset_scale(
+            (self.offset_x.value(), self.offset_y.value()),
+            self.scale_spin.value(),
+            self.rotation_spin.value(),
+        )
+
+    def _place_truth_layer(self) -> None:
+        """Put the truth layer where the alignment says, as a napari affine in (y, x) µm."""
+        layer = self.truth_layer
+        if layer is None or layer not in self.viewer.layers:
+            return
+        if self.truth_kind == "mask":
+            mpp = self._truth_mpp
+            mh, mw = self._mask.shape
+            ds = self.downsample_spin.value() or None
+            if self.mask_mpp_spin.value():
+                ds = self.mask_mpp_spin.value() / mpp
+            slide = self.slide_layer.metadata["slide"] if self.slide_layer is not None else None
+            if ds is None and slide is not None:
+                w, h = slide.dimensions
+                sx, sy = w / mw, h / mh
+            else:
+                sx = sy = ds or 1.0
+            layer.scale = (sy * mpp, sx * mpp)
+            # mask pixel j covers level-0 px [j*s, (j+1)*s): its centre is where slide pixel j*s+(s-1)/2 is
+            layer.translate = ((sy - 1) / 2 * mpp, (sx - 1) / 2 * mpp)
+        a = self.alignment().affine
+        yx = np.array([[a[1, 1], a[1, 0], a[1, 2]], [a[0, 1], a[0, 0], a[0, 2]], [0.0, 0.0, 1.0]])
+        layer.affine = yx
+
+    def _alignment_changed(self, *args) -> None:
+        try:
+            self._place_truth_layer()
+        except He2rnaError as exc:
+            self._fail(str(exc))
+            return
+        self._truth_changed()
+
+    def reset_alignment(self) -> None:
+        for spin, value in ((self.offset_x, 0.0), (self.offset_y, 0.0), (self.scale_spin, 1.0)):
+            spin.blockSignals(True)
+            spin.setValue(value)
+            spin.blockSignals(False)
+        self.rotation_spin.setValue(0.0)  # one signal for the lot
+        self._alignment_changed()
+
+    def set_alignment(self, offset_um=(0.0, 0.0), scale: float = 1.0, rotation_deg: float = 0.0) -> None:
+        """Set the alignment fields (one update of the layer and one recompute)."""
+        for spin, value in (
+            (self.offset_x, offset_um[0]),
+            (self.offset_y, offset_um[1]),
+            (self.scale_spin, scale),
+            (self.rotation_spin, rotation_deg),
+        ):
+            spin.blockSignals(True)
+            spin.setValue(float(value))
+            spin.blockSignals(False)
+        self._alignment_changed()
+
+    # ================================================================================================ metrics
+    def schedule(self, *args) -> None:
+        """Recompute a moment later; changes arriving meanwhile are folded into one recompute."""
+        self._timer.start()
+
+    def _threshold(self) -> list[float]:
+        text = self.threshold_edit.text().strip().replace(",", ".")
+        try:
+            return [float(text)] if text else []
+        except ValueError:
+            return []
+
+    def score_names(self) -> list[str]:
+        names = [self.score_a.currentText().strip(), self.score_b.currentText().strip()]
+        out: list[str] = []
+        for n in names:
+            if n and n != NO_SCORE and n not in out:
+                out.append(n)
+        return out
+
+    def truth_per_tile(self) -> np.ndarray:
+        """(N,) truth per tile of the slide's grid under the current class and alignment (cached)."""
+        session = self.session
+        grid = session.grid
+        key = (id(grid), self.alignment())
+        if self._truth_cache is not None and self._truth_cache[0] == key:
+            return self._truth_cache[1]
+        gt = self.ground_truth()
+        if gt.kind == "annotations":
+            if not gt.polygons:
+                raise DataError(f"no annotation of class {self.class_combo.currentText()!r}")
+            values = truth.annotation_labels(
+                grid, gt.polygons, negative=self._polygons("outside"), alignment=self.alignment()
+            )
+        else:
+            if gt.kind == "cells" and not len(gt.cells):
+                raise DataError(f"no cell of class {self.class_combo.currentText()!r} in {gt.source.name}")
+            values = gt.per_tile(grid, self.alignment())
+        self._truth_cache = (key, values)
+        return values
+
+    def recompute(self) -> bool:
+        """Bin the truth, score the picked names and refresh the table and the ROC plot now.
+
+        Returns True when metrics were computed; otherwise the status line says what is missing and an
+        error (a bad file, a gene the model lacks, truth off the slide) is shown once as a notification.
+        """
+        self._timer.stop()
+        self.results, self.score_values, self.truth_values = {}, {}, None
+        self.metrics = compare.metrics_table({})
+        session = self.session
+        message = ""
+        if self.slide_layer is None:
+            message = "Open a slide first."
+        elif session is None or session.grid is None or session.features is None:
+            message = "Run the model on this slide first (Model widget), then pick a gene or set here."
+        elif self.truth_kind is None:
+            message = "Load a truth file (QuPath detections, a mask or annotations)."
+        elif not self.score_names():
+            message = "Pick a gene or gene set to compare."
+        if message:
+            self.status.setText(message)
+            self._render()
+            return False
+        try:
+            values = self.truth_per_tile()
+            top_n = self.top_n_spin.value()
+            for name in self.score_names():
+                canonical = session.canonical(name)
+                scores = np.asarray(session.scores(name), dtype=np.float64)
+                self.score_values[canonical] = scores
+                if self.truth_kind == "annotations":
+                    self.results[canonical] = compare.annotation_metrics(scores, values, top_n=top_n)
+                else:
+                    self.results[canonical] = compare.tile_metrics(
+                        scores, values, thresholds=self._threshold(), top_n=top_n
+                    )
+            self.truth_values = values
+        except He2rnaError as exc:
+            self._report(str(exc))
+            self._render()
+            return False
+        except Exception as exc:  # never a traceback into napari; say what failed
+            self._report(f"the metrics could not be computed: {exc.__class__.__name__}: {exc}")
+            self._render()
+            return False
+        self._last_error = ""
+        self.metrics = compare.metrics_table(self.results, self.ground_truth().label)
+        n = len(values)
+        self.status.setText(f"{n} tiles; truth: {self.ground_truth().label}.")
+        self._render()
+        return True
+
+    def _report(self, message: str) -> None:
+        self.status.setText(message)
+        if message != self._last_error:  # one notification per problem, not one per keystroke
+            show_error(message)
+        self._last_error = message
+
+    # ================================================================================================ display
+    def _render(self) -> None:
+        self._fill_table()
+        self._draw_roc()
+
+    def _fill_table(self) -> None:
+        names = list(self.results)
+        table = self.table
+        table.clear()
+        headers = ["metric", "subset", *names, "note"]
+        table.setColumnCount(len(headers))
+        table.setHorizontalHeaderLabels(headers)
+        if not names:
+            table.setRowCount(0)
+            return
+        first = self.results[names[0]].table()
+        others = [self.results[n].table() for n in names[1:]]
+        table.setRowCount(len(first))
+        for i, row in first.iterrows():
+            metric = row["metric"]
+            subset = str(row["subset"])
+            if metric == "roc_auc" and math.isfinite(row["threshold"]):
+                subset = f"{subset} (>{row['threshold']:.3g}, n={row['n_positive']})"
+            cells = [_METRIC_NAMES.get(metric, metric), subset]
+            cells += [_fmt(metric, row["value"])] + [_fmt(metric, t.loc[i, "value"]) for t in others]
+            notes = [str(row["note"])] + [str(t.loc[i, "note"]) for t in others]
+            note = "; ".join(dict.fromkeys(n for n in notes if n and n != "nan"))
+            if metric in ("pearson_r", "spearman_rho") and not note:
+                note = "tile-level: neighbouring tiles are correlated"
+            cells.append(note)
+            for j, text in enumerate(cells):
+                item = QTableWidgetItem(text)
+                if metric in ("pearson_p", "spearman_p", "pearson_r", "spearman_rho"):
+                    item.setToolTip(_CAVEAT_TIP)
+                elif note:
+                    item.setToolTip(note)
+                if 2 <= j < 2 + len(names):
+                    item.setTextAlignment(int(Qt.AlignRight | Qt.AlignVCenter))
+                table.setItem(i, j, item)
+
+    def _draw_roc(self) -> None:
+        fig = self.figure
+        names = list(self.results)
+        if len(fig.axes) != max(len(names), 1) or not names:
+            # Building axes is the slow part of matplotlib (tens of ms each): only when the panel count
+            # changes; otherwise the curves are swapped on the existing axes.
+            fig.clear()
+            if not names:
+                self.canvas.draw_idle()
+                return
+            for ax in fig.subplots(1, len(names), squeeze=False)[0]:
+                ax.set_xlabel("false positive rate", fontsize=8)
+                ax.set_ylabel("true positive rate", fontsize=8)
+                ax.set_xlim(0, 1)
+                ax.set_ylim(0, 1)
+                ax.tick_params(labelsize=7)
+        for ax, name in zip(fig.axes, names, strict=True):
+            for artist in list(ax.lines):
+                artist.remove()
+            if ax.get_legend() is not None:
+                ax.get_legend().remove()
+            ax.set_prop_cycle(None)  # the same colour for the same cut in every redraw
+            res = self.results[name]
+            ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
+            if isinstance(res, compare.AnnotationMetrics):
+                if res.roc is not None:
+                    ax.plot(*res.roc, lw=1.5, label=f"inside AUC {res.auc:.2f}")
+            else:
+                for label, (fpr, tpr) in res.roc.items():
+                    ax.plot(fpr, tpr, lw=1.2, label=f"{label} AUC {res.auc[label]:.2f}")
+            ax.set_title(name, fontsize=9)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="lower right")
+        self.canvas.draw_idle()
+
+    # ================================================================================================ export
+    def _save_path(self, path: str | Path | None, title: str, default: str) -> tuple[Path | None, bool]:
+        """(path, overwrite): a dialog when ``path`` is None (Qt asks before replacing a file)."""
+        if path is None:
+            chosen, _ = QFileDialog.getSaveFileName(self, title, default, "CSV (*.csv);;All files (*)")
+            return (Path(chosen), True) if chosen else (None, False)
+        path = Path(path)
+        if path.exists():
+            answer = QMessageBox.question(
+                self, title, f"{path.name} already exists. Replace it?", QMessageBox.Yes | QMessageBox.No
+            )
+            return (path, True) if answer == QMessageBox.Yes else (None, False)
+        return path, False
+
+    def _write(self, df: pd.DataFrame, path: Path, overwrite: bool) -> Path | None:
+        try:
+            out = spatial.atomic_write(path, lambda tmp: df.to_csv(tmp, index=False), overwrite=overwrite)
+        except He2rnaError as exc:
+            show_error(str(exc))
+            return None
+        show_info(f"Wrote {out}.")
+        return out
+
+    def _default_name(self, suffix: str) -> str:
+        layer = self.slide_layer
+        stem = Path(layer.metadata.get("slide_path", layer.name)).stem if layer is not None else "slide"
+        return f"{stem}_{suffix}.csv"
+
+    def export_metrics(self, path: str | Path | None = None) -> Path | None:
+        """Write the metrics table (score, truth, metric, subset, value, threshold, n_positive, note)."""
+        if not self.results and not self.recompute():
+            show_error("There are no metrics to export yet: load a truth file and pick a gene or set.")
+            return None
+        path, overwrite = self._save_path(path, "Export metrics", self._default_name("metrics"))
+        return None if path is None else self._write(self.metrics, path, overwrite)
+
+    def per_tile_table(self) -> pd.DataFrame:
+        """Tile id and position, the score of each picked name and the truth per tile."""
+        grid = self.session.grid
+        return compare.compare_table(
+            grid.table, dict(self.score_values), {self.ground_truth().label: self.truth_values}
+        )
+
+    def export_tiles(self, path: str | Path | None = None) -> Path | None:
+        """Write the per-tile table (tile id, row, col, x, y, scores, truth)."""
+        if not self.results and not self.recompute():
+            show_error("There is no per-tile table to export yet: load a truth file and pick a gene or set.")
+            return None
+        path, overwrite = self._save_path(path, "Export per-tile table", self._default_name("compare_tiles"))
+        return None if path is None else self._write(self.per_tile_table(), path, overwrite)

@@ -1,0 +1,277 @@
+"""The "Export" dock widget: write a slide's tile scores as CSV, QuPath GeoJSON tiles or heatmap TIFFs.
+
+Only wiring: the files are written by :class:`napari_he2rna.pipeline.SlideSession` (atomically, via
+:mod:`napari_he2rna.spatial`). The names offered are the genes/sets painted on the picked slide (its heatmap
+layers); more can be typed. An existing file is replaced only after the user says so; every outcome is a
+notification naming the written path(s), or the one-sentence reason it failed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import (
+    QFileDialog,
+    QFormLayout,
+    QLabel,
+    QLineEdit,
+    QListWidget,
+    QListWidgetItem,
+    QMessageBox,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .. import spatial
+from ..errors import He2rnaError
+from ..pipeline import safe_name
+from ._model_widget import SlideLayerPicker
+from ._state import SlideState, get_registry, layer_info
+
+if TYPE_CHECKING:
+    import napari
+
+
+class ExportWidget(QWidget):
+    """Pick painted genes/sets of a slide and export their tile scores.
+
+    Parameters
+    ----------
+    napari_viewer
+        The viewer (napari passes it to dock widgets).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.registry = get_registry(napari_viewer)
+        self.slide_picker = SlideLayerPicker(napari_viewer)
+        self.names_list = QListWidget()
+        self.names_list.setToolTip("The genes / gene sets painted on this slide; tick those to export")
+        self.extra_edit = QLineEdit()
+        self.extra_edit.setPlaceholderText("more genes or sets, comma-separated (optional)")
+        self.csv_button = QPushButton("Export tile scores (CSV)…")
+        self.geojson_button = QPushButton("Export tiles for QuPath (GeoJSON)…")
+        self.tiff_button = QPushButton("Export heatmap (TIFF)…")
+        self.result_label = QLabel("")
+        self.result_label.setWordWrap(True)
+        self.result_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self._last_dir: Path | None = None
+
+        form = QFormLayout()
+        form.addRow("slide", self.slide_picker.native)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(QLabel("Genes / gene sets:"))
+        layout.addWidget(self.names_list)
+        layout.addWidget(self.extra_edit)
+        for button in (self.csv_button, self.geojson_button, self.tiff_button):
+            layout.addWidget(button)
+        layout.addWidget(self.result_label)
+        layout.addStretch(1)
+
+        self.slide_picker.changed.connect(self.refresh)
+        self.registry.changed.connect(self.refresh)
+        self.csv_button.clicked.connect(lambda: self.export_csv())
+        self.geojson_button.clicked.connect(lambda: self.export_geojson())
+        self.tiff_button.clicked.connect(lambda: self.export_tiff())
+        self.refresh()
+
+    # ------------------------------------------------------------------ state
+    def current_state(self) -> SlideState | None:
+        layer = self.slide_picker.value
+        if layer is None or layer not in self.viewer.layers:
+            return None
+        return self.registry.get(layer)
+
+    def painted_names(self) -> list[str]:
+        """The gene/set names with a heatmap layer on the picked slide, in layer order."""
+        state = self.current_state()
+        if state is None:
+            return []
+        names = [layer_info(ly).get("name") for ly in self.registry.layers_of(state, "heatmap")]
+        return list(dict.fromkeys(n for n in names if n))
+
+    def refresh(self, *_: Any) -> None:
+        """Refill the name list (keeping ticks; new names come ticked)."""
+        unticked = {
+            self.names_list.item(i).text()
+            for i in range(self.names_list.count())
+            if self.names_list.item(i).checkState() != Qt.CheckState.Checked
+        }
+        self.names_list.clear()
+        for name in self.painted_names():
+            item = QListWidgetItem(name)
+            item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
+            item.setCheckState(Qt.CheckState.Unchecked if name in unticked else Qt.CheckState.Checked)
+            self.names_list.addItem(item)
+
+    def set_checked(self, names: Sequence[str]) -> None:
+        """Tick exactly ``names`` in the list."""
+        wanted = set(names)
+        for i in range(self.names_list.count()):
+            item = self.names_list.item(i)
+            item.setCheckState(Qt.CheckState.Checked if item.text() in wanted else Qt.CheckState.Unchecked)
+
+    def chosen_names(self) -> list[str]:
+        """Ticked names, then the typed extra ones."""
+        names = [
+            self.names_list.item(i).text()
+            for i in range(self.names_list.count())
+            if self.names_list.item(i).checkState() == Qt.CheckState.Checked
+        ]
+        names += spatial.split_names(self.extra_edit.text())
+        return list(dict.fromkeys(names))
+
+    def _ready_state(self) -> tuple[SlideState, list[str]] | None:
+        state = self.current_state()
+        if state is None or not state.session.ready:
+            show_error("Run the model on a slide first (Model widget), then paint or type genes to export.")
+            return None
+        names = self.chosen_names()
+        if not names:
+            show_error("Tick or type at least one gene or gene set to export.")
+            return None
+        return state, names
+
+    # ------------------------------------------------------------------ dialogs
+    def _default_path(self, state: SlideState, suffix: str) -> str:
+        slide_path = Path(state.session.slide.path)
+        folder = self._last_dir or slide_path.parent
+        return str(folder / f"{slide_path.stem}{suffix}")
+
+    def _ask_save(self, title: str, default: str, filt: str) -> Path | None:
+        # We ask about existing files ourselves (also for the CSV's side file), so Qt must not ask too.
+        path, _ = QFileDialog.getSaveFileName(
+            self, title, default, filt, options=QFileDialog.Option.DontConfirmOverwrite
+        )
+        return Path(path) if path else None
+
+    def confirm_overwrite(self, paths: Sequence[Path]) -> bool:
+        """True when none of ``paths`` exists or the user agrees to replace those that do."""
+        existing = [p for p in paths if p is not None and Path(p).exists()]
+        if not existing:
+            return True
+        listing = "\n".join(str(p) for p in existing)
+        answer = QMessageBox.question(
+            self,
+            "Replace existing files?",
+            f"These files exist already:\n{listing}\n\nReplace them?",
+            QMessageBox.StandardButton.Yes | QMessageBox.StandardButton.No,
+            QMessageBox.StandardButton.No,
+        )
+        return answer == QMessageBox.StandardButton.Yes
+
+    def _done(self, paths: Sequence[Path]) -> None:
+        text = "Wrote " + ", ".join(str(p) for p in paths)
+        self.result_label.setText(text)
+        self._last_dir = Path(paths[0]).parent
+        show_info(text)
+
+    # ------------------------------------------------------------------ exports
+    def export_csv(self, path: str | Path | None = None) -> list[Path] | None:
+        """Write the chosen names' tile scores (one row per tile) and the slide-level side file.
+
+        ``path`` None asks with a save dialog. Returns the written paths, or None (cancelled or error).
+        """
+        ready = self._ready_state()
+        if ready is None:
+            return None
+        state, names = ready
+        path = (
+            Path(path)
+            if path
+            else self._ask_save(
+                "Export tile scores", self._default_path(state, "_tile_scores.csv"), "CSV (*.csv)"
+            )
+        )
+        if path is None:
+            return None
+        if path.suffix.lower() != ".csv":
+            path = path.with_name(path.name + ".csv")
+        if not self.confirm_overwrite([path, spatial.slide_csv_path(path)]):
+            return None
+        try:
+            written = state.session.export_csv(path, names, overwrite=True)
+        except He2rnaError as exc:
+            show_error(str(exc))
+            return None
+        paths = [Path(p) for p in written if p is not None]
+        self._done(paths)
+        return paths
+
+    def export_geojson(self, path: str | Path | None = None) -> Path | None:
+        """Write the tiles as QuPath GeoJSON with the chosen names' scores as measurements."""
+        ready = self._ready_state()
+        if ready is None:
+            return None
+        state, names = ready
+        path = (
+            Path(path)
+            if path
+            else self._ask_save(
+                "Export tiles for QuPath",
+                self._default_path(state, "_tiles.geojson"),
+                "GeoJSON (*.geojson *.json)",
+            )
+        )
+        if path is None:
+            return None
+        if not self.confirm_overwrite([path]):
+            return None
+        try:
+            written = Path(state.session.export_geojson(path, names, overwrite=True))
+        except He2rnaError as exc:
+            show_error(str(exc))
+            return None
+        self._done([written])
+        return written
+
+    def export_tiff(self, path: str | Path | None = None) -> list[Path] | None:
+        """Write one georeferenced float32 TIFF heatmap per chosen name.
+
+        With one name ``path`` is the file; with several it is a folder (files ``<slide>_<name>.tif``).
+        """
+        ready = self._ready_state()
+        if ready is None:
+            return None
+        state, names = ready
+        stem = Path(state.session.slide.path).stem
+        if len(names) == 1:
+            target = (
+                Path(path)
+                if path
+                else self._ask_save(
+                    "Export heatmap",
+                    self._default_path(state, f"_{safe_name(names[0])}.tif"),
+                    "TIFF (*.tif *.tiff)",
+                )
+            )
+            if target is None:
+                return None
+            targets = {names[0]: target}
+        else:
+            folder = path or QFileDialog.getExistingDirectory(
+                self,
+                "Folder for the heatmap TIFFs",
+                str(self._last_dir or Path(state.session.slide.path).parent),
+            )
+            if not folder:
+                return None
+            targets = {n: Path(folder) / f"{stem}_{safe_name(n)}.tif" for n in names}
+        if not self.confirm_overwrite(list(targets.values())):
+            return None
+        written = []
+        try:
+            for name, target in targets.items():
+                written.append(Path(state.session.export_heatmap_tiff(target, name, overwrite=True)))
+        except He2rnaError as exc:
+            show_error(str(exc))
+            return None
+        self._done(written)
+        return written

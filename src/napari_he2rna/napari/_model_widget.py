@@ -1,0 +1,686 @@
+"""The "Model" dock widget: choose a model, run it on a slide, paint gene / gene-set heatmaps.
+
+Only wiring: the work is :class:`napari_he2rna.pipeline.SlideSession` (one per slide layer, kept by
+:mod:`._state`). **Run** computes the slide's tile features in a napari ``thread_worker`` (progress in the
+widget and in napari's activity dock, **Cancel** sets a ``threading.Event`` the compute code checks); the tile
+grid is drawn as a light outline layer as soon as it is known. A pick in the gene box paints an Image
+layer named after the gene/set: one pixel per tile, NaN off tissue, in µm over the slide layer. Errors a user
+can act on (:class:`~napari_he2rna.errors.He2rnaError`) become notifications, never tracebacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from magicgui.widgets import ComboBox
+from napari.utils import cancelable_progress
+from napari.utils.notifications import show_error, show_info, show_warning
+from qtpy.QtCore import QObject, QStringListModel, Qt, QTimer, Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QCompleter,
+    QFileDialog,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .. import spatial
+from ..errors import Cancelled, He2rnaError
+from ..pipeline import default_model_path
+from ._state import META_KEY, SlideState, get_registry, is_slide_layer, layer_info
+
+if TYPE_CHECKING:
+    import napari
+
+    from ..model import ModelBundle
+    from ..tiling import TileGrid
+
+log = logging.getLogger(__name__)
+
+DEMO_WARNING = "DEMO: trained on synthetic slides, means nothing on real tissue"
+HEATMAP_COLORMAP = "magma"
+HEATMAP_OPACITY = 0.6
+DEVICES = ("auto", "cuda", "cpu")
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+class SlideLayerPicker(ComboBox):
+    """A combo box of the viewer's slide layers; follows the active layer (a slide or one of its heatmaps)."""
+
+    def __init__(self, viewer: napari.viewer.Viewer, label: str = "slide") -> None:
+        self._viewer = viewer
+        super().__init__(label=label, choices=self._choices, nullable=False)
+        for ev in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved):
+            ev.connect(self._reset)
+        viewer.layers.selection.events.active.connect(self._follow_active)
+        self._follow_active()
+
+    def _choices(self, *_: Any) -> list[tuple[str, Any]]:
+        return [(layer.name, layer) for layer in self._viewer.layers if is_slide_layer(layer)]
+
+    def _reset(self, *_: Any) -> None:
+        self.reset_choices()
+
+    def _follow_active(self, *_: Any) -> None:
+        self.reset_choices()
+        active = self._viewer.layers.selection.active
+        if active is None:
+            return
+        if not is_slide_layer(active):
+            state = get_registry(self._viewer).state_of_layer(active)
+            active = state.layer if state is not None else None
+        if active is not None and any(active is c for c in self.choices):
+            self.value = active
+
+
+def tile_outline(grid: TileGrid, max_px: int = 2048) -> tuple[np.ndarray, tuple, tuple]:
+    """A raster drawing each kept tile's square outline, with its napari scale/translate in µm.
+
+    Each tile becomes ``f x f`` pixels (``f`` from 3 to 16 so the raster stays under ``max_px`` a side) whose
+    border is 1 and inside NaN (transparent), so the slide shows through.
+
+    Returns
+    -------
+    raster : (n_rows * f, n_cols * f) float32
+    scale, translate : (y, x) µm; pixel ``j`` covers level-0 ``[j*T/f, (j+1)*T/f)`` like the heatmap's
+        one-pixel-per-tile convention (:func:`napari_he2rna.spatial.heatmap_transform` at ``f = 1``).
+    """
+    n_rows, n_cols = int(grid.n_rows), int(grid.n_cols)
+    f = int(np.clip(max_px // max(n_rows, n_cols, 1), 3, 16))
+    kept = np.zeros((n_rows, n_cols), dtype=bool)
+    kept[grid.table["row"].to_numpy(dtype=np.intp), grid.table["col"].to_numpy(dtype=np.intp)] = True
+    block = np.zeros((f, f), dtype=bool)
+    block[[0, -1], :] = True
+    block[:, [0, -1]] = True
+    raster = np.where(np.kron(kept, block), np.float32(1.0), np.float32(np.nan))
+    mpp, tile_px = float(grid.mpp), float(grid.tile_px)
+    s = tile_px * mpp / f
+    t = (tile_px / f - 1.0) / 2.0 * mpp
+    return raster, (s, s), (t, t)
+
+
+class _RunProgress(cancelable_progress):
+    """napari activity-dock progress whose Cancel button also cancels the run."""
+
+    def cancel(self) -> None:
+        super().cancel()
+        if self.cancel_callback is not None:
+            self.cancel_callback()
+
+
+class _Failed:
+    """What a job returns instead of raising (napari would relay a raised exception with its traceback)."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+class _Bridge(QObject):
+    """Carries progress from the worker thread to the GUI thread (queued signal connections)."""
+
+    progressed = Signal(int, int, str)
+    grid_ready = Signal(object)
+
+
+def _compute_job(
+    state: SlideState, bundle: ModelBundle, device: str, cancel: threading.Event, bridge: _Bridge
+):
+    """Runs in the worker thread: tile grid first (for the outline), then features (cache reused).
+
+    Returns the tile grid, or the exception that stopped the job wrapped in :class:`_Failed`: napari workers
+    relay a raised (or returned) exception as a traceback notification, and users get one sentence instead
+    (see ``ModelWidget._on_errored``).
+    """
+    from .. import jobs
+
+    session = state.session
+    try:
+        session.slide.require_mpp()
+        jobs.check_cancel(cancel)
+        return session.compute_features(
+            device=device,
+            progress=lambda d, t, m="": bridge.progressed.emit(int(d), int(t), str(m)),
+            cancel=cancel,
+            # The outline appears as soon as the grid is known, before the long extraction.
+            grid_ready=bridge.grid_ready.emit,
+        )
+    except Exception as exc:  # noqa: BLE001 - handed to the GUI thread, which reports it
+        return _Failed(exc)
+
+
+# ------------------------------------------------------------------------------------------ the widget
+class ModelWidget(QWidget):
+    """Model bundle, device, Run/Cancel, and the gene picker that paints heatmap layers.
+
+    Parameters
+    ----------
+    napari_viewer
+        The viewer (napari passes it to dock widgets).
+    model_path
+        The model to preselect; default the bundled demo model (:func:`pipeline.default_model_path`).
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer, model_path: str | Path | None = None) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.registry = get_registry(napari_viewer)
+        self.bundle: ModelBundle | None = None
+        self.user_sets: dict[str, list[str]] = {}
+        self.worker = None
+        self._run_state: SlideState | None = None
+        self._pbar: _RunProgress | None = None
+        self._pending_paint: str | None = None
+        self._bridge = _Bridge(self)  # a child: deleted (and silenced) with the widget
+        self._bridge.progressed.connect(self._on_progress)
+        self._bridge.grid_ready.connect(self._on_grid_ready)
+
+        # --- slide and model
+        self.slide_picker = SlideLayerPicker(napari_viewer)
+        self.model_combo = QComboBox()
+        self.model_combo.setToolTip("Model bundle (.safetensors)")
+        self.open_model_button = QPushButton("Open model…")
+        self.model_label = QLabel("No model loaded.")
+        self.model_label.setWordWrap(True)
+        self.model_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.demo_label = QLabel(DEMO_WARNING)
+        self.demo_label.setWordWrap(True)
+        self.demo_label.setStyleSheet("color: #ff4040; font-weight: bold;")
+        self.demo_label.setVisible(False)
+        self.device_combo = QComboBox()
+        self.device_combo.addItems(list(DEVICES))
+        self._setup_devices()
+
+        # --- run
+        self.run_button = QPushButton("Run")
+        self.run_button.setToolTip("Tile the slide and compute its features (the cache is reused)")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.progress_bar = QProgressBar()
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        self.status_label = QLabel("")
+        self.status_label.setWordWrap(True)
+
+        # --- genes
+        self.gene_model = QStringListModel([])
+        self.gene_combo = QComboBox()
+        self.gene_combo.setEditable(True)
+        self.gene_combo.setInsertPolicy(QComboBox.InsertPolicy.NoInsert)
+        self.gene_combo.setModel(self.gene_model)
+        self.gene_combo.setMaxVisibleItems(20)
+        view = self.gene_combo.view()
+        if hasattr(view, "setUniformItemSizes"):  # fast popup over tens of thousands of names
+            view.setUniformItemSizes(True)
+        self.completer = QCompleter(self.gene_model, self.gene_combo)
+        self.completer.setCaseSensitivity(Qt.CaseSensitivity.CaseInsensitive)
+        self.completer.setFilterMode(Qt.MatchFlag.MatchContains)
+        self.completer.setCompletionMode(QCompleter.CompletionMode.PopupCompletion)
+        self.completer.setMaxVisibleItems(15)
+        self.gene_combo.setCompleter(self.completer)
+        self.gene_combo.lineEdit().setPlaceholderText("Type a gene or gene set, Enter to paint")
+        self.paint_button = QPushButton("Paint")
+        self.set_edit = QLineEdit()
+        self.set_edit.setPlaceholderText("Add gene set…  name=G1+G2+G3")
+        self.add_set_button = QPushButton("Add set")
+
+        self._build_layout()
+        self._connect()
+        self._fill_models(model_path)
+        self._slide_changed()
+
+    # ------------------------------------------------------------------ layout / wiring
+    def _build_layout(self) -> None:
+        model_box = QGroupBox("Slide and model")
+        box_layout = QVBoxLayout(model_box)
+        form = QFormLayout()
+        form.addRow("slide", self.slide_picker.native)
+        row = QHBoxLayout()
+        row.addWidget(self.model_combo, 1)
+        row.addWidget(self.open_model_button)
+        form.addRow("model", row)
+        form.addRow("device", self.device_combo)
+        box_layout.addLayout(form)
+        # Wrapped labels outside the form layout, which clips their height.
+        box_layout.addWidget(self.model_label)
+        box_layout.addWidget(self.demo_label)
+
+        run_box = QGroupBox("Run")
+        run_layout = QVBoxLayout(run_box)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        run_layout.addLayout(buttons)
+        run_layout.addWidget(self.progress_bar)
+        run_layout.addWidget(self.status_label)
+
+        gene_box = QGroupBox("Genes")
+        gene_layout = QVBoxLayout(gene_box)
+        pick = QHBoxLayout()
+        pick.addWidget(self.gene_combo, 1)
+        pick.addWidget(self.paint_button)
+        gene_layout.addLayout(pick)
+        sets = QHBoxLayout()
+        sets.addWidget(self.set_edit, 1)
+        sets.addWidget(self.add_set_button)
+        gene_layout.addLayout(sets)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(model_box)
+        layout.addWidget(run_box)
+        layout.addWidget(gene_box)
+        layout.addStretch(1)
+
+    def _connect(self) -> None:
+        self.slide_picker.changed.connect(self._slide_changed)
+        self.open_model_button.clicked.connect(self._open_model_clicked)
+        self.model_combo.activated.connect(self._model_combo_activated)
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.paint_button.clicked.connect(lambda: self._request_paint(self.gene_combo.currentText()))
+        # Enter, a pick in the drop-down and a pick in the completer popup all paint; they can fire together
+        # for one user action, so requests are coalesced (see _request_paint).
+        self.gene_combo.lineEdit().returnPressed.connect(
+            lambda: self._request_paint(self.gene_combo.currentText())
+        )
+        self.gene_combo.activated.connect(lambda i: self._request_paint(self.gene_combo.itemText(i)))
+        self.completer.activated.connect(self._request_paint)
+        self.add_set_button.clicked.connect(lambda: self.add_gene_set(self.set_edit.text()))
+        self.set_edit.returnPressed.connect(lambda: self.add_gene_set(self.set_edit.text()))
+        self.registry.changed.connect(self._registry_changed)
+
+    def _setup_devices(self) -> None:
+        try:
+            import torch
+
+            cuda = bool(torch.cuda.is_available())
+        except Exception:  # noqa: BLE001 - a broken torch install just means "no CUDA" here
+            cuda = False
+        item = self.device_combo.model().item(DEVICES.index("cuda"))
+        if not cuda and item is not None:
+            item.setEnabled(False)
+            item.setToolTip("No CUDA GPU is available to PyTorch")
+
+    # ------------------------------------------------------------------ model
+    def _fill_models(self, model_path: str | Path | None) -> None:
+        default = default_model_path()
+        if default.is_file():
+            self.model_combo.addItem(f"demo model ({default.name})", str(default))
+        if model_path is not None:
+            self.load_model(model_path)
+        elif default.is_file():
+            self.load_model(default)
+        else:
+            self.model_label.setText(
+                f"The bundled demo model is not there ({default}); create it (see the README) or open a "
+                "model bundle."
+            )
+
+    def load_model(self, path: str | Path) -> ModelBundle | None:
+        """Load a model bundle and make it the current model (errors as notifications)."""
+        from ..model import load_bundle
+
+        path = Path(path)
+        try:
+            bundle = load_bundle(path)
+        except He2rnaError as exc:
+            show_error(str(exc))
+            return None
+        self.bundle = bundle
+        idx = self.model_combo.findData(str(path))
+        if idx < 0:
+            self.model_combo.addItem(path.name, str(path))
+            idx = self.model_combo.count() - 1
+        self.model_combo.setCurrentIndex(idx)
+        self.model_combo.setToolTip(str(path))
+        # The red label says "demo" more visibly than describe()'s own sentence about it.
+        self.model_label.setText(bundle.describe().split(" DEMO MODEL:")[0])
+        self.demo_label.setVisible(bool(bundle.demo))
+        self.refresh_genes()
+        return bundle
+
+    def _open_model_clicked(self) -> None:
+        start = str(Path(self.model_combo.currentData() or default_model_path()).parent)
+        path, _ = QFileDialog.getOpenFileName(
+            self, "Open a model bundle", start, "Model bundles (*.safetensors);;All files (*)"
+        )
+        if path:
+            self.load_model(path)
+
+    def _model_combo_activated(self, index: int) -> None:
+        path = self.model_combo.itemData(index)
+        if path and (self.bundle is None or str(getattr(self.bundle, "path", "")) != str(path)):
+            self.load_model(path)
+
+    # ------------------------------------------------------------------ slide state
+    @property
+    def slide_layer(self):
+        """The slide layer the widget works on (None when no slide is open)."""
+        return self.slide_picker.value
+
+    def current_state(self) -> SlideState | None:
+        """The picked slide's state (created on first use), or None."""
+        layer = self.slide_layer
+        if layer is None or layer not in self.viewer.layers:
+            return None
+        return self.registry.state_for(layer)
+
+    def _slide_changed(self, *_: Any) -> None:
+        self.current_state()  # a slide layer picked gets its session
+        self.refresh_genes()
+        self._update_buttons()
+
+    def _registry_changed(self) -> None:
+        self._update_buttons()
+
+    @property
+    def running(self) -> bool:
+        return self.worker is not None
+
+    def _update_buttons(self) -> None:
+        self.run_button.setEnabled(not self.running)
+        self.cancel_button.setEnabled(self.running)
+
+    # ------------------------------------------------------------------ run / cancel
+    def run(self):
+        """Compute the picked slide's features for the current model in a worker; returns the worker."""
+        from napari.qt.threading import create_worker
+
+        if self.running:
+            show_info("A run is already going; cancel it or wait for it to finish.")
+            return None
+        state = self.current_state()
+        if state is None:
+            show_error("Open a slide first (File > Open, or the Slide widget).")
+            return None
+        if self.bundle is None:
+            show_error("Choose a model bundle first (Open model…).")
+            return None
+        session = state.session
+        if session.bundle is not self.bundle:
+            session.set_model(self.bundle)
+        for name, genes in self.user_sets.items():
+            session.gene_sets.setdefault(name, genes)
+        cancel = threading.Event()
+        state.cancel, state.running = cancel, True
+        self._run_state = state
+        device = self.device_combo.currentText()
+        self.progress_bar.setRange(0, 0)  # busy until the first progress report
+        self.status_label.setText(f"Tiling {state.layer.name}…")
+        self._pbar = _RunProgress(
+            total=0, desc=f"HE2RNA features: {state.layer.name}", cancel_callback=self.cancel
+        )
+        worker = create_worker(
+            _compute_job,
+            state,
+            self.bundle,
+            device,
+            cancel,
+            self._bridge,
+            _start_thread=False,
+            _ignore_errors=True,
+        )
+        # Bound methods (not lambdas): Qt drops these connections if the widget is deleted mid-run.
+        worker.returned.connect(self._on_worker_returned)
+        worker.errored.connect(self._on_worker_errored)  # only bugs in the job itself
+        worker.finished.connect(self._on_worker_finished)
+        self.destroyed.connect(lambda *_, c=cancel: c.set())  # a closed widget stops its run
+        self.worker = worker
+        self._update_buttons()
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Ask the run in flight to stop (it stops at the next batch; nothing half-made is kept)."""
+        state = self._run_state
+        if state is not None and state.cancel is not None:
+            state.cancel.set()
+            self.status_label.setText("Cancelling…")
+
+    def _on_worker_returned(self, result) -> None:
+        if self._run_state is not None:
+            self._on_returned(self._run_state, result)
+
+    def _on_worker_errored(self, exc: Exception) -> None:
+        if self._run_state is not None:
+            self._on_errored(self._run_state, exc)
+
+    def _on_worker_finished(self) -> None:
+        if self._run_state is not None:
+            self._on_finished(self._run_state)
+
+    def _on_progress(self, done: int, total: int, message: str) -> None:
+        if total > 0:
+            self.progress_bar.setRange(0, total)
+            self.progress_bar.setValue(min(done, total))
+        label = message or "features"
+        self.status_label.setText(f"{label}: {done}/{total} tiles")
+        if self._pbar is not None:
+            if self._pbar.total != total:
+                self._pbar.total = total
+            self._pbar.update(max(done - self._pbar.n, 0))
+
+    def _on_grid_ready(self, grid: TileGrid) -> None:
+        state = self._run_state
+        if state is None or state.freed or (state.cancel is not None and state.cancel.is_set()):
+            return
+        self._show_tiles(state, grid)
+        self.status_label.setText(f"{len(grid.table)} tissue tiles; computing features…")
+
+    def _on_returned(self, state: SlideState, result: TileGrid | _Failed) -> None:
+        if isinstance(result, _Failed):
+            self._on_errored(state, result.exc)
+            return
+        grid = result
+        if state.freed:
+            return
+        self._show_tiles(state, grid)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(1)
+        self.status_label.setText(f"{len(grid.table)} tiles ready: pick a gene or a gene set to paint.")
+        self.refresh_genes()
+        self._repaint(state)
+
+    def _on_errored(self, state: SlideState, exc: BaseException) -> None:
+        if not state.freed:
+            self._remove_tiles_if_not_ready(state)
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
+        if isinstance(exc, Cancelled):
+            self.status_label.setText("Cancelled; nothing was changed.")
+            if not state.freed:
+                show_info(f"{state.layer.name}: run cancelled.")
+        elif isinstance(exc, He2rnaError):
+            self.status_label.setText(str(exc))
+            if not state.freed:  # a removed slide's reads fail by design: no message for those
+                show_error(str(exc))
+        else:
+            log.error("HE2RNA run failed", exc_info=(type(exc), exc, exc.__traceback__))
+            self.status_label.setText(f"The run failed: {exc}")
+            show_error(f"The run failed unexpectedly ({type(exc).__name__}: {exc}).")
+
+    def _on_finished(self, state: SlideState) -> None:
+        self.registry.release_after_run(state)
+        if self._pbar is not None:
+            self._pbar.close()
+            self._pbar = None
+        self.worker = None
+        self._run_state = None
+        self._update_buttons()
+
+    # ------------------------------------------------------------------ layers
+    def _show_tiles(self, state: SlideState, grid: TileGrid) -> None:
+        """Add or update the light tile-outline layer of a slide."""
+        raster, scale, translate = tile_outline(grid)
+        existing = self.registry.layers_of(state, "tiles")
+        if existing:
+            layer = existing[0]
+            layer.data = raster
+            layer.scale, layer.translate = scale, translate
+            return
+        self.viewer.add_image(
+            raster,
+            name=f"tissue tiles ({state.layer.name})",
+            colormap="cyan",
+            contrast_limits=(0.0, 1.0),
+            opacity=0.3,
+            blending="translucent",
+            scale=scale,
+            translate=translate,
+            units=("µm", "µm"),
+            metadata={META_KEY: {"kind": "tiles", "session_key": state.key, "name": "tiles"}},
+        )
+        self.viewer.layers.selection.active = state.layer  # keep the picker on the slide
+
+    def _remove_tiles_if_not_ready(self, state: SlideState) -> None:
+        if state.session.ready:
+            return  # an earlier run's grid is still valid
+        for layer in self.registry.layers_of(state, "tiles"):
+            self.viewer.layers.remove(layer)
+
+    def heatmap_layer(self, state: SlideState, name: str):
+        """The heatmap layer of ``name`` for a slide, or None."""
+        for layer in self.registry.layers_of(state, "heatmap"):
+            if layer_info(layer).get("name") == name:
+                return layer
+        return None
+
+    def _request_paint(self, name: str) -> None:
+        # One Enter can fire returnPressed, the combo's activated and the completer's activated: paint once.
+        if not str(name).strip():
+            return
+        first = self._pending_paint is None
+        self._pending_paint = str(name).strip()
+        if first:
+            QTimer.singleShot(0, self._flush_paint)
+
+    def _flush_paint(self) -> None:
+        name, self._pending_paint = self._pending_paint, None
+        if name:
+            self.paint(name)
+
+    def paint(self, name: str, state: SlideState | None = None):
+        """Paint (add or replace) the heatmap layer of a gene or gene set on the picked slide.
+
+        Returns the layer, or None after an error notification (unknown gene, not run yet, ...).
+        """
+        state = state if state is not None else self.current_state()
+        if state is None:
+            show_error("Open a slide first, then press Run.")
+            return None
+        session = state.session
+        if not session.ready:
+            show_error(f"Press Run on {state.layer.name} first: heatmaps need its tile features.")
+            return None
+        try:
+            with warnings.catch_warnings(record=True) as seen:
+                warnings.simplefilter("always", spatial.PartialGeneSetWarning)
+                canonical = session.canonical(name)
+                raster = session.raster(canonical)
+                limits = session.contrast_limits(canonical)
+                scale, translate = session.heatmap_transform()
+        except He2rnaError as exc:
+            show_error(str(exc))
+            return None
+        for w in seen:
+            if issubclass(w.category, spatial.PartialGeneSetWarning):
+                show_warning(str(w.message))
+        layer = self.heatmap_layer(state, canonical)
+        if layer is not None:
+            layer.data = raster
+            layer.contrast_limits_range = limits
+            layer.contrast_limits = limits
+            layer.scale, layer.translate = scale, translate
+        else:
+            layer = self.viewer.add_image(
+                raster,
+                name=canonical,
+                colormap=HEATMAP_COLORMAP,
+                contrast_limits=limits,
+                opacity=HEATMAP_OPACITY,
+                blending="translucent",
+                interpolation2d="nearest",
+                scale=scale,
+                translate=translate,
+                units=("µm", "µm"),
+                metadata={
+                    META_KEY: {"kind": "heatmap", "session_key": state.key, "name": canonical},
+                    "session": session,
+                    "units": spatial.SCORE_UNITS,
+                },
+            )
+        self._show_colorbar(layer)
+        self.viewer.layers.selection.active = layer
+        self.status_label.setText(f"Painted {canonical} ({spatial.SCORE_UNITS}).")
+        self.registry.changed.emit()
+        return layer
+
+    def _show_colorbar(self, layer) -> None:
+        # One legend at a time: the newest heatmap's (colorbars of several layers would overlap).
+        for other in self.viewer.layers:
+            info = layer_info(other)
+            if info and info.get("kind") == "heatmap" and other is not layer and hasattr(other, "colorbar"):
+                other.colorbar.visible = False
+        if hasattr(layer, "colorbar"):
+            layer.colorbar.visible = True
+
+    def _repaint(self, state: SlideState) -> None:
+        """Recompute a slide's heatmaps after a new run (the model may have changed)."""
+        for layer in self.registry.layers_of(state, "heatmap"):
+            name = layer_info(layer).get("name")
+            if name and self.paint(name, state) is None:
+                self.viewer.layers.remove(layer)
+
+    # ------------------------------------------------------------------ genes
+    def choices(self) -> list[str]:
+        """What the gene box offers: gene sets (built-in, then the user's), then the model's genes."""
+        state = self.current_state()
+        if state is not None and state.session.bundle is not None and state.session.bundle is self.bundle:
+            for name, genes in self.user_sets.items():
+                state.session.gene_sets.setdefault(name, genes)
+            return state.session.choices()
+        if self.bundle is None:
+            return []
+        sets = [*spatial.GENE_SETS, *[s for s in self.user_sets if s not in spatial.GENE_SETS]]
+        return [*sets, *self.bundle.genes]
+
+    def refresh_genes(self) -> None:
+        """Refill the gene box (keeps what is typed)."""
+        text = self.gene_combo.currentText()
+        self.gene_model.setStringList(self.choices())
+        self.gene_combo.setCurrentIndex(-1)
+        self.gene_combo.setEditText(text)
+
+    def add_gene_set(self, spec: str) -> list[str]:
+        """Add user gene sets from ``"name=G1+G2+G3"`` (several with ``;``) and paint them if possible.
+
+        Returns the names added (empty after an error notification).
+        """
+        if not spec.strip():
+            return []
+        try:
+            parsed = spatial.parse_gene_sets(spec.strip())
+        except He2rnaError as exc:
+            show_error(str(exc))
+            return []
+        self.user_sets.update(parsed)
+        for state in self.registry.states():
+            state.session.add_gene_sets(parsed)
+        self.set_edit.clear()
+        self.refresh_genes()
+        state = self.current_state()
+        if state is not None and state.session.ready:
+            for name in parsed:
+                self.paint(name, state)
+        return list(parsed)

@@ -1,0 +1,114 @@
+"""The "Slide" dock widget: open a slide, see its facts, give or correct its pixel size (µm/px).
+
+It only wires magicgui widgets to :mod:`napari_he2rna.slide` and to the same layer-building code as the
+reader (:func:`~napari_he2rna.napari._reader.open_slide_layer`); errors become notifications.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from magicgui.widgets import Container, FileEdit, Label, LineEdit, PushButton
+from napari.utils.notifications import show_error, show_info
+
+from ..errors import SlideError
+from ..slide import SLIDE_SUFFIXES, Slide, validate_mpp
+from ._reader import open_slide_layer
+
+if TYPE_CHECKING:
+    import napari
+
+_FILTER = "Slides (" + " ".join(f"*{s}" for s in SLIDE_SUFFIXES) + ");;All files (*)"
+
+
+class SlideWidget(Container):
+    """Pick a slide file, show vendor / dimensions / levels / µm/px / objective, set the µm/px.
+
+    The facts shown are the active layer's when it shows a slide, else those of the last slide opened here.
+    """
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        self.viewer = napari_viewer
+        self.file = FileEdit(label="slide file", mode="r", filter=_FILTER)
+        self.open_button = PushButton(text="Open slide")
+        self.facts = Label(label="", value="No slide open.")
+        self.mpp = LineEdit(label="µm/px", tooltip="µm per level-0 pixel; overrides what the file says")
+        self.mpp_button = PushButton(text="Set µm/px")
+        super().__init__(
+            widgets=[self.file, self.open_button, self.facts, self.mpp, self.mpp_button], labels=True
+        )
+        self._layer = None
+        self.open_button.changed.connect(self._open_clicked)
+        self.mpp_button.changed.connect(self._set_mpp_clicked)
+        self.mpp.native.returnPressed.connect(self._set_mpp_clicked)
+        self.viewer.layers.selection.events.active.connect(self._active_changed)
+        self._active_changed()
+
+    # ------------------------------------------------------------------ state
+    @property
+    def slide_layer(self):
+        """The slide layer the widget is about: the active one if it shows a slide, else the last opened."""
+        active = self.viewer.layers.selection.active
+        if active is not None and isinstance(active.metadata.get("slide"), Slide):
+            return active
+        if self._layer is not None and self._layer in self.viewer.layers:
+            return self._layer
+        return None
+
+    def _active_changed(self, event=None) -> None:
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Show the facts of :attr:`slide_layer` (or that no slide is open)."""
+        layer = self.slide_layer
+        if layer is None:
+            self.facts.value = "No slide open."
+            return
+        slide: Slide = layer.metadata["slide"]
+        facts = slide.facts()
+        facts.pop("file", None)
+        self.facts.value = "\n".join(f"{key}: {value}" for key, value in facts.items())
+        self.mpp.value = f"{slide.mpp:g}" if slide.mpp is not None else ""
+
+    # ------------------------------------------------------------------ actions
+    def open_path(self, path: str | Path) -> None:
+        """Open ``path`` into the viewer like the reader does (errors as notifications)."""
+        path = Path(path)
+        if not str(path) or path == Path("."):
+            show_error("Pick a slide file first.")
+            return
+        data = open_slide_layer(path)
+        if data[0][0] is None:  # the error was shown already
+            return
+        pyramid, kwargs, _ = data[0]
+        self._layer = self.viewer.add_image(pyramid, **kwargs)
+        self.viewer.layers.selection.active = self._layer
+        self.refresh()
+
+    def set_mpp(self, value: str | float) -> None:
+        """Give the current slide a pixel size (µm/px): re-scales its layer so it lines up in microns."""
+        layer = self.slide_layer
+        if layer is None:
+            show_error("Open a slide first, then give its pixel size.")
+            return
+        try:
+            mpp = validate_mpp(value)
+        except SlideError as exc:
+            show_error(str(exc))
+            return
+        slide: Slide = layer.metadata["slide"]
+        slide.mpp = mpp
+        layer.scale = (mpp, mpp)
+        layer.units = ("µm", "µm")
+        layer.metadata["mpp"] = mpp
+        layer.metadata["mpp_missing"] = False
+        self.viewer.reset_view()
+        show_info(f"{slide.path.name}: pixel size set to {mpp:g} µm/px.")
+        self.refresh()
+
+    def _open_clicked(self, *args) -> None:
+        self.open_path(self.file.value)
+
+    def _set_mpp_clicked(self, *args) -> None:
+        self.set_mpp(self.mpp.value)

@@ -1,0 +1,526 @@
+"""The spatialization job and the per-slide state the napari widgets share (no Qt, no napari).
+
+:class:`SlideSession` holds what belongs to one open slide: the slide, the model bundle, the tile grid, the
+tile features and the tile scores of the genes/sets picked so far (each computed on demand, from the cached
+features, only for that name; dropped when its layer goes). :func:`spatialize` is the headless job built on
+it: slide -> model -> features (cache reused) -> tile scores -> CSV + one PNG per name + slide-level CSV. The
+CLI and the widgets run the same code, so they produce the same scores.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+
+from . import jobs, spatial
+from .errors import ModelError
+from .jobs import CancelToken, ProgressCallback
+
+if TYPE_CHECKING:
+    from .model import ModelBundle
+    from .slide import Slide
+    from .tiling import TileGrid
+
+
+def default_model_path() -> Path:
+    """The bundled demo model (trained on the synthetic sample slides)."""
+    from . import settings
+
+    return settings.sample_data_dir() / "demo_model.safetensors"
+
+
+def load_model(path: str | Path | None = None) -> ModelBundle:
+    """Load a model bundle; ``None`` means the bundled demo model (a clear error if it is missing)."""
+    from .model import load_bundle
+
+    p = Path(path) if path is not None else default_model_path()
+    if path is None and not p.is_file():
+        raise ModelError(
+            f"the bundled demo model is missing ({p}); give a model bundle with --model, or create the demo "
+            "model (see the README)."
+        )
+    return load_bundle(p)
+
+
+def safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "score"
+
+
+class SlideSession:
+    """What the widgets share for one open slide: slide, model, grid, features and per-name tile scores.
+
+    Thread-safe for one worker computing while the GUI thread reads: every state change holds a lock.
+    Several slides open at once are several sessions.
+
+    Parameters
+    ----------
+    slide
+        An open slide (:func:`napari_he2rna.slide.open_slide`); the session closes it in :meth:`close`.
+    bundle
+        The model, or None until one is chosen (:meth:`set_model`).
+    """
+
+    def __init__(self, slide: Slide, bundle: ModelBundle | None = None) -> None:
+        self.slide = slide
+        self.bundle: ModelBundle | None = None
+        self.grid: TileGrid | None = None
+        self.features: np.ndarray | None = None
+        self.gene_sets: dict[str, list[str]] = {}
+        self._feature_key: tuple[str, int, float] | None = None
+        self._scores: dict[str, np.ndarray] = {}
+        self._resolved: dict[str, list[str]] = {}
+        self._alias: dict[str, str] = {}
+        self._lock = threading.RLock()
+        if bundle is not None:
+            self.set_model(bundle)
+
+    @classmethod
+    def open(cls, path: str | Path, mpp: float | None = None, model: ModelBundle | str | Path | None = None):
+        """Open a slide (and optionally a model: a bundle or its path) into a new session."""
+        from .slide import open_slide
+
+        bundle = load_model(model) if isinstance(model, str | Path) else model
+        return cls(open_slide(path, mpp=mpp), bundle)
+
+    # ------------------------------------------------------------------------------------------ model
+    def set_model(self, bundle: ModelBundle | str | Path | None) -> None:
+        """Use another model: scores are dropped; features too when it wants another backbone or tile size."""
+        if bundle is None or isinstance(bundle, str | Path):
+            bundle = load_model(bundle)
+        with self._lock:
+            self.bundle = bundle
+            self._scores.clear()
+            self._resolved.clear()
+            self._alias.clear()
+            want = (bundle.backbone, int(bundle.feature_dim), float(bundle.tile_um))
+            if self._feature_key is not None and self._feature_key != want:
+                self.grid, self.features, self._feature_key = None, None, None
+
+    def _require_bundle(self) -> ModelBundle:
+        if self.bundle is None:
+            raise ModelError("no model is loaded; choose a model bundle first.")
+        return self.bundle
+
+    @property
+    def ready(self) -> bool:
+        """True once a model is loaded and the slide's features for it are computed."""
+        return self.bundle is not None and self.features is not None and self.grid is not None
+
+    # ------------------------------------------------------------------------------------------ features
+    def compute_features(
+        self,
+        device: str = "auto",
+        cache_dir: str | Path | None = None,
+        progress: ProgressCallback | None = None,
+        cancel: CancelToken | None = None,
+        grid_ready: Callable[[TileGrid], None] | None = None,
+    ) -> TileGrid:
+        """Tile the slide and extract (or load from the cache) the features the model expects.
+
+        ``grid_ready(grid)`` is called as soon as the tile grid is known, before the long extraction.
+
+        Returns the tile grid. Raises ``ModelError`` when the backbone does not produce what the model
+        expects, ``TissueError`` for a slide without tissue, ``Cancelled`` when ``cancel`` is set (the
+        session keeps its previous state).
+        """
+        from .features import get_backbone, load_or_extract
+
+        bundle = self._require_bundle()
+        self.slide.require_mpp()
+        backbone = get_backbone(bundle.backbone, device=device)
+        # Fail before the long extraction when the backbone cannot feed this model.
+        bundle.check_features(backbone.name, backbone.dim)
+        jobs.check_cancel(cancel)
+        grid, features = load_or_extract(
+            self.slide,
+            backbone,
+            tile_um=bundle.tile_um,
+            cache_dir=cache_dir,
+            device=device,
+            progress=progress,
+            cancel=cancel,
+            grid_ready=grid_ready,
+        )
+        jobs.check_cancel(cancel)
+        self.set_features(grid, features, backbone.name, bundle=bundle)
+        return grid
+
+    def set_features(self, grid: TileGrid, features: np.ndarray, backbone: str, bundle=None) -> None:
+        """Use a tile grid and its (N, dim) features computed elsewhere (checked against the model)."""
+        bundle = bundle if bundle is not None else self._require_bundle()
+        features = np.asarray(features, dtype=np.float32)
+        bundle.check_features(backbone, features.shape[1], grid.tile_um)
+        if features.shape[0] != len(grid.table):
+            raise ModelError(
+                f"{features.shape[0]} feature rows for {len(grid.table)} tiles; clear the feature cache."
+            )
+        with self._lock:
+            if self.bundle is not bundle:  # the model changed while we worked: these features may not fit
+                raise ModelError("the model was changed while it ran; press Run again.")
+            self.grid, self.features = grid, features
+            self._feature_key = (bundle.backbone, int(bundle.feature_dim), float(bundle.tile_um))
+            self._scores.clear()
+            self._resolved.clear()
+            self._alias.clear()
+
+    def _require_ready(self) -> tuple[ModelBundle, TileGrid, np.ndarray]:
+        bundle = self._require_bundle()
+        if self.features is None or self.grid is None:
+            raise ModelError("the model has not been run on this slide yet; press Run first.")
+        return bundle, self.grid, self.features
+
+    # ------------------------------------------------------------------------------------------ names
+    def add_gene_sets(self, sets: Mapping[str, Sequence[str]] | str | Path) -> dict[str, list[str]]:
+        """Add user-defined sets (a mapping, an inline spec ``name=G1+G2;...`` or a file); returns them."""
+        parsed = (
+            spatial.parse_gene_sets(sets)
+            if isinstance(sets, str | Path)
+            else {k: list(v) for k, v in sets.items()}
+        )
+        with self._lock:
+            self.gene_sets.update(parsed)
+        for name in parsed:  # a redefined set must be recomputed
+            self.drop(name)
+        return parsed
+
+    def choices(self) -> list[str]:
+        """What the gene picker offers: the gene sets first, then the model's genes."""
+        bundle = self._require_bundle()
+        return [*spatial.GENE_SETS, *[s for s in self.gene_sets if s not in spatial.GENE_SETS], *bundle.genes]
+
+    def resolve(self, names: Iterable[str] | str) -> dict[str, list[str]]:
+        """Canonical name -> model genes (see :func:`spatial.resolve_names`); warns for partial sets."""
+        bundle = self._require_bundle()
+        names = [names] if isinstance(names, str) else list(names)
+        return spatial.resolve_names(bundle.genes, names, self.gene_sets)
+
+    # ------------------------------------------------------------------------------------------ scores
+    def scores(self, name: str) -> np.ndarray:
+        """(N,) float32 tile scores of one gene or set, computed on first use and cached.
+
+        Only that name's genes go through the model's last layer (a few ms for 8,000 tiles). A name is
+        cached under its canonical spelling (``"mki67"`` and ``"MKI67"`` share one entry).
+        """
+        bundle, _, features = self._require_ready()
+        with self._lock:
+            key = self._alias.get(name, name)
+            hit = self._scores.get(key)
+        if hit is not None:
+            return hit
+        canonical, genes = next(iter(self.resolve(name).items()))
+        with self._lock:
+            hit = self._scores.get(canonical)
+        if hit is None:
+            hit = spatial.score_resolved(bundle, features, {canonical: genes})[canonical].to_numpy()
+        with self._lock:
+            if self.bundle is bundle and self.features is features:  # not stale (model/features unchanged)
+                self._scores[canonical] = hit
+                self._resolved[canonical] = list(genes)
+                self._alias[name] = canonical
+        return hit
+
+    def canonical(self, name: str) -> str:
+        """The name a layer should carry (the model's spelling of a gene, the set's own name)."""
+        with self._lock:
+            if name in self._alias:
+                return self._alias[name]
+        return next(iter(self.resolve(name)))
+
+    def scores_frame(self, names: Iterable[str]) -> pd.DataFrame:
+        """(N, k) float32 tile scores of several names (as :func:`spatial.score_tiles`), via the cache."""
+        names = list(names)
+        return pd.DataFrame({self.canonical(n): self.scores(n) for n in names})
+
+    def slide_predictions(self, names: Iterable[str]) -> pd.Series:
+        """Slide-level predictions (top-k aggregation) of genes/sets."""
+        bundle, _, features = self._require_ready()
+        return spatial.predict_resolved(bundle, features, self.resolve(list(names)))
+
+    def cached_names(self) -> list[str]:
+        with self._lock:
+            return list(self._scores)
+
+    def drop(self, name: str) -> None:
+        """Forget a name's scores (its layer was closed)."""
+        with self._lock:
+            key = self._alias.get(name, name)
+            self._scores.pop(key, None)
+            self._resolved.pop(key, None)
+            self._alias = {a: c for a, c in self._alias.items() if c != key}
+
+    def clear_scores(self) -> None:
+        with self._lock:
+            self._scores.clear()
+            self._resolved.clear()
+            self._alias.clear()
+
+    # ------------------------------------------------------------------------------------------ heatmaps
+    def raster(self, name: str) -> np.ndarray:
+        """(n_rows, n_cols) float32 heatmap of a name, NaN off tissue."""
+        _, grid, _ = self._require_ready()
+        return spatial.heatmap_raster(grid, self.scores(name))
+
+    def heatmap_transform(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """(scale, translate) in µm for a heatmap layer over the slide layer (``scale = mpp``)."""
+        _, grid, _ = self._require_ready()
+        return spatial.heatmap_transform(grid)
+
+    def contrast_limits(
+        self, name: str, percentiles: tuple[float, float] = (1.0, 99.0)
+    ) -> tuple[float, float]:
+        return spatial.robust_limits(self.scores(name), percentiles)
+
+    def tile_at(self, x_um: float, y_um: float) -> int | None:
+        """Row of ``grid.table`` under a point in µm (world coordinates), or None off the kept tiles."""
+        _, grid, _ = self._require_ready()
+        size = spatial.tile_size_um(grid)
+        row, col = int(np.floor(y_um / size)), int(np.floor(x_um / size))
+        hit = np.flatnonzero((grid.table["row"].to_numpy() == row) & (grid.table["col"].to_numpy() == col))
+        return int(hit[0]) if hit.size else None
+
+    # ------------------------------------------------------------------------------------------ exports
+    def slide_info(self) -> dict[str, Any]:
+        """Facts written in export headers."""
+        bundle = self.bundle
+        info: dict[str, Any] = {"slide": Path(self.slide.path).name, "mpp": self.slide.mpp}
+        if self.grid is not None:
+            info.update(
+                tile_px=self.grid.tile_px,
+                tile_um=round(spatial.tile_size_um(self.grid), 4),
+                n_tiles=len(self.grid.table),
+            )
+        if bundle is not None:
+            info.update(
+                model=Path(bundle.path).name if getattr(bundle, "path", None) else "",
+                backbone=bundle.backbone,
+                demo=bool(bundle.demo),
+            )
+        return info
+
+    def export_csv(self, path: str | Path, names: Iterable[str], overwrite: bool = False):
+        """Tile CSV + ``<stem>_slide.csv`` (see :func:`spatial.write_tile_scores_csv`); returns both paths."""
+        names = list(names)
+        _, grid, _ = self._require_ready()
+        return spatial.write_tile_scores_csv(
+            path, grid, self.scores_frame(names), self.slide_info(), self.slide_predictions(names), overwrite
+        )
+
+    def export_geojson(self, path: str | Path, names: Iterable[str], overwrite: bool = False) -> Path:
+        _, grid, _ = self._require_ready()
+        return spatial.write_geojson_tiles(path, grid, self.scores_frame(names), overwrite=overwrite)
+
+    def export_heatmap_tiff(self, path: str | Path, name: str, overwrite: bool = False) -> Path:
+        _, grid, _ = self._require_ready()
+        return spatial.write_heatmap_tiff(path, self.raster(name), grid, self.canonical(name), overwrite)
+
+    def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, tuple[float, float]]:
+        """The slide thumbnail and its level-0 downsample (x, y)."""
+        thumb = self.slide.thumbnail(max_size)
+        width, height = self.slide.dimensions
+        return thumb, (width / thumb.shape[1], height / thumb.shape[0])
+
+    def render_png(self, path: str | Path, name: str, thumbnail=None, overwrite: bool = False, **kw) -> Path:
+        """PNG of a name's heatmap over the thumbnail (``thumbnail`` = (image, downsample) to reuse one)."""
+        bundle, grid, _ = self._require_ready()
+        thumb, ds = thumbnail if thumbnail is not None else self.thumbnail()
+        return spatial.render_heatmap_png(
+            path,
+            thumb,
+            ds,
+            grid,
+            self.scores(name),
+            self.canonical(name),
+            slide_name=Path(self.slide.path).name,
+            demo=bool(bundle.demo),
+            overwrite=overwrite,
+            **kw,
+        )
+
+    # ------------------------------------------------------------------------------------------ lifetime
+    def close(self) -> None:
+        """Free the scores and features and close the slide."""
+        with self._lock:
+            self._scores.clear()
+            self._resolved.clear()
+            self._alias.clear()
+            self.features = None
+            self.grid = None
+        self.slide.close()
+
+    def __enter__(self) -> SlideSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+@dataclass
+class SpatializeResult:
+    """What :func:`spatialize` computed and wrote."""
+
+    slide_path: Path
+    model_path: Path
+    grid: TileGrid
+    scores: pd.DataFrame  # (N, k) float32, one column per canonical name, rows = grid.table rows
+    predictions: pd.Series  # slide-level prediction per name
+    resolved: dict[str, list[str]]  # name -> model genes it was scored with
+    csv_path: Path
+    slide_csv_path: Path
+    png_paths: dict[str, Path]
+    geojson_path: Path | None
+    demo: bool
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def n_tiles(self) -> int:
+        return len(self.grid.table)
+
+
+def output_paths(
+    slide_path: str | Path, names: Sequence[str], out_dir: str | Path, geojson: bool = True
+) -> dict[str, Any]:
+    """Where :func:`spatialize` writes: ``csv``, ``slide_csv``, ``geojson`` and ``png`` (name -> path)."""
+    out = Path(out_dir)
+    stem = Path(slide_path).stem
+    csv = out / f"{stem}_tile_scores.csv"
+    pngs: dict[str, Path] = {}
+    used: set[str] = set()
+    for name in names:
+        base = f"{stem}_{safe_name(name)}"
+        fname, i = base, 1
+        while fname.lower() in used:
+            i += 1
+            fname = f"{base}_{i}"
+        used.add(fname.lower())
+        pngs[name] = out / f"{fname}.png"
+    return {
+        "csv": csv,
+        "slide_csv": spatial.slide_csv_path(csv),
+        "geojson": out / f"{stem}_tiles.geojson" if geojson else None,
+        "png": pngs,
+    }
+
+
+def spatialize(
+    slide_path: str | Path,
+    model_path: str | Path | None,
+    names: Sequence[str] | str,
+    out_dir: str | Path,
+    mpp: float | None = None,
+    device: str = "auto",
+    cache_dir: str | Path | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelToken | None = None,
+    overwrite: bool = False,
+    gene_sets: Mapping[str, Sequence[str]] | str | Path | None = None,
+    geojson: bool = True,
+) -> SpatializeResult:
+    """Run a model on a slide and write its tile scores, heatmap PNGs and slide-level predictions.
+
+    Parameters
+    ----------
+    slide_path
+        The whole-slide image.
+    model_path
+        A model bundle (``.safetensors``); ``None`` = the bundled demo model.
+    names
+        Genes and/or gene sets (a list, or one comma-separated string).
+    out_dir
+        Output folder (created if needed). Writes ``<slide>_tile_scores.csv`` (one row per tile),
+        ``<slide>_tile_scores_slide.csv`` (slide-level predictions), ``<slide>_<name>.png`` per name and
+        ``<slide>_tiles.geojson`` (QuPath tiles with the scores as measurements) unless ``geojson=False``.
+    mpp
+        µm per level-0 pixel, for slides that do not say it (overrides the file's).
+    device
+        Feature-extraction device: ``"auto"``, ``"cuda"``, ``"cpu"``.
+    cache_dir
+        Feature cache folder (default: the settings' cache).
+    progress, cancel
+        See :mod:`napari_he2rna.jobs`.
+    overwrite
+        Replace existing outputs (otherwise they are refused before any work is done).
+    gene_sets
+        User-defined sets (mapping, inline spec or file, see :func:`spatial.parse_gene_sets`).
+
+    Returns
+    -------
+    SpatializeResult
+
+    Raises
+    ------
+    He2rnaError
+        Any user-facing problem (slide, pixel size, model, gene, cache, no tissue, outputs exist / cannot be
+        written, cancelled); no half-written file is left behind.
+    """
+    names = spatial.split_names(names) if isinstance(names, str) else [str(n) for n in names]
+    out_dir = Path(out_dir)
+    model_file = Path(model_path) if model_path is not None else default_model_path()
+    caught: list[str] = []
+    with SlideSession.open(slide_path, mpp=mpp) as session:
+        bundle = load_model(model_path)
+        session.set_model(bundle)
+        if gene_sets is not None:
+            session.add_gene_sets(gene_sets)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", spatial.PartialGeneSetWarning)
+            resolved = session.resolve(names)  # unknown genes fail here, before any long work
+        caught = [str(w.message) for w in seen if issubclass(w.category, spatial.PartialGeneSetWarning)]
+        for msg in caught:  # re-emit for callers that watch warnings
+            warnings.warn(msg, spatial.PartialGeneSetWarning, stacklevel=2)
+        canonical = list(resolved)
+        paths = output_paths(slide_path, canonical, out_dir, geojson=geojson)
+        planned = [paths["csv"], paths["slide_csv"], *paths["png"].values()]
+        if paths["geojson"] is not None:
+            planned.append(paths["geojson"])
+        if not overwrite:
+            for p in planned:
+                if p.exists():
+                    raise spatial.OutputExistsError(
+                        f"{p} already exists; choose another output folder or pass --overwrite."
+                    )
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise spatial.ExportError(f"cannot create the output folder {out_dir}: {exc.strerror}.") from exc
+
+        grid = session.compute_features(device=device, cache_dir=cache_dir, progress=progress, cancel=cancel)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", spatial.PartialGeneSetWarning)  # already reported above
+            scores = session.scores_frame(canonical)
+            predictions = session.slide_predictions(canonical)
+            jobs.check_cancel(cancel)
+            csv_path, slide_csv = spatial.write_tile_scores_csv(
+                paths["csv"], grid, scores, session.slide_info(), predictions, overwrite=overwrite
+            )
+            geo = None
+            if paths["geojson"] is not None:
+                geo = spatial.write_geojson_tiles(paths["geojson"], grid, scores, overwrite=overwrite)
+            thumb = session.thumbnail(1024)
+            pngs: dict[str, Path] = {}
+            for name in canonical:
+                jobs.check_cancel(cancel)
+                pngs[name] = session.render_png(
+                    paths["png"][name], name, thumbnail=thumb, overwrite=overwrite
+                )
+    return SpatializeResult(
+        slide_path=Path(slide_path),
+        model_path=model_file,
+        grid=grid,
+        scores=scores,
+        predictions=predictions,
+        resolved=resolved,
+        csv_path=csv_path,
+        slide_csv_path=slide_csv,
+        png_paths=pngs,
+        geojson_path=geo,
+        demo=bool(bundle.demo),
+        warnings=caught,
+    )

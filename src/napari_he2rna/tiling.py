@@ -1,0 +1,344 @@
+"""Tissue detection and the tile grid: which 112 µm squares of a slide hold tissue, and their pixels.
+
+A tile is a row of :attr:`TileGrid.table`; features, scores and ground truth are arrays aligned to those rows.
+Coordinates are level-0 pixels; tile ``(row, col)`` covers x in ``[col*tile_px, (col+1)*tile_px)``, y
+likewise, so the grid starts at the slide's origin and the last row/column may cross the slide border (those
+edge tiles are kept when the part inside the slide holds enough tissue, and read padded with white).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+from skimage.filters import threshold_otsu
+from skimage.morphology import remove_small_holes, remove_small_objects
+
+from .errors import TissueError
+
+__all__ = ["TileGrid", "tissue_mask", "pen_mask", "tile_grid", "read_tile", "read_tiles"]
+
+# Saturation below this is glass whatever Otsu says: a blank or almost-white image has no tissue, and Otsu on
+# pure noise would otherwise split the noise in two.
+MIN_SATURATION = 0.06
+# Saturation above this counts as surely coloured when Otsu picks its threshold (glass ~0.02, H&E ~0.15-0.4).
+SATURATION_CAP = 0.3
+# Optical density (natural log) below this on every channel is white: glass, fat vacuoles, background.
+MIN_OPTICAL_DENSITY = 0.04
+
+GRID_COLUMNS = ["tile_id", "row", "col", "x", "y", "size", "tissue_fraction"]
+
+
+def _optical_density(rgb: np.ndarray) -> np.ndarray:
+    """(…, 3) uint8 -> (…, 3) float32 optical density ``-ln(I / 255)``, 0 for white."""
+    return -np.log(np.maximum(rgb.astype(np.float32), 1.0) / 255.0)
+
+
+def pen_mask(rgb: np.ndarray) -> np.ndarray:
+    """Pixels coloured by marker pen (blue, green, red, black) rather than by haematoxylin and eosin.
+
+    Both H&E stains absorb green the most (Ruifrok's optical-density vectors: haematoxylin 0.65/0.70/0.29,
+    eosin 0.07/0.99/0.11 for R/G/B), so stained tissue has green optical density at least that of red and
+    clearly above that of blue. Blue and green inks absorb red more than green; red ink and black/grey marks
+    absorb blue about as much as green.
+
+    Parameters
+    ----------
+    rgb : (h, w, 3) uint8
+
+    Returns
+    -------
+    (h, w) bool, True on pen ink.
+    """
+    od = _optical_density(rgb[..., :3])
+    od_r, od_g, od_b = od[..., 0], od[..., 1], od[..., 2]
+    inked = od.max(axis=-1) > 0.25  # faint pixels are glass whatever their hue
+    blue_or_green = od_r > od_g * 1.15 + 0.05
+    red_or_black = od_b > od_g * 0.85 + 0.05
+    return inked & (blue_or_green | red_or_black)
+
+
+def tissue_mask(thumbnail: np.ndarray, min_object_fraction: float = 2e-4) -> np.ndarray:
+    """Tissue pixels of a low-resolution image of a slide, by Otsu's threshold on colour saturation.
+
+    Glass is bright and grey, H&E-stained tissue is coloured: Otsu (scikit-image) splits the HSV saturation
+    of the non-pen pixels in two; pen marks are excluded by hue (:func:`pen_mask`), specks smaller than
+    ``min_object_fraction`` of the image are removed and holes of that size filled.
+
+    Parameters
+    ----------
+    thumbnail : (h, w, 3) or (h, w, 4) uint8
+        The whole slide at low resolution (RGBA is composited on white).
+    min_object_fraction : float
+        Smallest tissue piece (and largest hole filled), as a fraction of the image area.
+
+    Returns
+    -------
+    (h, w) bool, True on tissue.
+    """
+    rgb = np.asarray(thumbnail)
+    if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an (h, w, 3) RGB image, got shape {rgb.shape}")
+    if rgb.shape[-1] == 4:
+        alpha = rgb[..., 3:4].astype(np.float32) / 255.0
+        rgb = (rgb[..., :3] * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
+    rgb = rgb.astype(np.uint8, copy=False)
+    channels = rgb.astype(np.float32)
+    cmax, cmin = channels.max(axis=-1), channels.min(axis=-1)
+    saturation = np.where(cmax > 0, (cmax - cmin) / np.maximum(cmax, 1.0), 0.0)
+    dark = _optical_density(rgb).max(axis=-1) > MIN_OPTICAL_DENSITY
+    pens = pen_mask(rgb)
+    candidates = saturation[~pens]
+    if candidates.size == 0 or np.ptp(candidates) == 0:
+        return np.zeros(rgb.shape[:2], dtype=bool)
+    # Capping keeps strongly coloured ink and dense stain from pulling the threshold into the tissue.
+    threshold = max(float(threshold_otsu(np.minimum(candidates, SATURATION_CAP))), MIN_SATURATION)
+    mask = (saturation > threshold) & dark & ~pens
+    min_size = max(int(min_object_fraction * mask.size), 1)
+    mask = remove_small_objects(mask, max_size=min_size)
+    mask = remove_small_holes(mask, max_size=min_size)
+    return mask
+
+
+@dataclass
+class TileGrid:
+    """The tissue tiles of a slide.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        One row per kept tile, sorted by ``tile_id`` (= ``row * n_cols + col``): ``tile_id``, ``row``,
+        ``col``, ``x``, ``y`` (level-0 px, top-left), ``size`` (level-0 px), ``tissue_fraction`` (0–1, over
+        the part of the tile inside the slide).
+    tile_px : int
+        Tile side in level-0 pixels (``round(tile_um / mpp)``).
+    tile_um : float
+        Tile side in µm.
+    mpp : float
+        µm per level-0 pixel.
+    n_rows, n_cols : int
+        The full grid covering the slide from (0, 0).
+    slide_dimensions : (int, int)
+        Level-0 (width, height) of the slide.
+    """
+
+    table: pd.DataFrame
+    tile_px: int
+    tile_um: float
+    mpp: float
+    n_rows: int
+    n_cols: int
+    slide_dimensions: tuple[int, int]
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def centers(self) -> np.ndarray:
+        """(N, 2) float64 tile centres (x, y) in level-0 pixels."""
+        half = self.tile_px / 2.0
+        return self.table[["x", "y"]].to_numpy(dtype=np.float64) + half
+
+
+def _mask_size_for(dimensions: tuple[int, int], tile_px: int) -> int:
+    """Thumbnail side giving ~16 mask pixels per tile side (tissue fraction in 1/256 steps), 1–4k px."""
+    n_tiles_long_side = max(dimensions) / tile_px
+    return int(min(max(16 * n_tiles_long_side, 1024), 4096))
+
+
+def tile_fractions(mask: np.ndarray, dimensions: tuple[int, int], tile_px: int) -> np.ndarray:
+    """Tissue fraction of every tile of the full grid from a mask of the whole slide.
+
+    Each mask pixel is assigned to the tile holding its centre (in level-0 pixels); a tile's fraction is the
+    share of tissue among the mask pixels inside the slide that fall in it (0 for a tile with none).
+
+    Parameters
+    ----------
+    mask : (h, w) bool
+        Tissue mask of the whole slide at any resolution.
+    dimensions : (int, int)
+        Level-0 (width, height).
+    tile_px : int
+        Tile side in level-0 pixels.
+
+    Returns
+    -------
+    (n_rows, n_cols) float64
+    """
+    width, height = dimensions
+    n_cols, n_rows = math.ceil(width / tile_px), math.ceil(height / tile_px)
+    h, w = mask.shape
+    # Mask pixel centres in level-0 px -> tile indices (exact float scale; the thumbnail may round its size).
+    cols = np.minimum(((np.arange(w) + 0.5) * (width / w) // tile_px).astype(np.int64), n_cols - 1)
+    rows = np.minimum(((np.arange(h) + 0.5) * (height / h) // tile_px).astype(np.int64), n_rows - 1)
+    flat = (rows[:, None] * n_cols + cols[None, :]).ravel()
+    counts = np.bincount(flat, minlength=n_rows * n_cols)
+    tissue = np.bincount(flat, weights=mask.ravel().astype(np.float64), minlength=n_rows * n_cols)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        fractions = np.where(counts > 0, tissue / np.maximum(counts, 1), 0.0)
+    return fractions.reshape(n_rows, n_cols)
+
+
+def tile_grid(
+    slide,
+    tile_um: float = 112.0,
+    min_tissue: float = 0.5,
+    max_tiles: int | None = 8000,
+    seed: int = 0,
+    mask: np.ndarray | None = None,
+) -> TileGrid:
+    """The grid of ``tile_um`` squares over a slide and the tiles that hold tissue.
+
+    Parameters
+    ----------
+    slide : Slide
+        An open slide (:func:`napari_he2rna.slide.open_slide`) with a known pixel size.
+    tile_um : float
+        Tile side in µm (112 µm = 224 px at 0.5 µm/px, the paper's tiles).
+    min_tissue : float
+        Smallest tissue fraction (0–1) of a kept tile, measured over the part of the tile inside the slide.
+    max_tiles : int or None
+        At most this many tiles; when more hold tissue, this many are drawn at random (reproducibly, from
+        ``seed``) and kept in grid order.
+    seed : int
+        Seed of that draw.
+    mask : (h, w) bool, optional
+        A tissue mask of the whole slide to use instead of :func:`tissue_mask` on a thumbnail.
+
+    Returns
+    -------
+    TileGrid
+
+    Raises
+    ------
+    MissingMPPError
+        The slide does not know its pixel size.
+    TissueError
+        No tile holds enough tissue.
+    """
+    mpp = float(slide.require_mpp())
+    dimensions = tuple(int(v) for v in slide.dimensions)
+    tile_px = max(int(round(tile_um / mpp)), 1)
+    if mask is None:
+        mask = tissue_mask(slide.thumbnail(_mask_size_for(dimensions, tile_px)))
+    fractions = tile_fractions(np.asarray(mask, dtype=bool), dimensions, tile_px)
+    n_rows, n_cols = fractions.shape
+    rows, cols = np.nonzero((fractions >= min_tissue) & (fractions > 0))
+    if rows.size == 0:
+        raise TissueError(
+            f"no tissue found on {getattr(slide, 'path', 'the slide')}: no {tile_um:g} µm tile is at least "
+            f"{min_tissue:.0%} tissue (is it an H&E slide, and is its pixel size right?)."
+        )
+    if max_tiles is not None and rows.size > max_tiles:
+        keep = np.sort(np.random.default_rng(seed).choice(rows.size, size=max_tiles, replace=False))
+        rows, cols = rows[keep], cols[keep]
+    table = pd.DataFrame(
+        {
+            "tile_id": (rows * n_cols + cols).astype(np.int64),
+            "row": rows.astype(np.int64),
+            "col": cols.astype(np.int64),
+            "x": (cols * tile_px).astype(np.int64),
+            "y": (rows * tile_px).astype(np.int64),
+            "size": np.full(rows.size, tile_px, dtype=np.int64),
+            "tissue_fraction": fractions[rows, cols].astype(np.float64),
+        }
+    )
+    return TileGrid(
+        table=table,
+        tile_px=tile_px,
+        tile_um=float(tile_um),
+        mpp=mpp,
+        n_rows=n_rows,
+        n_cols=n_cols,
+        slide_dimensions=dimensions,
+    )
+
+
+def read_tile(slide, grid: TileGrid, i: int, out_px: int = 224) -> np.ndarray:
+    """The pixels of tile ``i`` (a row of ``grid.table``), resized to ``out_px`` square.
+
+    Read from the most downsampled level that is still at least as fine as the output (so a 40x scan is
+    read at 20x when it has such a level), resized with antialiasing (PIL's bilinear filter widens its
+    support when shrinking); the part of an edge tile outside the slide is white.
+
+    Parameters
+    ----------
+    slide : Slide
+    grid : TileGrid
+    i : int
+        Row index (position) in ``grid.table``, not the ``tile_id``.
+    out_px : int
+        Output side in pixels.
+
+    Returns
+    -------
+    (out_px, out_px, 3) uint8
+    """
+    x, y = (int(v) for v in grid.table[["x", "y"]].iloc[i])
+    return read_tile_at(slide, x, y, grid.tile_px, out_px)
+
+
+def read_tile_at(slide, x: int, y: int, tile_px: int, out_px: int = 224) -> np.ndarray:
+    """The level-0 square ``[x, x+tile_px) x [y, y+tile_px)`` as (out_px, out_px, 3) uint8, white outside."""
+    level = slide.get_best_level_for_downsample(tile_px / out_px)  # never upsample
+    ds = float(slide.level_downsamples[level])
+    width, height = slide.dimensions
+    side = max(int(round(tile_px / ds)), 1)  # the tile's side at that level
+    # Only the part inside the slide is read (some readers do not pad); the rest stays white.
+    inside_w = min(x + tile_px, width) - x
+    inside_h = min(y + tile_px, height) - y
+    canvas = np.full((side, side, 3), 255, dtype=np.uint8)
+    if inside_w > 0 and inside_h > 0:
+        read_w = min(max(int(math.ceil(inside_w / ds)), 1), side)
+        read_h = min(max(int(math.ceil(inside_h / ds)), 1), side)
+        region = np.asarray(slide.read_region((x, y), level, (read_w, read_h)))[..., :3]
+        canvas[:read_h, :read_w] = region[:read_h, :read_w]
+    if side == out_px:
+        return canvas
+    return np.asarray(Image.fromarray(canvas).resize((out_px, out_px), Image.Resampling.BILINEAR))
+
+
+def read_tiles(
+    slide,
+    grid: TileGrid,
+    indices: Sequence[int] | np.ndarray | None = None,
+    out_px: int = 224,
+    num_workers: int = 2,
+) -> np.ndarray:
+    """Many tiles at once, read in a thread pool (OpenSlide releases the GIL while decoding).
+
+    Parameters
+    ----------
+    slide : Slide
+    grid : TileGrid
+    indices : sequence of int, optional
+        Row positions in ``grid.table``; all rows when omitted.
+    out_px : int
+    num_workers : int
+        Reader threads (1 reads in the calling thread).
+
+    Returns
+    -------
+    (len(indices), out_px, out_px, 3) uint8
+    """
+    if indices is None:
+        indices = range(len(grid.table))
+    xs = grid.table["x"].to_numpy()
+    ys = grid.table["y"].to_numpy()
+    idx = [int(i) for i in indices]
+    out = np.empty((len(idx), out_px, out_px, 3), dtype=np.uint8)
+
+    def one(k: int) -> None:
+        out[k] = read_tile_at(slide, int(xs[idx[k]]), int(ys[idx[k]]), grid.tile_px, out_px)
+
+    if num_workers <= 1 or len(idx) <= 1:
+        for k in range(len(idx)):
+            one(k)
+    else:
+        with ThreadPoolExecutor(max_workers=num_workers) as pool:
+            list(pool.map(one, range(len(idx))))
+    return out

@@ -1,0 +1,313 @@
+"""The Model dock widget in a real napari viewer (Xvfb + Mesa): run, cancel, paint genes and sets, free.
+
+Run with ``xvfb-run -a .venv/bin/python -m pytest tests/_qt/test_model_widget.py``. Features of the sample
+slide are computed once (hed-stats backbone) and come from the session-wide feature cache after that.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from napari_he2rna import spatial
+from napari_he2rna.model import HE2RNA, save_bundle
+from napari_he2rna.napari._model_widget import DEMO_WARNING, ModelWidget, tile_outline
+from napari_he2rna.napari._state import get_registry, layer_info
+
+REPO = Path(__file__).resolve().parents[2]
+GENES = ["CD3D", "CD3E", "CD3G", "CD247", "CD19", "MS4A1", "MKI67", "TP63", "KRT8", "KRT18", "ACTB", "GAPDH"]
+RUN_TIMEOUT_MS = 240_000
+
+
+@pytest.fixture(scope="session")
+def sample_slide(tmp_path_factory) -> Path:
+    """The bundled synthetic sample slide (generated into tmp if the repo does not have it yet)."""
+    path = REPO / "sample_data" / "sample_slide.tiff"
+    if path.is_file():
+        return path
+    from napari_he2rna.synthetic import make_slide
+
+    out = tmp_path_factory.mktemp("sample") / "sample_slide.tiff"
+    make_slide(out, seed=0, size_px=(2048, 2048))
+    return out
+
+
+def _bundle(path: Path, demo: bool) -> Path:
+    torch.manual_seed(0)
+    net = HE2RNA(33, len(GENES), hidden=(16,), dropout=0.0)  # hed-stats gives 33 features per tile
+    net.eval()
+    return save_bundle(path, [net], GENES, "hed-stats", 33, 112.0, ks=[1, 10], demo=demo)
+
+
+@pytest.fixture(scope="session")
+def model_path(tmp_path_factory) -> Path:
+    return _bundle(tmp_path_factory.mktemp("model") / "test_model.safetensors", demo=False)
+
+
+@pytest.fixture(scope="session")
+def demo_model_path(tmp_path_factory) -> Path:
+    return _bundle(tmp_path_factory.mktemp("demo") / "demo_like.safetensors", demo=True)
+
+
+@pytest.fixture
+def notifications():
+    """Every napari notification shown during the test, as (severity, message)."""
+    from napari.utils.notifications import notification_manager
+
+    seen: list[tuple[str, str]] = []
+
+    def record(notification) -> None:
+        seen.append((str(notification.severity), notification.message))
+
+    notification_manager.notification_ready.connect(record)
+    yield seen
+    notification_manager.notification_ready.disconnect(record)
+
+
+def _open(viewer, path: Path):
+    layers = viewer.open(str(path), plugin="napari-he2rna")
+    assert len(layers) == 1
+    return layers[0]
+
+
+def _widget(viewer, model: Path) -> ModelWidget:
+    widget = ModelWidget(viewer, model_path=model)
+    viewer.window.add_dock_widget(widget, name="Model")
+    return widget
+
+
+def _run(widget: ModelWidget, qtbot) -> None:
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: not widget.running, timeout=RUN_TIMEOUT_MS)
+
+
+def test_run_then_paint_gene_and_set(make_napari_viewer, qtbot, sample_slide, model_path, notifications):
+    viewer = make_napari_viewer(show=True)
+    slide_layer = _open(viewer, sample_slide)
+    widget = _widget(viewer, model_path)
+    assert widget.slide_layer is slide_layer
+    assert widget.bundle is not None and widget.bundle.genes == GENES
+    assert "12 genes" in widget.model_label.text() and not widget.demo_label.isVisibleTo(widget)
+    # gene sets first, then the model's genes
+    model = widget.gene_model.stringList()
+    assert model[:4] == list(spatial.GENE_SETS) and model[4:] == GENES
+
+    # painting before Run is a clear message, not an exception
+    assert widget.paint("CD3D") is None
+    assert any("Press Run" in m for _, m in notifications)
+
+    viewer.reset_view()
+    qtbot.wait(200)
+    before = viewer.screenshot(canvas_only=True, flash=False)
+
+    _run(widget, qtbot)
+    state = get_registry(viewer).get(slide_layer)
+    session = state.session
+    assert session.ready
+    grid = session.grid
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+    # the tissue-tile outline layer lines up with the tile grid
+    tiles = get_registry(viewer).layers_of(state, "tiles")
+    assert len(tiles) == 1
+    raster, scale, translate = tile_outline(grid)
+    f = raster.shape[0] // grid.n_rows
+    assert tiles[0].data.shape == (grid.n_rows * f, grid.n_cols * f)
+    assert tuple(tiles[0].scale) == pytest.approx(scale)
+
+    layer = widget.paint("cd3d")  # case-insensitive; the layer carries the model's spelling
+    assert layer is not None and layer.name == "CD3D"
+    assert layer.data.shape == (grid.n_rows, grid.n_cols)
+    want_scale, want_translate = spatial.heatmap_transform(grid)
+    assert tuple(layer.scale) == pytest.approx(want_scale)
+    assert tuple(layer.translate) == pytest.approx(want_translate)
+    assert [str(u) for u in layer.units] == ["micrometer", "micrometer"]
+    rows, cols = grid.table["row"].to_numpy(), grid.table["col"].to_numpy()
+    kept = np.zeros((grid.n_rows, grid.n_cols), dtype=bool)
+    kept[rows, cols] = True
+    assert np.isnan(layer.data[~kept]).all() and np.isfinite(layer.data[kept]).all()
+    np.testing.assert_allclose(layer.data[rows, cols], session.scores("CD3D"), rtol=1e-6)
+    assert layer.data[rows, cols].std() > 0
+    lo, hi = layer.contrast_limits
+    assert (lo, hi) == pytest.approx(spatial.robust_limits(session.scores("CD3D")))
+    assert layer.colormap.name == "magma" and 0 < layer.opacity < 1
+    assert layer.colorbar.visible
+
+    # hovering a kept tile: the status names the gene and shows that tile's score
+    i = int(np.argmax(session.scores("CD3D")))
+    y_um = (rows[i] + 0.5) * want_scale[0]
+    x_um = (cols[i] + 0.5) * want_scale[1]
+    assert session.tile_at(x_um, y_um) == i
+    status = layer.get_status((y_um, x_um), world=True)
+    assert status["layer_name"] == "CD3D"
+    assert float(status["value"]) == pytest.approx(float(session.scores("CD3D")[i]), rel=1e-2, abs=1e-3)
+
+    # a gene set: the mean of its genes
+    t_layer = widget.paint("T cells")
+    assert t_layer is not None and t_layer.name == "T cells"
+    expect = np.mean([session.scores(g) for g in ["CD3D", "CD3E", "CD3G", "CD247"]], axis=0)
+    np.testing.assert_allclose(t_layer.data[rows, cols], expect, rtol=1e-5)
+    assert not layer.colorbar.visible and t_layer.colorbar.visible  # one legend at a time
+
+    # painting the same name again replaces the layer rather than adding one
+    n_layers = len(viewer.layers)
+    assert widget.paint("T cells") is t_layer and len(viewer.layers) == n_layers
+
+    # the heatmap is drawn over the tissue
+    viewer.reset_view()
+    qtbot.wait(300)
+    after = viewer.screenshot(canvas_only=True, flash=False)
+    assert after.shape == before.shape
+    rgb = after[..., :3].astype(float)
+    assert rgb.std() > 10 and len(np.unique(rgb.reshape(-1, 3), axis=0)) > 50
+    assert np.abs(after.astype(float) - before.astype(float)).mean() > 2
+
+    # an unknown gene: a notification naming it, no layer, no exception
+    n_layers = len(viewer.layers)
+    assert widget.paint("NOTAGENE1") is None
+    assert len(viewer.layers) == n_layers
+    assert any(sev == "error" and "NOTAGENE1" in m for sev, m in notifications)
+
+    # typing in the gene box + Enter paints
+    widget.gene_combo.setFocus()
+    widget.gene_combo.lineEdit().clear()
+    qtbot.keyClicks(widget.gene_combo.lineEdit(), "MKI67")
+    qtbot.keyClick(widget.gene_combo.lineEdit(), "\r")
+    qtbot.waitUntil(lambda: widget.heatmap_layer(state, "MKI67") is not None, timeout=5000)
+    assert len([ly for ly in viewer.layers if ly.name.startswith("MKI67")]) == 1
+
+    # a user-defined set is offered and painted
+    assert widget.add_gene_set("Bmix=CD19+MS4A1+NOPE") == ["Bmix"]
+    assert "Bmix" in widget.gene_model.stringList()
+    bmix = widget.heatmap_layer(state, "Bmix")
+    assert bmix is not None
+    np.testing.assert_allclose(
+        bmix.data[rows, cols], (session.scores("CD19") + session.scores("MS4A1")) / 2, rtol=1e-5
+    )
+    assert any("NOPE" in m for _, m in notifications)  # partial set: a warning naming the missing gene
+
+    # removing a heatmap layer drops its cached scores
+    assert "CD3D" in session.cached_names()
+    viewer.layers.remove(layer)
+    assert "CD3D" not in session.cached_names()
+
+    # removing the slide layer frees its session and takes its heatmaps along
+    viewer.layers.remove(slide_layer)
+    assert get_registry(viewer).get(slide_layer) is None
+    assert session.features is None and session.cached_names() == []
+    assert session.slide.closed
+    assert not [ly for ly in viewer.layers if layer_info(ly)]
+    assert widget.slide_layer is None
+
+
+def test_cancel_leaves_nothing_half_made(
+    make_napari_viewer, qtbot, sample_slide, model_path, notifications, monkeypatch
+):
+    viewer = make_napari_viewer()
+    slide_layer = _open(viewer, sample_slide)
+    widget = _widget(viewer, model_path)
+
+    # Hold the job once the grid is known until Cancel is pressed, so the cancel lands mid-run every time.
+    from napari_he2rna.pipeline import SlideSession
+
+    real_compute = SlideSession.compute_features
+
+    def held_compute(self, *args, cancel=None, grid_ready=None, **kwargs):
+        def hold(grid):
+            grid_ready(grid)
+            assert cancel is not None and cancel.wait(60)
+
+        return real_compute(self, *args, cancel=cancel, grid_ready=hold, **kwargs)
+
+    monkeypatch.setattr(SlideSession, "compute_features", held_compute)
+    worker = widget.run()
+    assert worker is not None and widget.running
+    assert not widget.run_button.isEnabled() and widget.cancel_button.isEnabled()
+    state = get_registry(viewer).get(slide_layer)
+    # the tissue-tile outline shows up while the run is still going
+    qtbot.waitUntil(lambda: len(get_registry(viewer).layers_of(state, "tiles")) == 1, timeout=60_000)
+    assert widget.running
+    widget.cancel()
+    qtbot.waitUntil(lambda: not widget.running, timeout=RUN_TIMEOUT_MS)
+    assert not state.session.ready
+    assert not [ly for ly in viewer.layers if layer_info(ly)]  # no outline, no heatmap left
+    assert any("cancelled" in m for _, m in notifications)
+    assert not any(sev == "error" for sev, _ in notifications)
+    assert "Cancelled" in widget.status_label.text()
+    # the widget is usable afterwards
+    monkeypatch.setattr(SlideSession, "compute_features", real_compute)
+    assert widget.run_button.isEnabled()
+    _run(widget, qtbot)
+    assert state.session.ready
+    assert widget.paint("MKI67") is not None
+
+
+def test_two_slides_keep_their_own_sessions(make_napari_viewer, qtbot, sample_slide, model_path):
+    viewer = make_napari_viewer()
+    first = _open(viewer, sample_slide)
+    second = _open(viewer, sample_slide)
+    widget = _widget(viewer, model_path)
+    registry = get_registry(viewer)
+    for slide_layer in (first, second):
+        widget.slide_picker.value = slide_layer
+        _run(widget, qtbot)
+        assert widget.paint("CD19") is not None
+    s1, s2 = registry.get(first), registry.get(second)
+    assert s1.session is not s2.session and s1.session.ready and s2.session.ready
+    assert len(registry.layers_of(s1, "heatmap")) == 1 and len(registry.layers_of(s2, "heatmap")) == 1
+    viewer.layers.remove(first)
+    assert registry.get(first) is None and registry.layers_of(s1) == []
+    assert s2.session.ready and len(registry.layers_of(s2, "heatmap")) == 1
+
+
+def test_model_description_demo_warning_and_devices(
+    make_napari_viewer, demo_model_path, tmp_path, notifications
+):
+    viewer = make_napari_viewer()
+    widget = _widget(viewer, demo_model_path)
+    assert widget.demo_label.text() == DEMO_WARNING
+    assert widget.demo_label.isVisibleTo(widget)
+    assert "hed-stats" in widget.model_label.text()
+    cuda_item = widget.device_combo.model().item(1)
+    assert widget.device_combo.itemText(1) == "cuda"
+    assert cuda_item.isEnabled() == torch.cuda.is_available()
+    # Run without a slide, and a broken model file: messages, no exceptions
+    assert widget.run() is None
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"not a model")
+    assert widget.load_model(bad) is None
+    assert widget.bundle is not None and widget.bundle.demo  # the previous model stays
+    messages = [m for sev, m in notifications if sev == "error"]
+    assert any("Open a slide" in m for m in messages)
+    assert any("broken.safetensors" in m for m in messages)
+
+
+def test_demo_model_paints_the_planted_t_cell_tiles(make_napari_viewer, qtbot, sample_slide):
+    """The bundled demo model (preselected) puts the hot "T cells" tiles where the sample planted T cells."""
+    from scipy.stats import spearmanr
+
+    from napari_he2rna.pipeline import default_model_path
+
+    truth_path = sample_slide.with_name("sample_slide_tiles.csv")
+    if not default_model_path().is_file() or not truth_path.is_file():
+        pytest.skip("the bundled demo model or the sample's tile truth is not there yet")
+    import pandas as pd
+
+    viewer = make_napari_viewer()
+    slide_layer = _open(viewer, sample_slide)
+    widget = ModelWidget(viewer)  # the demo model is preselected
+    viewer.window.add_dock_widget(widget, name="Model")
+    assert widget.bundle is not None and widget.bundle.demo and widget.demo_label.isVisibleTo(widget)
+    _run(widget, qtbot)
+    layer = widget.paint("T cells")
+    assert layer is not None
+    grid = get_registry(viewer).get(slide_layer).session.grid
+    truth = pd.read_csv(truth_path).set_index(["row", "col"])
+    keys = list(zip(grid.table["row"], grid.table["col"], strict=True))
+    planted = truth.loc[keys, "t_cells"].to_numpy(dtype=float)
+    painted = layer.data[grid.table["row"].to_numpy(), grid.table["col"].to_numpy()]
+    rho = spearmanr(painted, planted).statistic
+    assert rho > 0.3, f"T-cell heatmap vs planted T cells: Spearman {rho:.2f}"

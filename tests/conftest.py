@@ -1,0 +1,31 @@
+"""Shared fixtures: the real data in ``../shared/data`` and a small generated sample cohort."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("HE2RNA_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real slides and annotation files (never copied into the repo)."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real test data not found at {SHARED_DATA} (set HE2RNA_SHARED_DATA)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def cmu_slide(shared_data: Path) -> Path:
+    """A real Aperio H&E slide, 2220x2967 px at 0.499 µm/px."""
+    return shared_data / "slides" / "cmu-1-small-region.svs"
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Keep every test's feature cache out of the user's home."""
+    monkeypatch.setenv("HE2RNA_CACHE", str(tmp_path_factory.getbasetemp() / "he2rna-cache"))

@@ -1,0 +1,254 @@
+"""Cohort data, patient-grouped cross-validation and HE2RNA training on a planted cohort."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from napari_he2rna.errors import Cancelled, DataError
+from napari_he2rna.evaluation import evaluate
+from napari_he2rna.model import load_bundle, save_bundle
+from napari_he2rna.training import (
+    TrainConfig,
+    bundle_metadata,
+    bundle_oof_predictions,
+    cross_validate,
+    cv_folds,
+    load_expression,
+    load_samples,
+    match_cohort,
+    untrained_predictions,
+    validation_split,
+)
+
+PLANTED = ["PLANT1", "PLANT2"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny models: several torch threads only fight over a shared 2-core CI machine (10x slower).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_planted_cohort(n_patients=150, dim=16, n_ctrl=12, seed=0):
+    """Slides of 10-20 tiles; a random fraction of "hot" tiles carry +3 on feature 0.
+
+    PLANT genes = their slide's fraction of hot tiles (plus noise): what the top-k aggregation can learn.
+    CTRL genes = noise, independent of the slide. Cancer type B is shifted by +0.5 everywhere (per-type R
+    must not see it). A third of the patients have two samples.
+    """
+    rng = np.random.default_rng(seed)
+    rows, feats, expr = [], {}, []
+    for p in range(n_patients):
+        ctype = "A" if p % 2 == 0 else "B"
+        for s in range(1 + (p % 3 == 0)):
+            sid = f"S{p:03d}_{s}"
+            n = int(rng.integers(10, 21))
+            x = rng.normal(size=(n, dim)).astype(np.float32)
+            hot = rng.random(n) < rng.uniform(0.0, 0.6)
+            x[hot, 0] += 3.0
+            e = {
+                "PLANT1": 1 + 2 * hot.mean() + rng.normal(0, 0.1),
+                "PLANT2": 2 + 1.5 * hot.mean() + rng.normal(0, 0.1),
+            }
+            e.update({f"CTRL{j}": 1 + 0.1 * j + rng.normal(0, 0.3) for j in range(n_ctrl)})
+            if ctype == "B":
+                e = {k: v + 0.5 for k, v in e.items()}
+            rows.append({"sample_id": sid, "patient_id": f"P{p:03d}", "cancer_type": ctype})
+            feats[sid] = x
+            expr.append(pd.Series(e, name=sid))
+    expression = load_expression(pd.DataFrame(expr), transform="log")
+    return match_cohort(expression, load_samples(pd.DataFrame(rows)), feats)[0]
+
+
+FAST = dict(hidden=(16,), ks=(1, 2, 5, 10, 20), lr=3e-3, val_fraction=0.2, n_folds=3, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.set_num_threads(1)
+    cohort = make_planted_cohort()
+    config = TrainConfig(max_epochs=30, patience=10, **FAST)
+    result = cross_validate(cohort, config)
+    return cohort, config, result
+
+
+# ------------------------------------------------------------------------------------------ tables
+
+
+def test_load_expression_raw_fpkm_is_filtered_and_logged(tmp_path):
+    table = pd.DataFrame(
+        {
+            "sample": ["s1", "s2", "s3"],
+            "GENE_A": [0.0, 100.0, 999.0],
+            "ZERO_MEDIAN": [0.0, 0.0, 80.0],
+            "GENE_B": [9.0, 3.0, 1.0],
+        }
+    )
+    table.to_csv(tmp_path / "expr.tsv", sep="\t", index=False)
+    expr = load_expression(tmp_path / "expr.tsv")  # auto: 999 > 50 -> raw FPKM-UQ
+    assert list(expr.columns) == ["GENE_A", "GENE_B"] and list(expr.index) == ["s1", "s2", "s3"]
+    np.testing.assert_allclose(expr["GENE_A"], np.log10([1.0, 101.0, 1000.0]), rtol=1e-6)
+    assert expr.attrs["n_genes_dropped_zero_median"] == 1 and expr.attrs["transform"] == "log10(1+x)"
+    # genes x samples, CSV, already log
+    small = pd.DataFrame({"gene": ["G1", "G2"], "s1": [1.5, 0.0], "s2": [2.0, 0.0], "s3": [0.5, 0.1]})
+    small.to_csv(tmp_path / "expr.csv", index=False)
+    logged = load_expression(tmp_path / "expr.csv", genes_as_rows=True)
+    assert list(logged.columns) == ["G1"] and logged.loc["s2", "G1"] == pytest.approx(2.0)
+
+
+def test_load_expression_errors(tmp_path):
+    pd.DataFrame({"s": ["a", "a"], "G": [1, 2]}).to_csv(tmp_path / "dup.tsv", sep="\t", index=False)
+    with pytest.raises(DataError, match="more than once"):
+        load_expression(tmp_path / "dup.tsv")
+    pd.DataFrame({"s": ["a", "b"], "G": [1, 2], "note": ["x", "y"]}).to_csv(
+        tmp_path / "txt.tsv", sep="\t", index=False
+    )
+    with pytest.raises(DataError, match="non-numeric"):
+        load_expression(tmp_path / "txt.tsv")
+    pd.DataFrame({"s": ["a", "b"], "G": [-1.0, 200.0]}).to_csv(tmp_path / "neg.tsv", sep="\t", index=False)
+    with pytest.raises(DataError, match="negative"):
+        load_expression(tmp_path / "neg.tsv")
+    with pytest.raises(DataError, match="does not exist"):
+        load_expression(tmp_path / "missing.tsv")
+
+
+def test_sample_sheet_and_matching_report(tmp_path):
+    sheet = pd.DataFrame(
+        {
+            "Sample_ID": ["a", "b", "c"],
+            "patient_id": ["p1", "p1", "p2"],
+            "cancer_type": ["BRCA"] * 3,
+            "slide": ["a.svs", "b.svs", "/abs/c.svs"],
+        }
+    )
+    sheet.to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
+    samples = load_samples(tmp_path / "samples.tsv")
+    assert samples.loc["a", "slide"] == str(tmp_path / "a.svs") and samples.loc["c", "slide"] == "/abs/c.svs"
+    expr = pd.DataFrame({"G": [1.0, 2.0, 3.0]}, index=["a", "b", "z"])
+    cohort, report = match_cohort(expr, samples, {"a": np.zeros((3, 2)), "c": np.zeros((3, 2))})
+    assert cohort.sample_ids == ["a"]
+    assert report.expression_only == ["z"] and report.sheet_only == ["c"] and report.without_features == ["b"]
+    assert "without features: b" in report.summary()
+    with pytest.raises(DataError, match="No sample"):
+        match_cohort(expr, samples, {})
+    with pytest.raises(DataError, match="cancer_type"):
+        load_samples(pd.DataFrame({"sample_id": ["a"], "patient_id": ["p"]}))
+
+
+def test_folds_never_split_a_patient_and_spread_cancer_types():
+    rng = np.random.default_rng(0)
+    patients = [f"P{i}" for i in range(60) for _ in range(int(rng.integers(1, 4)))]
+    ptype = {f"P{i}": ["BRCA", "LIHC", "COAD"][i % 3] for i in range(60)}
+    samples = pd.DataFrame(
+        {"patient_id": patients, "cancer_type": [ptype[p] for p in patients]},
+        index=[f"s{i}" for i in range(len(patients))],
+    )
+    folds = cv_folds(samples, 5, seed=1)
+    assert set(folds) == set(range(5))
+    assert (samples.assign(f=folds).groupby("patient_id")["f"].nunique() == 1).all()
+    counts = pd.crosstab(samples["cancer_type"], folds)
+    assert (counts > 0).all().all()  # every type in every fold
+    np.testing.assert_array_equal(folds, cv_folds(samples, 5, seed=1))
+    val = validation_split(samples[folds != 0], 0.1, seed=0)
+    sub = samples[folds != 0].assign(v=val)
+    assert 0 < val.mean() < 0.25
+    assert (sub.groupby("patient_id")["v"].nunique() == 1).all()
+    with pytest.raises(DataError, match="patients"):
+        cv_folds(samples.iloc[:3], 5)
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_training_beats_untrained_null_for_planted_genes_only(trained):
+    cohort, config, result = trained
+    assert len(result.models) == 3 and result.oof.shape == cohort.expression.shape
+    assert not result.oof.isna().any().any()
+    # each sample is predicted by the model of the fold that held it out
+    for f in range(3):
+        assert set(result.fold_predictions(f).index) == set(np.array(cohort.sample_ids)[result.folds == f])
+    null = untrained_predictions(cohort, config.hidden, n_inits=50, ks=config.k_list)
+    ev = evaluate(cohort.expression, result.oof, result.cancer_types, result.folds, null)
+    pg = ev.per_gene.set_index(["cancer_type", "gene"])
+    for t in ("A", "B"):
+        for g in PLANTED:
+            assert pg.loc[(t, g), "significant_bh"], (t, g, pg.loc[(t, g), "r"])
+            assert pg.loc[(t, g), "r"] > 0.5
+            assert pg.loc[(t, g), "steiger_z"] > 0  # trained beats the untrained init it is compared with
+        controls = pg.loc[t].drop(index=PLANTED)
+        assert not controls["significant"].any()
+        assert controls["r"].abs().max() < 0.5
+
+
+def test_bundle_of_cv_result_reproduces_out_of_fold_predictions(trained, tmp_path):
+    cohort, config, result = trained
+    meta = bundle_metadata(result, cohort)
+    assert meta["cohort"]["n_patients"] == 150 and set(meta["validation_r"]) == {"A", "B"}
+    path = save_bundle(
+        tmp_path / "m.safetensors", result.models, cohort.genes, "test-bb", 16, 112.0, config.k_list, meta
+    )
+    bundle = load_bundle(path)
+    pred, folds = bundle_oof_predictions(bundle, cohort, device="cpu")
+    np.testing.assert_array_equal(folds, result.folds)
+    np.testing.assert_allclose(pred.to_numpy(), result.oof.to_numpy(), rtol=1e-4, atol=1e-5)
+    assert bundle.metadata["validation_r"]["A"]["PLANT1"] > 0.5
+
+
+def test_training_is_deterministic_resumable_and_cancellable(tmp_path):
+    cohort = make_planted_cohort(n_patients=30, n_ctrl=2)
+    config = TrainConfig(max_epochs=3, patience=2, **FAST)
+    seen = []
+    a = cross_validate(cohort, config, progress=lambda d, t, m: seen.append((d, t)), checkpoint_dir=tmp_path)
+    assert seen[-1] == (9, 9) and all(d1 <= d2 for (d1, _), (d2, _) in zip(seen, seen[1:], strict=False))
+    b = cross_validate(cohort, config)
+    np.testing.assert_array_equal(a.oof.to_numpy(), b.oof.to_numpy())
+    assert len(list(tmp_path.glob("fold*.safetensors"))) == 3
+    stop = threading.Event()
+    stop.set()
+    # every fold is checkpointed: resuming needs no training, so even a set cancel token completes
+    c = cross_validate(cohort, config, cancel=stop, checkpoint_dir=tmp_path)
+    np.testing.assert_array_equal(a.oof.to_numpy(), c.oof.to_numpy())
+    assert all(h.get("resumed") for h in c.histories)
+    with pytest.raises(Cancelled):
+        cross_validate(cohort, config, cancel=stop)
+    # other settings do not reuse the checkpoints
+    other = cross_validate(
+        cohort, TrainConfig(max_epochs=3, patience=2, **{**FAST, "seed": 1}), checkpoint_dir=tmp_path
+    )
+    assert not any(h.get("resumed") for h in other.histories)
+
+
+def test_full_tile_mode_with_variable_tile_counts():
+    cohort = make_planted_cohort(n_patients=24, n_ctrl=2)
+    calls = []
+    lazy = dict(cohort.features)
+
+    def load(sid):  # a callable source, as for full tiles read from the cache on demand
+        calls.append(sid)
+        return lazy[sid]
+
+    cohort2, _ = match_cohort(cohort.expression, cohort.samples, load)
+    config = TrainConfig(mode="tiles", max_epochs=2, patience=5, **{**FAST, "ks": None})
+    assert config.batch == 4 and config.k_list[-1] == 5000
+    result = cross_validate(cohort2, config)
+    assert np.isfinite(result.oof.to_numpy()).all()
+    assert len(calls) > len(cohort.sample_ids)  # loaded per batch, not kept
+
+
+def test_bad_features_are_reported():
+    cohort = make_planted_cohort(n_patients=12, n_ctrl=1)
+    sid = cohort.sample_ids[3]
+    cohort.features[sid] = np.zeros((5, 3), dtype=np.float32)
+    with pytest.raises(DataError, match="dimensions"):
+        cross_validate(cohort, TrainConfig(max_epochs=1, **FAST))
+    cohort.features[sid] = np.full((5, 16), np.nan, dtype=np.float32)
+    with pytest.raises(DataError, match="NaN"):
+        cross_validate(cohort, TrainConfig(max_epochs=1, **FAST))
