@@ -7,6 +7,11 @@ from pathlib import Path
 
 import pytest
 
+from napari_he2rna.torch_preload import preload
+
+# Before any napari test loads Mesa's OpenGL: see napari_he2rna.torch_preload (a segfault otherwise).
+preload()
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("HE2RNA_SHARED_DATA", REPO.parent / "shared" / "data"))
 

@@ -180,7 +180,13 @@ def test_spatialize_cancel_in_the_middle_leaves_nothing(synthetic, tmp_path):
 
     with pytest.raises(Cancelled):
         pipeline.spatialize(
-            slide, model, ["MKI67"], tmp_path / "out", cancel=cancel, progress=progress, device="cpu",
+            slide,
+            model,
+            ["MKI67"],
+            tmp_path / "out",
+            cancel=cancel,
+            progress=progress,
+            device="cpu",
             cache_dir=tmp_path / "fresh-cache",  # not the shared cache: extraction must really run
         )
     assert calls  # it was cancelled during extraction, not before

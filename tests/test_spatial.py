@@ -36,7 +36,12 @@ def make_grid(tiles: list[tuple[int, int]], tile_px: int = 224, mpp: float = 0.5
         }
     )
     return SimpleNamespace(
-        table=table, tile_px=tile_px, tile_um=tile_px * mpp, mpp=mpp, n_rows=n_rows, n_cols=n_cols,
+        table=table,
+        tile_px=tile_px,
+        tile_um=tile_px * mpp,
+        mpp=mpp,
+        n_rows=n_rows,
+        n_cols=n_cols,
         slide_dimensions=(n_cols * tile_px, n_rows * tile_px),
     )
 
@@ -51,7 +56,13 @@ def bundle(tmp_path_factory):
     torch.manual_seed(0)
     models = [HE2RNA(DIM, len(GENES), hidden=(8,), dropout=0.0) for _ in range(2)]
     path = save_bundle(
-        tmp_path_factory.mktemp("model") / "m.safetensors", models, GENES, "hed-stats", DIM, 112.0, [1, 2],
+        tmp_path_factory.mktemp("model") / "m.safetensors",
+        models,
+        GENES,
+        "hed-stats",
+        DIM,
+        112.0,
+        [1, 2],
         demo=True,
     )
     return load_bundle(path)
@@ -289,10 +300,12 @@ def test_png_shows_heatmap_over_real_thumbnail(tmp_path, shared_data, scored):
     grid, scores, _ = scored
     thumb = np.asarray(Image.open(shared_data / "thumbnails" / "tcga-lung-rgb.png").convert("RGB"))
     ds = 5 * 224 / thumb.shape[1]  # the thumbnail spans the 5 x 4 tile grid's width
-    plain = spatial.render_heatmap_png(tmp_path / "a.png", thumb, ds, grid, scores["MKI67"], "MKI67",
-                                       slide_name="lung")
-    demo = spatial.render_heatmap_png(tmp_path / "b.png", thumb, ds, grid, scores["MKI67"], "MKI67",
-                                      slide_name="lung", demo=True)
+    plain = spatial.render_heatmap_png(
+        tmp_path / "a.png", thumb, ds, grid, scores["MKI67"], "MKI67", slide_name="lung"
+    )
+    demo = spatial.render_heatmap_png(
+        tmp_path / "b.png", thumb, ds, grid, scores["MKI67"], "MKI67", slide_name="lung", demo=True
+    )
     img = np.asarray(Image.open(plain).convert("RGB"))
     assert img.shape[0] > 100 and img.shape[1] > 100
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 50  # not blank, not one colour

@@ -24,6 +24,7 @@ COMMAND_MODULES = [
     "predict",
     "spatialize",
     "compare",
+    "convert",
     "view",
     "make_demo_model",
     "represent",

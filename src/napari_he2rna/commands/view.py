@@ -49,6 +49,9 @@ def open_viewer(slide: str | None = None, mpp: float | None = None, show: bool =
     Returns the viewer (the caller runs the event loop). napari is imported here only: the rest of the CLI
     must work on machines without a display.
     """
+    from ..torch_preload import preload
+
+    preload()  # before napari creates a GL context: see napari_he2rna.torch_preload
     import napari
 
     from ..errors import SlideError
