@@ -81,13 +81,25 @@ def test_set_scores_follow_the_planted_cells_on_the_sample_slide(bundle, sample_
 def test_committed_report_shows_planted_genes_significant_and_controls_not(bundle):
     per_gene = pd.read_csv(REPORT / "per_gene.csv")
     assert (REPORT / "report.md").is_file()
-    counts = significance_counts(per_gene)
-    assert set(counts) == {"SYN-BRCA", "SYN-COAD", "SYN-LUAD"}
-    for c in counts.values():
-        assert c["controls_significant"] == 0
-        assert c["planted_significant"] >= c["planted"] - 2  # see README for which ones and why
+    holm = significance_counts(per_gene, "significant")
+    bh = significance_counts(per_gene, "significant_bh")
+    assert set(holm) == set(bh) == {"SYN-BRCA", "SYN-COAD", "SYN-LUAD"}
+    for ctype in holm:
+        # No housekeeping control is called, by either correction.
+        assert holm[ctype]["controls_significant"] == 0 and bh[ctype]["controls_significant"] == 0
+        # Benjamini-Hochberg: every planted gene but ADIPOQ (fat: the Otsu tissue mask drops fat tiles, so
+        # the model never sees its driver; see README "Demo model").
+        assert bh[ctype]["planted_significant"] == bh[ctype]["planted"] - 1
+        # Holm-Sidak is stricter: the untrained null reaches R ~0.6 on 33 colour features; the B- and T-cell
+        # genes (R 0.87-0.98) clear it in every type.
+        assert holm[ctype]["planted_significant"] >= 6
+    sig = per_gene.query("gene == 'ADIPOQ'")["significant_bh"]
+    assert not sig.any()
+    b_genes = per_gene[per_gene["gene"].isin(B_GENES)]
+    assert b_genes["significant"].all()
     # The bundle carries the same numbers as the report it was written with.
-    assert bundle.metadata["evaluation"]["significance_counts_holm_sidak"] == counts
+    assert bundle.metadata["evaluation"]["significance_counts_holm_sidak"] == holm
+    assert bundle.metadata["evaluation"]["significance_counts_bh"] == bh
     assert bundle.metadata["per_gene_r"]["CD3D"]["SYN-BRCA"] == pytest.approx(
         per_gene.query("gene == 'CD3D' and cancer_type == 'SYN-BRCA'")["r"].item(), abs=1e-4
     )

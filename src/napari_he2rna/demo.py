@@ -34,7 +34,7 @@ BACKBONE = "hed-stats"
 TILE_UM = 112.0
 
 #: Defaults of the committed demo model (see sample_data/README.md, "Demo model").
-DEFAULT_N_SLIDES = 150
+DEFAULT_N_SLIDES = 300
 DEFAULT_SIZE_PX = (1344, 1344)
 DEFAULT_HIDDEN = (256, 256)
 DEFAULT_EPOCHS = 200

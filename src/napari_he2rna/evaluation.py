@@ -199,7 +199,10 @@ def adjust_p(p: np.ndarray, method: str = "holm-sidak") -> np.ndarray:
     out = np.full(p.shape, np.nan)
     ok = np.isfinite(p)
     if ok.any():
-        out[ok] = multipletests(p[ok], method=method)[1]
+        # statsmodels' Holm-Sidak takes log1p(-p): a p of exactly 1 (a gene below every null R) is a
+        # harmless -inf there but a RuntimeWarning; with errstate the result is the same (corrected p = 1).
+        with np.errstate(divide="ignore"):
+            out[ok] = multipletests(p[ok], method=method)[1]
     return out
 
 
