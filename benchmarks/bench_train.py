@@ -30,13 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from bench_extract import _cpu_name  # same folder: run as a script, benchmarks/ is on sys.path
 from torch import nn
 
 from napari_he2rna.model import HE2RNA, load_bundle, save_bundle, topk_mean
@@ -44,16 +44,6 @@ from napari_he2rna.training import _Slides
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = (1, 2, 5, 10, 20, 50, 100)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 class PlainHE2RNA(nn.Module):

@@ -34,3 +34,14 @@ def cmu_slide(shared_data: Path) -> Path:
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Keep every test's feature cache out of the user's home."""
     monkeypatch.setenv("HE2RNA_CACHE", str(tmp_path_factory.getbasetemp() / "he2rna-cache"))
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for tiny networks: more threads only fight over a shared 2-core machine."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

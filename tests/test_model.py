@@ -25,13 +25,7 @@ from napari_he2rna.model import (
 GENES = ["CD3D", "CD3E", "MKI67", "KRT8", "TP63"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors: threads only add contention on a shared CI machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _models(n_folds=2, dim=12, hidden=(16, 8), seed=0):

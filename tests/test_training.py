@@ -28,13 +28,7 @@ from napari_he2rna.training import (
 PLANTED = ["PLANT1", "PLANT2"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny models: several torch threads only fight over a shared 2-core CI machine (10x slower).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_planted_cohort(n_patients=150, dim=16, n_ctrl=12, seed=0):

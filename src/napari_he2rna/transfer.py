@@ -11,9 +11,13 @@ Re-implemented from the Methods of Schmauch et al. (2020), "Transcriptomic learn
   expression. A trains the simple HE2RNA with 3-fold cross-validation; B's slides are represented by the mean
   of the 3 fold models' representations. B trains, with 3-fold cross-validation, binary classifiers (sigmoid
   MLPs) on (a) the mean feature directly (hidden 256, 128), (b) the representation (hidden 128), (c) the
-  256-d code of an autoencoder (1024-256-1024, ReLU / linear) trained on A or on B. Several samples of a
-  patient are averaged; one ROC AUC over B's patients per cross-validation; the split is bootstrapped per
-  ratio; methods are compared with a two-tailed Wilcoxon signed-rank test.
+  256-d code of an autoencoder (1024-256-1024, ReLU / linear) trained on A or on B (on B's training folds
+  only). Several samples of a patient are averaged; one ROC AUC over B's patients per cross-validation
+  (out-of-fold scores pooled); the split is bootstrapped per ratio; methods are compared with a two-tailed
+  Wilcoxon signed-rank test, paired by split. Where each sample went (hospital, folds) is kept per split.
+
+Departure from the paper: every network z-scores its input with its training set's statistics
+(:class:`Standardize`), because weight-free backbones mix features of very different scales.
 
 Everything here is small dense networks on ``(n_samples, dim)`` matrices: it runs on CPU in seconds with
 small sizes, and the sizes are parameters.
@@ -35,6 +39,7 @@ from torch import nn
 
 from .errors import DataError, ModelError
 from .jobs import CancelToken, ProgressCallback, check_cancel, report
+from .model import _json_default  # the bundle writer's JSON encoder (numpy scalars and arrays, paths)
 
 #: The paper's A:B splits, as the fraction of patients in hospital A (5/6-1/6 ... 0-1).
 DEFAULT_RATIOS: tuple[float, ...] = (5 / 6, 3 / 4, 2 / 3, 1 / 2, 1 / 3, 1 / 4, 1 / 6, 0.0)
@@ -196,7 +201,7 @@ def _seeded(seed: int, make: Callable[[], nn.Module]) -> nn.Module:
 
 
 def _check_xy(x: np.ndarray, n: int | None = None, what: str = "features") -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
+    x = np.require(np.asarray(x, dtype=np.float32), requirements=["W"])  # torch wants writable arrays
     if x.ndim != 2 or x.shape[0] == 0:
         raise DataError(f"The {what} must be a non-empty (n_samples, dim) matrix, got shape {x.shape}.")
     if n is not None and x.shape[0] != n:
@@ -255,7 +260,14 @@ def represent(model: SimpleHE2RNA | Sequence[SimpleHE2RNA], x: np.ndarray) -> np
     means about the same thing in each.
     """
     models = [model] if isinstance(model, nn.Module) else list(model)
+    if not models:
+        raise ModelError("No model was given to compute a representation.")
     x = _check_xy(x)
+    if x.shape[1] != models[0].input_dim:
+        raise ModelError(
+            f"The features have {x.shape[1]} dimensions but the representation model takes "
+            f"{models[0].input_dim}: use features of the backbone the model was trained on."
+        )
     with torch.no_grad():
         xt = torch.as_tensor(x)
         reps = [m.eval().cpu().representation(xt).numpy() for m in models]
@@ -356,17 +368,78 @@ def patient_auc(scores: np.ndarray, labels: np.ndarray, patients: np.ndarray) ->
     return float(roc_auc_score(per["y"].to_numpy(), per["s"].to_numpy()))
 
 
-def binary_labels(values: Sequence[Any] | pd.Series, positive: Any | None = None) -> np.ndarray:
-    """0/1 labels from a column: ``positive`` marks the class 1 (default: 1/True, or e.g. ``MSI-H``)."""
-    s = pd.Series(values)
-    if positive is not None:
-        return (s.astype(str) == str(positive)).to_numpy(np.int64)
-    uniq = sorted(set(s.astype(str)))
-    if set(uniq) <= {"0", "1", "0.0", "1.0", "True", "False"}:
-        return s.astype(str).isin(["1", "1.0", "True"]).to_numpy(np.int64)
-    if "MSI-H" in uniq:
-        return (s.astype(str) == "MSI-H").to_numpy(np.int64)
-    raise DataError(f"The label column has values {uniq[:5]}; say which one is positive (--positive).")
+def binary_labels(
+    values: Sequence[Any] | pd.Series,
+    positive: Any | None = None,
+    negative: Sequence[Any] | None = None,
+) -> np.ndarray:
+    """0/1 labels from a label column; ``-1`` for samples left out (missing label, or not ``negative``).
+
+    Parameters
+    ----------
+    values
+        The column, e.g. ``msi_status``.
+    positive
+        The value of class 1 (default: ``1``/``True`` for a 0/1 column, else ``MSI-H``).
+    negative
+        The values of class 0 (default: every other non-missing value). The paper's main analysis is MSI-H
+        vs MSS, MSI-L left out: ``negative=["MSS"]``.
+
+    Raises
+    ------
+    DataError
+        The positive value is not in the column, or the column has no label at all.
+    """
+    s = pd.Series(values).reset_index(drop=True)
+    missing = s.isna() | (s.astype(str).str.strip() == "")
+    text = s.map(_label_text)
+    uniq = sorted(set(text[~missing]))
+    if not uniq:
+        raise DataError("The label column is empty: no sample has a label.")
+    if positive is None:
+        if set(uniq) <= {"0", "1", "True", "False", "true", "false"}:
+            pos_values = {"1", "True", "true"}
+        elif "MSI-H" in uniq:
+            pos_values = {"MSI-H"}
+        else:
+            raise DataError(
+                f"The label column has values {uniq[:6]}; say which one is positive (--positive)."
+            )
+    else:
+        pos_values = {_label_text(positive)}
+        if not pos_values & set(uniq):
+            raise DataError(f"No sample has the positive label {positive!r}; the column has {uniq[:6]}.")
+    out = text.isin(pos_values).to_numpy(np.int64)
+    if negative is not None:
+        neg_values = {_label_text(v) for v in negative}
+        if neg_values & pos_values:
+            raise DataError(f"{sorted(neg_values & pos_values)} cannot be both positive and negative.")
+        out[~text.isin(pos_values | neg_values).to_numpy()] = -1
+    out[missing.to_numpy()] = -1
+    return out
+
+
+def _label_text(v: Any) -> str:
+    """A label as text, numbers canonical (``1``, ``1.0`` and ``"1.0"`` are all ``"1"``)."""
+    text = str(v).strip()
+    try:
+        f = float(text)
+    except ValueError:
+        return text
+    return str(int(f)) if f.is_integer() else repr(f)
+
+
+def patient_labels(labels: np.ndarray, patients: np.ndarray) -> tuple[np.ndarray, list[str]]:
+    """One label per patient for each sample (positive if any of the patient's samples is), and the
+    patients whose samples disagree (e.g. two slides labelled MSI-H and MSS)."""
+    lab = np.asarray(labels).astype(np.int64).reshape(-1)
+    pats = np.asarray(patients).astype(str).reshape(-1)
+    pid, inv = np.unique(pats, return_inverse=True)
+    hi = np.zeros(len(pid), dtype=np.int64)
+    lo = np.ones(len(pid), dtype=np.int64)
+    np.maximum.at(hi, inv, lab)
+    np.minimum.at(lo, inv, lab)
+    return hi[inv], [str(p) for p in pid[hi != lo]]
 
 
 # ------------------------------------------------------------------------------------------ experiment
@@ -391,23 +464,45 @@ class TransferConfig:
     def __post_init__(self) -> None:
         for name in ("rep_hidden", "direct_hidden", "code_hidden", "ae_hidden"):
             setattr(self, name, tuple(int(h) for h in getattr(self, name)))
+        if not self.rep_hidden:
+            raise DataError("The representation network needs at least one hidden layer.")
+        if len(self.ae_hidden) != 3:
+            raise DataError(
+                "The autoencoder takes three hidden sizes (outer, code, outer), e.g. 1024 256 1024."
+            )
+        if any(h < 1 for h in (*self.rep_hidden, *self.direct_hidden, *self.code_hidden, *self.ae_hidden)):
+            raise DataError("Hidden layer sizes must be positive.")
+        if self.n_folds < 2:
+            raise DataError("The transfer experiment needs at least 2 cross-validation folds.")
+        if self.epochs < 1 or self.batch_size < 1 or self.n_cv_repeats < 1 or not self.lr > 0:
+            raise DataError("Epochs, batch size, CV repeats and learning rate must be positive.")
+
+
+AUC_COLUMNS = ["ratio", "fraction_B", "bootstrap", "n_patients_A", "n_patients_B", "method", "auc"]
+TEST_COLUMNS = ["ratio", "fraction_B", "method_1", "method_2", "mean_1", "mean_2", "n", "statistic", "p"]
 
 
 @dataclass
 class TransferResult:
-    """Per (ratio, bootstrap, method): the ROC AUC on hospital B, and the paired Wilcoxon tests."""
+    """Per (ratio, bootstrap, method): the ROC AUC on hospital B, the paired Wilcoxon tests, and where each
+    sample went in each split."""
 
-    aucs: pd.DataFrame  # ratio, fraction_B, bootstrap, method, auc, n_patients_A, n_patients_B
-    tests: pd.DataFrame  # ratio, method_1, method_2, mean_1, mean_2, n, statistic, p
+    aucs: pd.DataFrame  # AUC_COLUMNS
+    tests: pd.DataFrame  # TEST_COLUMNS
     config: TransferConfig = field(default_factory=TransferConfig)
+    # ratio, bootstrap, sample, patient, label, hospital ("A"/"B"), fold_A (-1 in B), fold_B_<r> (-1 in A)
+    splits: pd.DataFrame | None = None
 
     def summary(self) -> pd.DataFrame:
-        """Mean, s.d. and count of AUCs per ratio and method."""
+        """Mean, s.d. and count of AUCs per ratio and method (splits where a method could run)."""
         g = self.aucs.dropna(subset=["auc"]).groupby(["ratio", "fraction_B", "method"], sort=False)["auc"]
+        out = g.agg(["mean", "std", "count"]).reset_index()
+        order = {m: i for i, m in enumerate(METHODS)}
+        out["_o"] = out["method"].map(order)
         return (
-            g.agg(["mean", "std", "count"])
-            .reset_index()
-            .sort_values(["ratio", "method"], ascending=[False, True])
+            out.sort_values(["ratio", "_o"], ascending=[False, True])
+            .drop(columns="_o")
+            .reset_index(drop=True)
         )
 
 
@@ -436,6 +531,8 @@ def _cv_scores(
     oof = np.full(len(y), np.nan, dtype=np.float64)
     for f in range(int(folds.max()) + 1):
         test, train = np.flatnonzero(folds == f), np.flatnonzero(folds != f)
+        if len(test) == 0:
+            continue
         if callable(z):
             z_train, z_test = z(train, test)
         else:
@@ -448,6 +545,23 @@ def _cv_scores(
     return oof
 
 
+def parse_ratio(text: str | float) -> float:
+    """``"3/4"``, ``"0.75"`` or ``0.75`` -> 0.75 (the fraction of patients in hospital A)."""
+    try:
+        if isinstance(text, str) and "/" in text:
+            num, den = text.split("/", 1)
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise DataError(f"A/B ratio {text!r} is not a number or a fraction such as 3/4.") from None
+    if not 0.0 <= value < 1.0:
+        raise DataError(
+            f"A/B ratio {text!r} must be in [0, 1): it is the fraction of patients in hospital A."
+        )
+    return value
+
+
 def run_transfer_experiment(
     features_mean: np.ndarray | pd.DataFrame,
     expression: np.ndarray | pd.DataFrame,
@@ -458,6 +572,7 @@ def run_transfer_experiment(
     seed: int = 0,
     config: TransferConfig | None = None,
     methods: Sequence[str] = METHODS,
+    sample_ids: Sequence[str] | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> TransferResult:
@@ -466,15 +581,16 @@ def run_transfer_experiment(
     Parameters
     ----------
     features_mean
-        ``(n_samples, dim)`` mean tile feature per slide.
+        ``(n_samples, dim)`` mean tile feature per slide (a DataFrame's index names the samples).
     expression
         ``(n_samples, n_genes)`` log10(1 + FPKM-UQ), same rows (only A's rows are ever used).
     labels
-        ``(n_samples,)`` 0/1 (e.g. MSI-H = 1); one label per patient (the max is taken otherwise).
+        ``(n_samples,)`` 0/1 (e.g. MSI-H = 1); one label per patient (positive if any sample is).
     patients
         ``(n_samples,)`` patient ids: a patient is wholly in A or in B, and in one cross-validation fold.
     ratios
-        Fractions of the patients in hospital A (0 = everyone in B: no representation, no autoencoder A).
+        Fractions of the patients in hospital A, each class split alike (0 = everyone in B: no
+        representation, no autoencoder A).
     n_bootstrap
         Random A/B splits per ratio (paper: 50).
     methods
@@ -483,48 +599,90 @@ def run_transfer_experiment(
     Returns
     -------
     TransferResult
-        One AUC per (ratio, split, method, CV repeat averaged) and two-tailed Wilcoxon signed-rank tests
-        between methods per ratio.
+        One AUC per (ratio, split, method; CV repeats averaged), two-tailed Wilcoxon signed-rank tests
+        between methods per ratio, and the split of every sample.
+
+    Raises
+    ------
+    DataError
+        Mismatched rows, a single class, an unknown method, a ratio outside [0, 1).
     """
     cfg = config or TransferConfig()
+    if sample_ids is None:
+        sample_ids = (
+            features_mean.index.astype(str).tolist()
+            if isinstance(features_mean, pd.DataFrame)
+            else [str(i) for i in range(len(features_mean))]
+        )
     x = _check_xy(np.asarray(features_mean, dtype=np.float32), what="mean features")
     yexp = _check_xy(np.asarray(expression, dtype=np.float32), len(x), "expression values")
-    lab = np.asarray(labels).astype(np.int64).reshape(-1)
+    lab = np.asarray(labels).reshape(-1)
     pats = np.asarray(patients).astype(str).reshape(-1)
-    if len(lab) != len(x) or len(pats) != len(x):
-        raise DataError(f"{len(x)} samples but {len(lab)} labels and {len(pats)} patient ids.")
+    sids = np.asarray(sample_ids).astype(str).reshape(-1)
+    if len(lab) != len(x) or len(pats) != len(x) or len(sids) != len(x):
+        raise DataError(
+            f"{len(x)} samples of features but {len(lab)} labels, {len(pats)} patient ids and "
+            f"{len(sids)} sample ids: the rows must match."
+        )
+    if not np.isin(lab, [0, 1]).all():
+        raise DataError("The labels must be 0 or 1 (drop the samples without a label first).")
+    lab = lab.astype(np.int64)
+    methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
-    if unknown:
+    if unknown or not methods:
         raise DataError(f"Unknown transfer method(s) {unknown}; choose among {', '.join(METHODS)}.")
+    ratios = [parse_ratio(r) for r in ratios]
+    if not ratios:
+        raise DataError("Give at least one A/B ratio.")
+    if int(n_bootstrap) < 1:
+        raise DataError("The number of A/B splits per ratio (--bootstrap) must be at least 1.")
     pid, p_of_sample = np.unique(pats, return_inverse=True)
     p_label = np.zeros(len(pid), dtype=np.int64)
     np.maximum.at(p_label, p_of_sample, lab)
     lab = p_label[p_of_sample]  # one label per patient
     if len(set(p_label.tolist())) < 2:
         raise DataError("The labels have a single class: a classifier needs positive and negative patients.")
+    if min(np.bincount(p_label)) < cfg.n_folds:
+        raise DataError(
+            f"Only {min(np.bincount(p_label))} patients of one class: {cfg.n_folds}-fold cross-validation "
+            "needs at least one per fold."
+        )
 
     rows: list[dict[str, Any]] = []
-    total, done = len(ratios) * n_bootstrap, 0
+    split_frames: list[pd.DataFrame] = []
+    total, done = len(ratios) * int(n_bootstrap), 0
     for ri, ratio in enumerate(ratios):
-        ratio = float(ratio)
-        if not 0.0 <= ratio < 1.0:
-            raise DataError(f"A/B ratio {ratio} must be in [0, 1): it is the fraction of patients in A.")
-        for b in range(n_bootstrap):
+        for b in range(int(n_bootstrap)):
             check_cancel(cancel)
             rng = np.random.default_rng([seed, ri, b])
             in_a = _split_hospitals(pid, p_label, ratio, rng)[p_of_sample]
             a_idx, b_idx = np.flatnonzero(in_a), np.flatnonzero(~in_a)
-            n_pa, n_pb = len(set(pats[a_idx])), len(set(pats[b_idx]))
-            base = {"ratio": ratio, "fraction_B": 1.0 - ratio, "bootstrap": b, "n_patients_A": n_pa}
-            base["n_patients_B"] = n_pb
+            base = {
+                "ratio": ratio,
+                "fraction_B": 1.0 - ratio,
+                "bootstrap": b,
+                "n_patients_A": len(set(pats[a_idx])),
+                "n_patients_B": len(set(pats[b_idx])),
+            }
             s = int(rng.integers(2**31))
-            aucs = _one_split(x, yexp, lab, pats, a_idx, b_idx, cfg, methods, s, cancel)
+            aucs, folds_a, folds_b = _one_split(x, yexp, lab, pats, a_idx, b_idx, cfg, methods, s, cancel)
             rows.extend({**base, "method": m, "auc": v} for m, v in aucs.items())
+            sp = pd.DataFrame(
+                {"ratio": ratio, "bootstrap": b, "sample": sids, "patient": pats, "label": lab,
+                 "hospital": np.where(in_a, "A", "B"), "fold_A": -1}
+            )  # fmt: skip
+            sp.loc[a_idx, "fold_A"] = folds_a
+            for r in range(cfg.n_cv_repeats):
+                col = np.full(len(x), -1, dtype=np.int64)
+                if r < len(folds_b):
+                    col[b_idx] = folds_b[r]
+                sp[f"fold_B_{r}"] = col
+            split_frames.append(sp)
             done += 1
             report(progress, done, total, f"A:B {ratio:.2f}:{1 - ratio:.2f} split {b + 1}/{n_bootstrap}")
-    auc = pd.DataFrame(rows, columns=["ratio", "fraction_B", "bootstrap", "n_patients_A", "n_patients_B"]
-                       + ["method", "auc"])  # fmt: skip
-    return TransferResult(auc, wilcoxon_tests(auc), cfg)
+    auc = pd.DataFrame(rows, columns=AUC_COLUMNS)
+    splits = pd.concat(split_frames, ignore_index=True) if split_frames else None
+    return TransferResult(auc, wilcoxon_tests(auc), cfg, splits)
 
 
 def _one_split(
@@ -538,12 +696,16 @@ def _one_split(
     methods: Sequence[str],
     seed: int,
     cancel: CancelToken | None,
-) -> dict[str, float]:
-    """AUC per method for one A/B split (NaN where a method cannot run, e.g. A too small)."""
+) -> tuple[dict[str, float], np.ndarray, list[np.ndarray]]:
+    """AUC per method for one A/B split (NaN where a method cannot run, e.g. A or B too small), the fold of
+    each A sample (-1 when A has no representation) and B's folds per CV repeat."""
     out = {m: float("nan") for m in methods}
+    folds_a = np.full(len(a_idx), -1, dtype=np.int64)
     xb, yb, pb = x[b_idx], lab[b_idx], pats[b_idx]
-    if len(set(pb.tolist())) < cfg.n_folds or len(set(yb.tolist())) < 2:
-        return out
+    # every B fold must be able to hold a patient of each class
+    b_ok = len(yb) > 0 and min(len(set(pb[yb == c].tolist())) for c in (0, 1)) >= cfg.n_folds
+    if not b_ok:
+        return out, folds_a, []
     a_ok = len(set(pats[a_idx].tolist())) >= cfg.n_folds
     kw = {"epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "weight_decay": cfg.weight_decay}
     inputs: dict[str, Any] = {}
@@ -553,30 +715,39 @@ def _one_split(
         folds_a = group_folds(pats[a_idx], cfg.n_folds, seed)
         models = []
         for f in range(cfg.n_folds):
+            check_cancel(cancel)
             tr = a_idx[folds_a != f]
             # same init seed for every fold model: their units then correspond, so averaging makes sense
             models.append(
-                train_simple_he2rna(x[tr], yexp[tr], cfg.rep_hidden, seed=seed, device=cfg.device, **kw)
+                train_simple_he2rna(
+                    x[tr], yexp[tr], cfg.rep_hidden, seed=seed, device=cfg.device, cancel=cancel, **kw
+                )
             )
         inputs["representation"] = (represent(models, xb), cfg.code_hidden)
     if "autoencoder_A" in methods and a_ok:
-        ae = train_autoencoder(x[a_idx], cfg.ae_hidden, seed=seed + 1, device=cfg.device, **kw)
+        ae = train_autoencoder(x[a_idx], cfg.ae_hidden, seed=seed + 1, device=cfg.device, cancel=cancel, **kw)
         inputs["autoencoder_A"] = (encode(ae, xb), cfg.code_hidden)
     if "autoencoder_B" in methods:
 
         def codes_b(train: np.ndarray, test: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
             # trained on B's training fold only: the test fold's slides stay unseen
-            ae_b = train_autoencoder(xb[train], cfg.ae_hidden, seed=seed + 2, device=cfg.device, **kw)
+            ae_b = train_autoencoder(
+                xb[train], cfg.ae_hidden, seed=seed + 2, device=cfg.device, cancel=cancel, **kw
+            )
             return encode(ae_b, xb[train]), encode(ae_b, xb[test])
 
         inputs["autoencoder_B"] = (codes_b, cfg.code_hidden)
+    folds_b: list[np.ndarray] = []
+    sums = {m: 0.0 for m in inputs}
     for rep in range(cfg.n_cv_repeats):
-        folds_b = group_folds(pb, cfg.n_folds, seed + 17 * rep + 3, strata=yb)
+        fb = group_folds(pb, cfg.n_folds, seed + 17 * rep + 3, strata=yb)
+        folds_b.append(fb)
         for m, (z, hidden) in inputs.items():
-            scores = _cv_scores(z, yb, folds_b, hidden, cfg, seed + 100 * rep, cancel)
-            a = patient_auc(scores, yb, pb)
-            out[m] = a / cfg.n_cv_repeats if rep == 0 else out[m] + a / cfg.n_cv_repeats
-    return out
+            scores = _cv_scores(z, yb, fb, hidden, cfg, seed + 100 * rep, cancel)
+            sums[m] += patient_auc(scores, yb, pb)
+    for m in inputs:
+        out[m] = sums[m] / cfg.n_cv_repeats
+    return out, folds_a, folds_b
 
 
 def wilcoxon_tests(aucs: pd.DataFrame, reference: str = "representation") -> pd.DataFrame:
@@ -585,37 +756,42 @@ def wilcoxon_tests(aucs: pd.DataFrame, reference: str = "representation") -> pd.
     The methods of one split are evaluated on the same hospital-B patients and folds, so the AUCs are
     paired: ``scipy.stats.wilcoxon`` (signed-rank) uses that pairing; the rank-sum test (``ranksums``) would
     treat the two distributions as independent samples and lose power. ``reference`` is compared with every
-    other method, and ``direct`` with the autoencoders.
+    other method, and ``direct`` with the autoencoders. ``p`` is NaN with fewer than 2 paired splits or when
+    the two methods' AUCs are all equal.
     """
     from scipy.stats import wilcoxon
 
-    wide = aucs.pivot_table(index=["ratio", "bootstrap"], columns="method", values="auc", dropna=False)
-    methods = list(wide.columns)
-    pairs = [(reference, m) for m in methods if m != reference and reference in methods]
-    pairs += [("direct", m) for m in methods if m.startswith("autoencoder") and "direct" in methods]
     rows = []
-    for ratio, sub in wide.groupby(level="ratio", sort=False):
-        for m1, m2 in pairs:
-            a, b = sub[m1].to_numpy(float), sub[m2].to_numpy(float)
-            ok = np.isfinite(a) & np.isfinite(b)
-            stat, p = float("nan"), float("nan")
-            if ok.sum() >= 2 and np.any(a[ok] != b[ok]):
-                res = wilcoxon(a[ok], b[ok], alternative="two-sided")
-                stat, p = float(res.statistic), float(res.pvalue)
-            rows.append(
-                {
-                    "ratio": float(ratio),
-                    "fraction_B": 1.0 - float(ratio),
-                    "method_1": m1,
-                    "method_2": m2,
-                    "mean_1": float(np.mean(a[ok])) if ok.any() else float("nan"),
-                    "mean_2": float(np.mean(b[ok])) if ok.any() else float("nan"),
-                    "n": int(ok.sum()),
-                    "statistic": stat,
-                    "p": p,
-                }
-            )
-    return pd.DataFrame(rows)
+    if len(aucs):
+        wide = aucs.pivot_table(
+            index=["ratio", "bootstrap"], columns="method", values="auc", dropna=False, aggfunc="mean"
+        )
+        present = set(wide.columns)
+        methods = [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+        pairs = [(reference, m) for m in methods if m != reference and reference in methods]
+        pairs += [("direct", m) for m in methods if m.startswith("autoencoder") and "direct" in methods]
+        for ratio, sub in wide.groupby(level="ratio", sort=True):
+            for m1, m2 in pairs:
+                a, b = sub[m1].to_numpy(float), sub[m2].to_numpy(float)
+                ok = np.isfinite(a) & np.isfinite(b)
+                stat, p = float("nan"), float("nan")
+                if ok.sum() >= 2 and np.any(a[ok] != b[ok]):
+                    res = wilcoxon(a[ok], b[ok], alternative="two-sided")
+                    stat, p = float(res.statistic), float(res.pvalue)
+                rows.append(
+                    {
+                        "ratio": float(ratio),
+                        "fraction_B": 1.0 - float(ratio),
+                        "method_1": m1,
+                        "method_2": m2,
+                        "mean_1": float(np.mean(a[ok])) if ok.any() else float("nan"),
+                        "mean_2": float(np.mean(b[ok])) if ok.any() else float("nan"),
+                        "n": int(ok.sum()),
+                        "statistic": stat,
+                        "p": p,
+                    }
+                )
+    return pd.DataFrame(rows, columns=TEST_COLUMNS)
 
 
 # -------------------------------------------------------------------------------------------- outputs
@@ -630,32 +806,42 @@ def _stars(p: float) -> str:
     return "****" if p < 1e-4 else "***" if p < 1e-3 else "**" if p < 1e-2 else "*" if p < 0.05 else "ns"
 
 
+def _nearest_ratio(aucs: pd.DataFrame, focus_ratio: float) -> float:
+    ratios = np.array(sorted(aucs["ratio"].unique()), dtype=float)
+    return float(ratios[np.argmin(np.abs(ratios - focus_ratio))]) if len(ratios) else float(focus_ratio)
+
+
 def plot_transfer(result: TransferResult, path: str | Path, focus_ratio: float = 3 / 4) -> Path:
     """A figure like the paper's 6d/e: AUC vs fraction of patients in B (mean ± s.d.), and boxplots of the
-    AUCs of every method at ``focus_ratio`` (nearest ratio run) with Wilcoxon stars vs the representation."""
-    import matplotlib
+    AUCs of every method at ``focus_ratio`` (nearest ratio run) with Wilcoxon stars vs the representation.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Uses matplotlib's object API (no pyplot), so it never changes the backend of a running napari.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     path = Path(path)
     summ = result.summary()
-    fig, (ax_d, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2), gridspec_kw={"width_ratios": [1.4, 1]})
+    fig = Figure(figsize=(11, 4.2))
+    FigureCanvasAgg(fig)
+    ax_d, ax_e = fig.subplots(1, 2, gridspec_kw={"width_ratios": [1.4, 1]})
     for m, sub in summ.groupby("method", sort=False):
         sub = sub.sort_values("fraction_B")
         fb, mu, sd = sub["fraction_B"].to_numpy(), sub["mean"].to_numpy(), sub["std"].fillna(0).to_numpy()
         ax_d.plot(fb, mu, "-^", color=_COLORS.get(m), label=m, ms=4)
         ax_d.fill_between(fb, mu - sd, mu + sd, color=_COLORS.get(m), alpha=0.15)
-    ax_d.axvline(1 - focus_ratio, ls="--", color="grey", lw=0.8)
+    r = _nearest_ratio(result.aucs, focus_ratio)
+    ax_d.axvline(1 - r, ls="--", color="grey", lw=0.8)
+    ax_d.axhline(0.5, ls=":", color="lightgrey", lw=0.8)
+    ax_d.set_xlim(0, 1.02)
     ax_d.set_xlabel("fraction of patients in hospital B")
-    ax_d.set_ylabel("ROC AUC on hospital B (3-fold CV)")
-    ax_d.set_title("d  AUC vs A/B split (mean ± s.d. over splits)")
-    ax_d.legend(fontsize=8)
-    ratios = np.array(sorted(result.aucs["ratio"].unique()))
-    r = float(ratios[np.argmin(np.abs(ratios - focus_ratio))]) if len(ratios) else focus_ratio
-    at = result.aucs[np.isclose(result.aucs["ratio"], r)].dropna(subset=["auc"])
+    ax_d.set_ylabel(f"ROC AUC on hospital B ({result.config.n_folds}-fold CV)")
+    ax_d.set_title("d  AUC vs A/B split (mean ± s.d. over splits)", fontsize=10)
+    if len(summ):
+        ax_d.legend(fontsize=8)
+    at = result.aucs[np.isclose(result.aucs["ratio"].astype(float), r)].dropna(subset=["auc"])
     order = [m for m in METHODS if m in set(at["method"])]
-    data = [at.loc[at["method"] == m, "auc"].to_numpy() for m in order]
+    data = [at.loc[at["method"] == m, "auc"].to_numpy(float) for m in order]
     if data:
         bp = ax_e.boxplot(data, showmeans=True, patch_artist=True)
         for patch, m in zip(bp["boxes"], order, strict=True):
@@ -663,32 +849,84 @@ def plot_transfer(result: TransferResult, path: str | Path, focus_ratio: float =
             patch.set_alpha(0.4)
         ax_e.set_xticks(range(1, len(order) + 1), [m.replace("_", "\n") for m in order], fontsize=8)
         tests = result.tests[
-            np.isclose(result.tests["ratio"], r) & (result.tests["method_1"] == "representation")
+            np.isclose(result.tests["ratio"].astype(float), r)
+            & (result.tests["method_1"] == "representation")
         ]
-        top = max(float(np.max(d)) if len(d) else 0.0 for d in data)
+        top = max(float(np.max(d)) for d in data)
         for _, t in tests.iterrows():
             if t["method_2"] in order:
                 ax_e.text(order.index(t["method_2"]) + 1, top + 0.02, _stars(t["p"]), ha="center", fontsize=8)
+        ax_e.set_ylim(top=min(1.08, top + 0.08))
     ax_e.set_title(f"e  A:B = {r:.2f}:{1 - r:.2f} (stars: Wilcoxon vs representation)", fontsize=9)
     ax_e.set_ylabel("ROC AUC")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     fig.savefig(tmp, dpi=120)
-    plt.close(fig)
     tmp.replace(path)
     return path
 
 
+def summary_markdown(result: TransferResult) -> str:
+    """A short human-readable summary: mean ± s.d. AUC per ratio and method, and the Wilcoxon tests."""
+    summ = result.summary()
+    methods = [m for m in METHODS if m in set(summ["method"])]
+    lines = [
+        "# Hospital A/B transfer experiment",
+        "",
+        f"ROC AUC over hospital B's patients ({result.config.n_folds}-fold patient-grouped CV, "
+        f"{result.config.n_cv_repeats} CV repeat(s) averaged per split); mean ± s.d. over the A/B splits "
+        "(number of splits where the method could run).",
+        "",
+        "| A:B | patients A / B | " + " | ".join(methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for ratio in sorted(result.aucs["ratio"].unique(), reverse=True):
+        sub = result.aucs[result.aucs["ratio"] == ratio]
+        na, nb = sub["n_patients_A"].median(), sub["n_patients_B"].median()
+        cells = []
+        for m in methods:
+            row = summ[(summ["ratio"] == ratio) & (summ["method"] == m)]
+            if row.empty:
+                cells.append("n/a")
+            else:
+                sd = row["std"].iloc[0]
+                sd_txt = f" ± {sd:.3f}" if np.isfinite(sd) else ""
+                cells.append(f"{row['mean'].iloc[0]:.3f}{sd_txt} ({int(row['count'].iloc[0])})")
+        lines.append(f"| {ratio:.3g}:{1 - ratio:.3g} | {na:.0f} / {nb:.0f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Two-tailed Wilcoxon signed-rank tests, paired by split:",
+        "",
+        "| A:B | method 1 | method 2 | mean 1 | mean 2 | n | p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for _, t in result.tests.iterrows():
+        p = f"{t['p']:.2g}" if np.isfinite(t["p"]) else "n/a"
+        lines.append(
+            f"| {t['ratio']:.3g}:{1 - t['ratio']:.3g} | {t['method_1']} | {t['method_2']} | "
+            f"{t['mean_1']:.3f} | {t['mean_2']:.3f} | {int(t['n'])} | {p} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def write_transfer_results(result: TransferResult, out_dir: str | Path, focus_ratio: float = 3 / 4) -> dict:
-    """Write ``aucs.csv``, ``summary.csv``, ``tests.csv``, ``config.json`` and ``transfer.png`` in
-    ``out_dir``; returns name -> path."""
+    """Write ``aucs.csv``, ``summary.csv``, ``summary.md``, ``tests.csv``, ``splits.csv.gz`` (which hospital
+    and fold each sample was in, per split), ``config.json`` and ``transfer.png`` in ``out_dir``; returns
+    name -> path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {}
+    paths: dict[str, Path] = {}
     for name, df in (("aucs", result.aucs), ("summary", result.summary()), ("tests", result.tests)):
         paths[name] = out / f"{name}.csv"
         _write_text(paths[name], df.to_csv(index=False, lineterminator="\n"))
+    paths["summary_md"] = out / "summary.md"
+    _write_text(paths["summary_md"], summary_markdown(result))
+    if result.splits is not None:
+        paths["splits"] = out / "splits.csv.gz"
+        tmp = out / ".splits.tmp.csv.gz"
+        result.splits.to_csv(tmp, index=False, lineterminator="\n", compression="gzip")
+        tmp.replace(paths["splits"])
     paths["config"] = out / "config.json"
     _write_text(paths["config"], json.dumps(asdict(result.config), indent=1))
     paths["figure"] = plot_transfer(result, out / "transfer.png", focus_ratio)
@@ -698,10 +936,27 @@ def write_transfer_results(result: TransferResult, out_dir: str | Path, focus_ra
 def load_transfer_results(out_dir: str | Path) -> TransferResult:
     """Read back what :func:`write_transfer_results` wrote."""
     out = Path(out_dir)
-    if not (out / "aucs.csv").is_file():
-        raise DataError(f"{out} holds no transfer results (aucs.csv).")
-    cfg = TransferConfig(**json.loads((out / "config.json").read_text()))
-    return TransferResult(pd.read_csv(out / "aucs.csv"), pd.read_csv(out / "tests.csv"), cfg)
+    if not (out / "aucs.csv").is_file() or not (out / "config.json").is_file():
+        raise DataError(
+            f"{out} holds no transfer results (aucs.csv and config.json written by he2rna transfer)."
+        )
+    try:
+        cfg = TransferConfig(**json.loads((out / "config.json").read_text()))
+        aucs = pd.read_csv(out / "aucs.csv")
+        tests = pd.read_csv(out / "tests.csv")
+        splits = pd.read_csv(out / "splits.csv.gz", dtype={"sample": str, "patient": str}) if (
+            out / "splits.csv.gz"
+        ).is_file() else None  # fmt: skip
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - JSON / CSV / missing-file errors: one sentence for the user
+        raise DataError(
+            f"The transfer results in {out} cannot be read ({type(exc).__name__}: {exc})."
+        ) from None
+    missing = [c for c in AUC_COLUMNS if c not in aucs.columns]
+    if missing:
+        raise DataError(f"{out / 'aucs.csv'} lacks the column(s) {', '.join(missing)}.")
+    return TransferResult(aucs, tests, cfg, splits)
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -721,7 +976,10 @@ def save_representation_model(
     tile_um: float = 112.0,
     metadata: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write the fold models of a simple HE2RNA as one ``.safetensors`` file (weights + JSON header)."""
+    """Write the fold models of a simple HE2RNA as one ``.safetensors`` file (weights + JSON header).
+
+    safetensors holds only tensors and strings: loading it runs no code (unlike a pickle).
+    """
     from safetensors.torch import save
 
     from .model import _atomic_write_bytes
@@ -729,6 +987,11 @@ def save_representation_model(
     models = list(models)
     if not models:
         raise ModelError("Cannot save a representation model without any model.")
+    shapes = {(m.input_dim, m.n_genes, m.hidden) for m in models}
+    if len(shapes) != 1:
+        raise ModelError("The fold models of a representation model must have the same sizes.")
+    if len(genes) != models[0].n_genes:
+        raise ModelError(f"{len(genes)} gene names were given for {models[0].n_genes} model outputs.")
     tensors = {
         f"fold{i}.{k}": v.detach().cpu().float().contiguous().clone()
         for i, m in enumerate(models)
@@ -738,19 +1001,26 @@ def save_representation_model(
         "input_dim": models[0].input_dim,
         "hidden": list(models[0].hidden),
         "genes": [str(g) for g in genes],
-        "backbone": backbone,
+        "backbone": str(backbone),
         "tile_um": float(tile_um),
         "n_folds": len(models),
         "extra": dict(metadata or {}),
     }
-    header = {"format": REPRESENTATION_FORMAT, "doc": json.dumps(doc)}
+    header = {"format": REPRESENTATION_FORMAT, "doc": json.dumps(doc, default=_json_default)}
     path = Path(path)
     _atomic_write_bytes(path, save(tensors, metadata=header))
     return path
 
 
 def load_representation_model(path: str | Path) -> tuple[list[SimpleHE2RNA], dict[str, Any]]:
-    """Read :func:`save_representation_model`'s file: the fold models and the JSON document."""
+    """Read :func:`save_representation_model`'s file: the fold models (eval mode, CPU) and the JSON document
+    (``input_dim``, ``hidden``, ``genes``, ``backbone``, ``tile_um``, ``n_folds``, ``extra``).
+
+    Raises
+    ------
+    ModelError
+        Missing, not a representation model, corrupt, or tensors that do not fit the declared sizes.
+    """
     from safetensors import safe_open
 
     path = Path(path)
@@ -763,16 +1033,20 @@ def load_representation_model(path: str | Path) -> tuple[list[SimpleHE2RNA], dic
                 raise ModelError(f"{path.name} is not a representation model (made by `he2rna represent`).")
             doc = json.loads(header["doc"])
             tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        models = []
+        for i in range(int(doc["n_folds"])):
+            m = SimpleHE2RNA(int(doc["input_dim"]), len(doc["genes"]), [int(h) for h in doc["hidden"]])
+            prefix = f"fold{i}."
+            m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
+            models.append(m.eval())
     except ModelError:
         raise
-    except Exception as exc:  # noqa: BLE001 - safetensors raises several types for a corrupt file
-        raise ModelError(f"{path.name} cannot be read as a representation model ({exc}).") from None
-    models = []
-    for i in range(int(doc["n_folds"])):
-        m = SimpleHE2RNA(doc["input_dim"], len(doc["genes"]), doc["hidden"])
-        prefix = f"fold{i}."
-        m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
-        models.append(m.eval())
+    except Exception as exc:  # noqa: BLE001 - safetensors/JSON/state-dict errors: one sentence for the user
+        raise ModelError(
+            f"{path.name} cannot be read as a representation model ({type(exc).__name__}: {exc})."
+        ) from None
+    if not models:
+        raise ModelError(f"{path.name} holds no fold model.")
     return models, doc
 
 
@@ -795,20 +1069,51 @@ def train_representation(
     Returns
     -------
     (models, folds)
-        The fold models and the fold of each sample (``n_folds == 1``: one model on everything, folds 0).
+        The fold models and the fold of each sample: model ``f`` never saw the samples of fold ``f``
+        (``n_folds == 1``: one model on everything, all folds 0).
     """
     x = _check_xy(x)
+    y = _check_xy(y, len(x), "expression values")
+    patients = np.asarray(patients).astype(str).reshape(-1)
+    if len(patients) != len(x):
+        raise DataError(f"{len(patients)} patient ids were given for {len(x)} samples.")
     if n_folds <= 1:
         folds = np.zeros(len(x), dtype=np.int64)
-        return [train_simple_he2rna(x, y, hidden, epochs, lr, batch_size, 0.0, seed, device, cancel)], folds
+        model = train_simple_he2rna(x, y, hidden, epochs, lr, batch_size, 0.0, seed, device, cancel)
+        report(progress, 1, 1, "trained")
+        return [model], folds
     folds = group_folds(patients, n_folds, seed)
     models = []
     for f in range(n_folds):
         tr = folds != f
-        models.append(train_simple_he2rna(x[tr], np.asarray(y)[tr], hidden, epochs, lr, batch_size, 0.0, seed,
-                                          device, cancel))  # fmt: skip
+        models.append(train_simple_he2rna(x[tr], y[tr], hidden, epochs, lr, batch_size, 0.0, seed, device,
+                                          cancel))  # fmt: skip
         report(progress, f + 1, n_folds, f"fold {f + 1}/{n_folds}")
     return models, folds
+
+
+def oof_predictions(models: Sequence[SimpleHE2RNA], folds: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """Out-of-fold expression predictions ``(n_samples, n_genes)``: each sample by the model of its fold."""
+    x = _check_xy(x)
+    folds = np.asarray(folds).reshape(-1)
+    if len(folds) != len(x):
+        raise DataError(f"{len(folds)} folds were given for {len(x)} samples.")
+    out = np.full((len(x), models[0].n_genes), np.nan, dtype=np.float32)
+    with torch.no_grad():
+        for f, m in enumerate(models):
+            idx = np.flatnonzero(folds == f)
+            if len(idx):
+                out[idx] = m.eval().cpu()(torch.as_tensor(x[idx])).numpy()
+    return out
+
+
+def pearson_per_gene(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Pearson R of each column (NaN where a column is constant)."""
+    y, pred = np.asarray(y, np.float64), np.asarray(pred, np.float64)
+    yc, pc = y - y.mean(axis=0), pred - pred.mean(axis=0)
+    den = np.sqrt((yc**2).sum(axis=0) * (pc**2).sum(axis=0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(den > 0, (yc * pc).sum(axis=0) / den, np.nan)
 
 
 def read_feature_table(path: str | Path) -> pd.DataFrame:
@@ -817,52 +1122,83 @@ def read_feature_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Feature table {path} does not exist.")
-    if path.suffix.lower() == ".npz":
-        with np.load(path, allow_pickle=False) as z:
-            keys = list(z.keys())
-            if "sample_id" in keys:
-                arrays = [k for k in keys if k != "sample_id" and z[k].ndim == 2]
-                if len(arrays) != 1:
-                    raise DataError(f"{path.name} must hold sample_id and one (n, dim) array.")
-                df = pd.DataFrame(z[arrays[0]], index=z["sample_id"].astype(str))
-            else:
-                df = pd.DataFrame({k: np.asarray(z[k]).reshape(-1) for k in keys}).T
-    else:
-        from .training import _read_table
+    try:
+        if path.suffix.lower() == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                keys = list(z.keys())
+                if "sample_id" in keys:
+                    arrays = [k for k in keys if k != "sample_id" and z[k].ndim == 2]
+                    if len(arrays) != 1:
+                        raise DataError(f"{path.name} must hold sample_id and one (n, dim) array.")
+                    df = pd.DataFrame(z[arrays[0]], index=z["sample_id"].astype(str))
+                else:
+                    df = pd.DataFrame({k: np.asarray(z[k]).reshape(-1) for k in keys}).T
+        else:
+            from .training import _read_table
 
-        tab = _read_table(path)
-        df = tab.set_index(tab.columns[0])
+            tab = _read_table(path)
+            df = tab.set_index(tab.columns[0])
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - numpy/zip/shape errors
+        raise DataError(f"Feature table {path.name} cannot be read ({type(exc).__name__}: {exc}).") from None
+    if df.shape[0] == 0 or df.shape[1] == 0:
+        raise DataError(f"Feature table {path.name} has no samples or no features.")
     df.index = df.index.astype(str)
+    if df.index.duplicated().any():
+        raise DataError(
+            f"{path.name} lists samples more than once (e.g. {df.index[df.index.duplicated()][0]})."
+        )
     df.index.name = "sample_id"
     df.columns = [str(c) for c in df.columns]
     try:
-        return df.astype(np.float32)
-    except ValueError:
-        raise DataError(f"{path.name} has non-numeric feature columns.") from None
+        out = df.astype(np.float32)
+    except (ValueError, TypeError):
+        raise DataError(
+            f"{path.name} has non-numeric feature columns; the first column must be the sample id."
+        ) from None
+    if not np.isfinite(out.to_numpy()).all():
+        raise DataError(f"{path.name} holds missing or infinite feature values.")
+    return out
 
 
-def write_representation(rep: pd.DataFrame, out_dir: str | Path, stem: str = "representation") -> dict:
-    """Write a representation (samples x units) as ``<stem>.csv`` and ``<stem>.npz`` (sample_id +
-    representation). Returns name -> path."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+def representation_frame(rep: np.ndarray, sample_ids: Sequence[str]) -> pd.DataFrame:
+    """A representation as a DataFrame: index ``sample_id``, columns ``rep_000`` ..."""
+    rep = np.asarray(rep, dtype=np.float32)
+    width = max(3, len(str(rep.shape[1] - 1)))
+    df = pd.DataFrame(rep, index=pd.Index([str(s) for s in sample_ids], name="sample_id"))
+    df.columns = [f"rep_{i:0{width}d}" for i in range(rep.shape[1])]
+    return df
+
+
+def write_representation(rep: pd.DataFrame, path: str | Path) -> Path:
+    """Write a representation (samples x units, index = sample ids) as TSV, CSV (by suffix) or ``.npz``
+    (``sample_id`` + ``representation``); :func:`read_feature_table` reads each back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     rep = rep.copy()
+    rep.index = rep.index.astype(str)
     rep.index.name = "sample_id"
-    csv = out / f"{stem}.csv"
-    _write_text(csv, rep.to_csv(lineterminator="\n", float_format="%.6g"))
-    npz = out / f"{stem}.npz"
-    tmp = out / f".{stem}.tmp.npz"
-    np.savez(tmp, sample_id=rep.index.to_numpy().astype(str), representation=rep.to_numpy(np.float32))
-    tmp.replace(npz)
-    return {"csv": csv, "npz": npz}
+    name = path.name.lower()
+    if name.endswith(".npz"):
+        tmp = path.with_name(f".{path.stem}.tmp.npz")
+        np.savez(tmp, sample_id=rep.index.to_numpy().astype(str), representation=rep.to_numpy(np.float32))
+        tmp.replace(path)
+    elif name.endswith(".tsv") or name.endswith(".csv") or name.endswith(".txt"):
+        sep = "," if name.endswith(".csv") else "\t"
+        _write_text(path, rep.to_csv(sep=sep, lineterminator="\n", float_format="%.7g"))
+    else:
+        raise DataError(f"Cannot write a representation as {path.name}: use .tsv, .csv or .npz.")
+    return path
 
 
 @dataclass
 class SlideFeatures:
-    """Per sample: the mean tile feature (a row of ``mean``) and the supertile features."""
+    """Per sample: the mean tile feature (a row of ``mean``), the supertile features (when asked for), and
+    the samples without features (sample -> reason)."""
 
     mean: pd.DataFrame  # samples x dim
-    supertiles: dict[str, np.ndarray]  # sample -> (k, dim)
+    supertiles: dict[str, np.ndarray]  # sample -> (k, dim); empty unless with_supertiles
     failed: dict[str, str]
 
 
@@ -875,41 +1211,34 @@ def load_slide_features(
     device: str = "auto",
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    with_supertiles: bool = False,
 ) -> SlideFeatures:
-    """Mean and supertile features of every sample of a sheet (``slide`` column), from the feature cache
-    (:func:`napari_he2rna.features.load_or_extract`; extracted when missing)."""
-    from . import features as feat
-    from .errors import Cancelled, He2rnaError
-    from .slide import open_slide
+    """Mean tile feature (over *all* tiles, the simple HE2RNA's input) of every sample of a sheet (``slide``
+    column), read the way ``he2rna train`` reads a cohort: :func:`napari_he2rna.training.cohort_features`
+    on the shared feature cache (extracted when missing).
 
-    if "slide" not in samples.columns:
-        raise DataError("The sample sheet has no 'slide' column: features cannot be found for the samples.")
-    bb = feat.get_backbone(backbone, device=device)
-    means, sts, failed = {}, {}, {}
-    ids = [str(s) for s in samples.index]
-    for i, sid in enumerate(ids):
+    The supertile means are not used for the mean: supertiles are unweighted cluster centroids.
+    """
+    from .training import cohort_features
+
+    tiles, failed = cohort_features(
+        samples, backbone, tile_um, cache_dir, supertiles=False, supertile_k=supertile_k, device=device,
+        progress=progress, cancel=cancel,
+    )  # fmt: skip
+    means: dict[str, np.ndarray] = {}
+    for sid in tiles:
         check_cancel(cancel)
-        slide_path = samples.loc[sid, "slide"]
-        if not isinstance(slide_path, str) or not Path(slide_path).is_file():
-            failed[sid] = f"slide file not found: {slide_path}"
-        else:
-            try:
-                with open_slide(slide_path) as slide:
-                    grid, tiles = feat.load_or_extract(
-                        slide, bb, tile_um=tile_um, cache_dir=cache_dir, device=device,
-                        supertile_k=supertile_k, cancel=cancel,
-                    )  # fmt: skip
-                    means[sid] = np.asarray(tiles, np.float64).mean(axis=0)
-                    try:
-                        st, _ = feat.read_supertiles(feat.cache_path(slide, bb, tile_um, cache_dir))
-                    except Exception:  # noqa: BLE001 - an old store without supertiles: compute them
-                        st, _ = feat.supertiles(grid, tiles, k=supertile_k)
-                    sts[sid] = np.asarray(st, np.float32)
-            except Cancelled:
-                raise
-            except He2rnaError as exc:
-                failed[sid] = str(exc)
-        report(progress, i + 1, len(ids), sid)
+        means[sid] = np.asarray(tiles[sid], np.float64).mean(axis=0)
     mean = pd.DataFrame.from_dict(means, orient="index").astype(np.float32)
+    mean.index = mean.index.astype(str)
     mean.index.name = "sample_id"
+    mean.columns = [str(c) for c in mean.columns]
+    sts: dict[str, np.ndarray] = {}
+    if with_supertiles and means:
+        st, more_failed = cohort_features(
+            samples.loc[list(means)], backbone, tile_um, cache_dir, supertiles=True, supertile_k=supertile_k,
+            device=device, cancel=cancel,
+        )  # fmt: skip
+        sts = {k: np.asarray(v, np.float32) for k, v in st.items()}
+        failed.update(more_failed)
     return SlideFeatures(mean, sts, failed)
