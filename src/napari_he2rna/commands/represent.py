@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._common import add_expression_format_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -37,13 +39,7 @@ def register(subparsers) -> None:
         default=None,
         help="expression table, samples x genes (TSV/CSV/parquet/h5ad): train a model (else --model is read)",
     )
-    p.add_argument(
-        "--expression-scale",
-        choices=["auto", "raw", "log"],
-        default="auto",
-        help="raw FPKM-UQ (log10(1+x) applied), already log, or auto (raw if any value > 50)",
-    )
-    p.add_argument("--genes-as-rows", action="store_true", help="the expression table is genes x samples")
+    add_expression_format_arguments(p)
     p.add_argument(
         "--model",
         required=True,

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._common import add_expression_format_arguments
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -84,13 +86,7 @@ def add_cohort_arguments(p: argparse.ArgumentParser, backbone: bool = True) -> N
     p.add_argument(
         "--expression", required=True, help="expression table, samples x genes (TSV/CSV/parquet/h5ad)"
     )
-    p.add_argument(
-        "--expression-scale",
-        choices=["auto", "raw", "log"],
-        default="auto",
-        help="raw FPKM-UQ (log10(1+x) applied), already log, or auto (raw if any value > 50)",
-    )
-    p.add_argument("--genes-as-rows", action="store_true", help="the expression table is genes x samples")
+    add_expression_format_arguments(p)
     p.add_argument("--features-dir", default=None, help="feature cache folder ($HE2RNA_CACHE when not given)")
     if backbone:
         p.add_argument(

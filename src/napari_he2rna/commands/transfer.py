@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._common import add_expression_format_arguments
+
 
 def register(subparsers) -> None:
     from ..transfer import DEFAULT_RATIOS, METHODS
@@ -31,13 +33,7 @@ def register(subparsers) -> None:
         help="sample sheet (TSV/CSV): sample_id, patient_id, cancer_type, slide and the label column",
     )
     p.add_argument("--expression", required=True, help="expression table, samples x genes (TSV/CSV/...)")
-    p.add_argument(
-        "--expression-scale",
-        choices=["auto", "raw", "log"],
-        default="auto",
-        help="raw FPKM-UQ (log10(1+x) applied), already log, or auto (raw if any value > 50)",
-    )
-    p.add_argument("--genes-as-rows", action="store_true", help="the expression table is genes x samples")
+    add_expression_format_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR", help="results folder")
     p.add_argument(
         "--label-column", default="msi_status", help="label column of the sheet (default msi_status)"

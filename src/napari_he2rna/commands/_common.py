@@ -1,0 +1,16 @@
+"""Options several sub-commands share, declared once so that their spelling and help never drift apart."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_expression_format_arguments(p: argparse.ArgumentParser) -> None:
+    """``--expression-scale`` and ``--genes-as-rows``: how to read an expression table."""
+    p.add_argument(
+        "--expression-scale",
+        choices=["auto", "raw", "log"],
+        default="auto",
+        help="raw FPKM-UQ (log10(1+x) applied), already log, or auto (raw if any value > 50)",
+    )
+    p.add_argument("--genes-as-rows", action="store_true", help="the expression table is genes x samples")
