@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from ._common import add_overwrite_argument, refuse_existing
 
 
 def register(subparsers) -> None:
@@ -22,6 +25,7 @@ def register(subparsers) -> None:
     p.add_argument("--model", required=True, help="model bundle (.safetensors) written by he2rna train")
     add_cohort_arguments(p, backbone=False)
     p.add_argument("--out", required=True, help="report folder (created if needed)")
+    add_overwrite_argument(p)
     p.add_argument(
         "--null-inits",
         type=int,
@@ -38,6 +42,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_existing([Path(args.out) / "report.md", Path(args.out) / "per_gene.csv"], args.overwrite)
     from ..evaluation import evaluate, read_gmt, write_report
     from ..model import load_bundle
     from ..training import bundle_oof_predictions, untrained_predictions

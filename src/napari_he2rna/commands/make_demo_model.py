@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._common import add_overwrite_argument, refuse_existing
+
 
 def register(subparsers) -> None:
     from ..demo import (
@@ -30,6 +32,7 @@ def register(subparsers) -> None:
         ),
     )
     p.add_argument("--out", required=True, type=Path, help="model bundle to write (.safetensors)")
+    add_overwrite_argument(p)
     p.add_argument(
         "--work",
         required=True,
@@ -82,6 +85,9 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    out = args.out.with_suffix(".safetensors")
+    report = args.report or out.with_name(f"{out.stem}_report")
+    refuse_existing([out, Path(report) / "report.md"], args.overwrite)
     from ..demo import build_demo_model, significance_counts
     from ..jobs import TextProgress
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import add_expression_format_arguments
+from ._common import add_expression_format_arguments, add_overwrite_argument, refuse_existing
 
 
 def register(subparsers) -> None:
@@ -51,6 +51,7 @@ def register(subparsers) -> None:
         help="representation file (.tsv/.csv/.npz; default <features dir>/<model stem>.representation.tsv)",
     )
     p.add_argument("--no-export", action="store_true", help="train and save the model only")
+    add_overwrite_argument(p)
     p.add_argument("--features-dir", default=None, help="feature cache folder ($HE2RNA_CACHE when not given)")
     p.add_argument(
         "--backbone",
@@ -147,11 +148,18 @@ def run(args: argparse.Namespace) -> int:
     model_path = Path(args.model)
     if args.expression and model_path.suffix.lower() != ".safetensors":
         model_path = model_path.with_suffix(".safetensors")
+    if args.expression and args.slides:  # a wrong call is said before anything else
+        raise DataError("Training needs a sample sheet with patient ids (--samples), not --slides.")
+    refuse_existing(
+        [
+            model_path if args.expression else None,
+            None if args.no_export else default_output(args, model_path),
+        ],
+        args.overwrite,
+    )
     samples = load_samples(args.samples) if args.samples else _slides_sheet(args.slides)
 
     if args.expression:
-        if args.slides:
-            raise DataError("Training needs a sample sheet with patient ids (--samples), not --slides.")
         expression = load_expression(
             args.expression, transform=args.expression_scale, genes_as_rows=args.genes_as_rows
         )

@@ -6,6 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ._common import add_overwrite_argument, refuse_existing
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -63,6 +65,7 @@ def register(subparsers) -> None:
         help="keep genes whose median in a cell type is 0 (dropped by default)",
     )
     p.add_argument("--out", required=True, help="output folder (models/, tables, report.md)")
+    add_overwrite_argument(p)
     p.add_argument("--features-dir", default=None, help="feature cache folder ($HE2RNA_CACHE when not given)")
     p.add_argument(
         "--backbone", default="resnet50-imagenet", help="feature backbone (resnet50-imagenet, hed-stats)"
@@ -96,6 +99,8 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    refuse_existing([out / "summary.csv", out / "per_gene.csv", out / "models"], args.overwrite)
     import torch
 
     from ..errors import DataError

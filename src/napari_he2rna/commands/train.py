@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import add_expression_format_arguments
+from ._common import add_expression_format_arguments, add_overwrite_argument, refuse_existing
 
 
 def register(subparsers) -> None:
@@ -24,6 +24,7 @@ def register(subparsers) -> None:
     )
     add_cohort_arguments(p)
     p.add_argument("--out", required=True, help="model bundle to write (.safetensors)")
+    add_overwrite_argument(p)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--supertiles",
@@ -131,6 +132,9 @@ def load_cohort(args: argparse.Namespace, backbone: str, tile_um: float, superti
 
 
 def run(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    report = Path(args.report) / "report.md" if args.report else None
+    refuse_existing([out, out.with_suffix(".safetensors"), report], args.overwrite)
     import numpy as np
 
     from ..jobs import TextProgress

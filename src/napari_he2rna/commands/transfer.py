@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import add_expression_format_arguments
+from ._common import add_expression_format_arguments, add_overwrite_argument, refuse_existing
 
 
 def register(subparsers) -> None:
@@ -35,6 +35,7 @@ def register(subparsers) -> None:
     p.add_argument("--expression", required=True, help="expression table, samples x genes (TSV/CSV/...)")
     add_expression_format_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR", help="results folder")
+    add_overwrite_argument(p)
     p.add_argument(
         "--label-column", default="msi_status", help="label column of the sheet (default msi_status)"
     )
@@ -106,6 +107,7 @@ def _fraction(r: float) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    refuse_existing([Path(args.out) / "aucs.csv", Path(args.out) / "summary.md"], args.overwrite)
     import numpy as np
 
     from ..errors import DataError
