@@ -1,4 +1,5 @@
-"""Cohort data, patient-grouped cross-validation and HE2RNA training on a planted cohort."""
+"""Cohort data, patient-grouped cross-validation, standardisation, the validation criterion and HE2RNA training
+on a planted cohort."""
 
 from __future__ import annotations
 
@@ -12,17 +13,15 @@ import torch
 from napari_he2rna.errors import Cancelled, DataError
 from napari_he2rna.evaluation import evaluate
 from napari_he2rna.model import load_bundle, save_bundle
+from napari_he2rna.cohort import load_expression, load_samples, match_cohort
+from napari_he2rna.folds import choose_criterion, cv_folds, validation_split
 from napari_he2rna.training import (
     TrainConfig,
     bundle_metadata,
     bundle_oof_predictions,
     cross_validate,
-    cv_folds,
-    load_expression,
-    load_samples,
-    match_cohort,
+    fold_scalers,
     untrained_predictions,
-    validation_split,
 )
 
 PLANTED = ["PLANT1", "PLANT2"]
@@ -246,3 +245,76 @@ def test_bad_features_are_reported():
     cohort.features[sid] = np.full((5, 16), np.nan, dtype=np.float32)
     with pytest.raises(DataError, match="NaN"):
         cross_validate(cohort, TrainConfig(max_epochs=1, **FAST))
+
+
+# ----------------------------------------------------------------------------- validation and scaling
+
+
+def test_validation_criterion_is_always_defined():
+    assert choose_criterion(["A"] * 5 + ["B"] * 5, ["A", "B"]) == "per-type R"
+    assert choose_criterion(["A"] * 5 + ["B"] * 2, ["A", "B"]) == "pooled R"
+    assert choose_criterion(["A"] * 5, ["A", "B"]) == "pooled R"  # B trained on but never validated
+    assert choose_criterion(["A", "B", "C"], ["A", "B", "C"]) == "loss"
+    assert choose_criterion([], ["A"]) == "none"
+
+
+def test_one_validation_sample_per_type_still_early_stops_on_a_real_score():
+    """The bug this guards against: 1-2 validation samples per type gave a NaN per-type R every epoch, so
+    the first epoch's weights were restored and saved (an untrained model, silently)."""
+    cohort = make_planted_cohort(n_patients=150, n_ctrl=2)
+    config = TrainConfig(max_epochs=30, patience=30, **{**FAST, "val_fraction": 0.05})
+    result = cross_validate(cohort, config)
+    for h in result.histories:
+        assert h["criterion"] in ("pooled R", "loss")  # 5 to 9 validation samples in 2 types
+        assert h["n_val"] < 10
+        assert all(v is not None and np.isfinite(v) for v in h["val_scores"])
+        assert h["epochs_run"] == 30
+    assert max(h["best_epoch"] for h in result.histories) > 0  # it learnt past epoch 1
+    types = cohort.samples.loc[cohort.sample_ids, "cancer_type"].to_numpy()
+    for t in ("A", "B"):
+        sel = types == t
+        r = [np.corrcoef(cohort.expression[g][sel], result.oof[g][sel])[0, 1] for g in PLANTED]
+        assert min(r) > 0.5, (t, r)
+
+
+def test_scaler_is_fitted_on_training_folds_only():
+    cohort = make_planted_cohort(n_patients=30, n_ctrl=1)
+    ids = cohort.sample_ids
+    folds = cv_folds(cohort.samples.loc[ids], 3, seed=0)
+    before = fold_scalers(cohort.features, ids, folds)
+    held_out = ids[int(np.flatnonzero(folds == 0)[0])]
+    changed = dict(cohort.features)
+    changed[held_out] = changed[held_out] * 100 + 1000  # a wildly different held-out slide
+    after = fold_scalers(changed, ids, folds)
+    np.testing.assert_array_equal(before[0].mean, after[0].mean)  # fold 0 never saw it
+    np.testing.assert_array_equal(before[0].std, after[0].std)
+    assert not np.allclose(before[1].mean, after[1].mean)  # the folds that train on it did
+
+
+def test_bundle_records_the_fold_scalers_and_takes_raw_features(trained, tmp_path):
+    cohort, config, result = trained
+    meta = bundle_metadata(result, cohort)
+    scalers = meta["input_standardization"]["folds"]
+    assert len(scalers) == 3 and len(scalers[0]["mean"]) == 16
+    assert meta["training"]["validation_criteria"] == [h["criterion"] for h in result.histories]
+    # a model trained on standardised inputs, saved, reproduces its OOF predictions on raw features
+    path = save_bundle(
+        tmp_path / "m.safetensors", result.models, cohort.genes, "test-bb", 16, 112.0, config.k_list, meta
+    )
+    bundle = load_bundle(path)
+    pred, _ = bundle_oof_predictions(bundle, cohort, device="cpu")
+    np.testing.assert_allclose(pred.to_numpy(), result.oof.to_numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_constant_gene_and_tiny_cancer_type_are_refused():
+    cohort = make_planted_cohort(n_patients=20, n_ctrl=1)
+    const = cohort.expression.copy()
+    const["CTRL0"] = 1.0
+    c2, _ = match_cohort(const, cohort.samples, cohort.features)
+    with pytest.raises(DataError, match="constant over the training samples"):
+        cross_validate(c2, TrainConfig(max_epochs=1, **FAST))
+    samples = cohort.samples.copy()
+    samples.loc[samples.index[0], "cancer_type"] = "RARE"
+    c3, _ = match_cohort(cohort.expression, samples, cohort.features)
+    with pytest.raises(DataError, match="RARE .1 sample"):
+        cross_validate(c3, TrainConfig(max_epochs=1, **FAST))

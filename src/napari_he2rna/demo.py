@@ -36,10 +36,11 @@ TILE_UM = 112.0
 #: Defaults of the committed demo model (see sample_data/README.md, "Demo model").
 DEFAULT_N_SLIDES = 300
 DEFAULT_SIZE_PX = (1344, 1344)
-DEFAULT_HIDDEN = (256, 256)
+DEFAULT_HIDDEN = (256, 256)  # the paper's size for gene subsets; `he2rna train --hidden 256 256`
+# The rest are `he2rna train`'s own defaults: the demo is trained exactly as a user's model is.
 DEFAULT_EPOCHS = 200
-DEFAULT_PATIENCE = 30
-DEFAULT_LR = 1e-3
+DEFAULT_PATIENCE = 50
+DEFAULT_LR = 3e-4
 DEFAULT_NULL_INITS = 100  # 100 x 37 genes null R per type: smallest empirical p ~ 2.7e-4, room for Holm-Sidak
 
 
@@ -87,60 +88,6 @@ def _r_table(per_gene: pd.DataFrame) -> dict[str, dict[str, float | None]]:
         str(g): {str(t): (None if not np.isfinite(v) else round(float(v), 4)) for t, v in row.items()}
         for g, row in wide.iterrows()
     }
-
-
-def feature_scaling(features: Mapping[str, Any]) -> tuple[Any, Any]:
-    """Mean and standard deviation of every feature over all rows of all samples.
-
-    Parameters
-    ----------
-    features
-        ``sample_id -> (n_rows, dim)`` arrays (supertiles).
-
-    Returns
-    -------
-    (mean, std)
-        ``(dim,)`` float64 each; a constant feature gets std 1 (it is then only centred).
-    """
-    import numpy as np
-
-    rows = np.concatenate([np.asarray(a, dtype=np.float64) for a in features.values()])
-    mean, std = rows.mean(axis=0), rows.std(axis=0)
-    return mean, np.where(std > 1e-8 * np.maximum(np.abs(mean), 1.0), std, 1.0)
-
-
-def fold_scaling_into_first_layer(model: Any, mean: Any, std: Any) -> None:
-    """Make ``model`` take raw features: ``W (x - mean) / std + b == (W / std) x + (b - W (mean / std))``.
-
-    Parameters
-    ----------
-    model
-        A :class:`napari_he2rna.model.HE2RNA` trained on standardised features; changed in place.
-    mean, std
-        ``(input_dim,)`` the standardisation it was trained with (see :func:`feature_scaling`).
-    """
-    import torch
-
-    first = model.layers[0]
-    with torch.no_grad():
-        w = first.weight.double()  # (out, in, 1)
-        scale = torch.as_tensor(1.0 / std, dtype=torch.float64)
-        shift = torch.as_tensor(mean / std, dtype=torch.float64)
-        first.bias.copy_((first.bias.double() - w[:, :, 0] @ shift).to(first.bias.dtype))
-        first.weight.copy_((w * scale[None, :, None]).to(first.weight.dtype))
-
-
-def _features_digest(ids: Sequence[str], features: Mapping[str, Any]) -> str:
-    """Short hash of the training features: the fold checkpoints' resume key does not cover them."""
-    import hashlib
-
-    import numpy as np
-
-    h = hashlib.sha256()
-    for sid in ids:
-        h.update(sid.encode())
-        h.update(np.ascontiguousarray(features[sid], dtype=np.float32).tobytes())
-    return h.hexdigest()[:16]
 
 
 def _cohort_ready(cohort_dir: Path, stamp: dict[str, Any]) -> bool:
@@ -253,19 +200,11 @@ def _build(
 ):
     import numpy as np
 
-    from .evaluation import evaluate, write_report
-    from .model import save_bundle
+    from .cohort import cohort_features, load_expression, load_samples, match_cohort
+    from .evaluation import write_report
+    from .fitting import evaluate_result, fit, null_predictions, save_result
     from .synthetic import HOUSEKEEPING, make_cohort
-    from .training import (
-        TrainConfig,
-        bundle_metadata,
-        cohort_features,
-        cross_validate,
-        load_expression,
-        load_samples,
-        match_cohort,
-        untrained_predictions,
-    )
+    from .training import TrainConfig
 
     out = Path(out_path)
     if out.suffix.lower() != ".safetensors":
@@ -315,17 +254,11 @@ def _build(
 
         sid, why = next(iter(failed.items()))
         raise DataError(f"{len(failed)} synthetic slides gave no features (e.g. {sid}: {why}).")
-    # hed-stats features live on very different scales (fractions in [0, 1], blob counts per 10k px in the
-    # tens): trained on them raw, the network mostly sees the largest ones and an untrained one correlates
-    # with whatever they track. So training (and the untrained null) see standardised features, and the
-    # standardisation is folded into each fold's first layer before saving: the bundle takes raw hed-stats
-    # features like any other model. Mean/std come from all slides' supertiles (no expression involved).
-    mean, std = feature_scaling(feats)
-    scaled = {sid: ((np.asarray(a, np.float64) - mean) / std).astype(np.float32) for sid, a in feats.items()}
-    cohort, _ = match_cohort(expression, samples, scaled)
+    cohort, _ = match_cohort(expression, samples, feats)
     log.info("demo model: features took %.1f s", time.perf_counter() - t0)
 
-    # 3. Cross-validated training (each finished fold is checkpointed, so an interrupted build resumes).
+    # 3. Cross-validated training: the same call as `he2rna train --supertiles --hidden 256 256` (inputs
+    # standardised per fold inside it; each finished fold is checkpointed, so an interrupted build resumes).
     t0 = time.perf_counter()
     check_cancel(cancel)
     config = TrainConfig(
@@ -338,32 +271,25 @@ def _build(
         seed=seed,
         device=device,
     )
-    result = cross_validate(
+    result = fit(
         cohort,
+        "he2rna",
         config,
         progress=lambda d, t, m: stage(2, "training", d, t, m),
         cancel=cancel,
-        checkpoint_dir=work / "checkpoints" / _features_digest(cohort.sample_ids, scaled),
+        checkpoint_dir=work / "checkpoints",
     )
+    baseline = fit(cohort, "ridge", config, folds=result.folds, cancel=cancel)
     log.info("demo model: training took %.1f s", time.perf_counter() - t0)
 
-    # 4. Evaluation against the untrained architecture, corrected per cancer type.
+    # 4. Evaluation against the untrained architecture, corrected per cancer type; the ridge baseline on the
+    # same folds against the same null.
     t0 = time.perf_counter()
     stage(3, "evaluation", msg="untrained null")
-    null = untrained_predictions(
-        cohort, config.hidden, null_inits, config.k_list, seed=seed + 12345, device=device, cancel=cancel
-    )
+    null = null_predictions(cohort, config, null_inits, seed=seed + 12345, cancel=cancel)
     gene_sets = {f"planted: {k}": v for k, v in planted_gene_sets().items() if len(v) > 1}
-    ev = evaluate(
-        cohort.expression,
-        result.oof,
-        result.cancer_types,
-        result.folds,
-        null,
-        gene_sets=gene_sets,
-        n_random_sets=10_000,
-        seed=seed,
-    )
+    ev = evaluate_result(cohort, result.oof, result.folds, null, gene_sets, 10_000, seed=seed)
+    ev_base = evaluate_result(cohort, baseline.oof, baseline.folds, null, gene_sets, 10_000, seed=seed)
     log.info("demo model: evaluation took %.1f s", time.perf_counter() - t0)
 
     # 5. The bundle (demo flag + what it was trained on + how well it did) and its report.
@@ -375,8 +301,10 @@ def _build(
             "cancer_type",
             "n_samples",
             "mean_r",
+            "mean_r_pooled",
             "n_significant_holm_sidak",
             "n_significant_bh",
+            "n_significant_bh_pooled",
             "null_r_q99",
         )
         if c in ev.summary
@@ -405,18 +333,17 @@ def _build(
         },
         "per_gene_r": _r_table(ev.per_gene),
     }
-    extra["input_standardization"] = {
-        "note": "training saw (x - mean) / std; folded into the first layer, the bundle takes raw features",
-        "mean": [round(float(v), 6) for v in mean],
-        "std": [round(float(v), 6) for v in std],
+    extra["baseline"] = {
+        "model": "ridge on the slide-mean feature (he2rna train --model-type ridge), same folds, same null",
+        "summary": json.loads(ev_base.summary[summary_cols].to_json(orient="records")),
+        "significance_counts_bh": significance_counts(ev_base.per_gene, "significant_bh"),
     }
-    meta = bundle_metadata(result, cohort, extra)
-    for model in result.models:
-        fold_scaling_into_first_layer(model, mean, std)
-    dim = result.models[0].input_dim
-    save_bundle(out, result.models, cohort.genes, BACKBONE, dim, TILE_UM, config.k_list, meta, demo=True)
+    save_result(result, cohort, out, BACKBONE, TILE_UM, extra, demo=True, cancel=cancel)
     report_path = write_report(
-        ev, report_dir, title="HE2RNA demo model evaluation (DEMO: synthetic slides, held-out folds)"
+        ev,
+        report_dir,
+        title="HE2RNA demo model evaluation (DEMO: synthetic slides, held-out folds)",
+        baseline=ev_base,
     )
     stage(5, "done", msg=f"report {report_path}")
     return out, ev

@@ -124,6 +124,16 @@ def _fold_mean_r(truth, pred, types, folds, type_names) -> np.ndarray:
     return out
 
 
+def pooled_null_r(
+    truth: np.ndarray, null_predictions: np.ndarray, types: np.ndarray, cancer_type: str
+) -> np.ndarray:
+    """R of every untrained init and gene over all samples of one cancer type (folds pooled), flattened."""
+    sel = np.asarray(types).astype(str) == cancer_type
+    out = [pearson_columns(truth[sel], np.asarray(p)[sel]) for p in null_predictions]
+    r = np.concatenate(out) if out else np.zeros(0)
+    return r[np.isfinite(r)]
+
+
 class _quiet:
     def __enter__(self):
         import warnings
@@ -369,13 +379,20 @@ def evaluate(
             df["significant_bh"] = df["p_bh"] < alpha
         per_gene_frames.append(df)
         rs = np.sort(df["r"].dropna().to_numpy())[::-1]
+        pooled = df["r_pooled_folds"].dropna().to_numpy()
+        fold_n = pd.Series(folds[sel]).value_counts()
         row = {
             "cancer_type": tname,
             "n_samples": int(sel.sum()),
             "n_genes": len(genes),
             "mean_r": float(np.mean(rs)) if rs.size else np.nan,
+            "mean_r_pooled": float(np.mean(pooled)) if pooled.size else np.nan,
             f"mean_r_top{top_n}": float(np.mean(rs[:top_n])) if rs.size else np.nan,
             "median_r_top1000": float(np.median(rs[:1000])) if rs.size else np.nan,
+            "n_r_above_0.4": int((rs > 0.4).sum()),
+            "n_r_pooled_above_0.4": int((pooled > 0.4).sum()),
+            # fewest test samples of this type in a fold (folds without the type count as 0)
+            "min_fold_n": int(min(fold_n.reindex(np.unique(folds), fill_value=0))) if sel.any() else 0,
         }
         if null_r is not None:
             sig, sig_bh = df["significant"].to_numpy(), df["significant_bh"].to_numpy()
@@ -385,6 +402,9 @@ def evaluate(
                 n_significant_steiger=int((df["steiger_p_holm_sidak"] < alpha).sum()),
                 r_threshold_holm_sidak=float(df.loc[sig, "r"].min()) if sig.any() else np.nan,
                 r_threshold_bh=float(df.loc[sig_bh, "r"].min()) if sig_bh.any() else np.nan,
+                n_significant_bh_pooled=int(
+                    (adjust_p(empirical_p(r_all[ti], pooled_null_r(t, null_predictions, types, tname)), "fdr_bh") < alpha).sum()
+                ),
                 null_r_mean=float(np.mean(null_by_type[tname])) if null_by_type[tname].size else np.nan,
                 null_r_q99=float(np.quantile(null_by_type[tname], 0.99))
                 if null_by_type[tname].size
@@ -420,7 +440,7 @@ def evaluate(
 # ------------------------------------------------------------------------------------------ report
 
 
-def _md_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
+def md_table(df: pd.DataFrame, floatfmt: str = ".3f") -> str:
     """A Markdown table without the optional ``tabulate`` dependency of ``DataFrame.to_markdown``."""
 
     def fmt(v) -> str:
@@ -500,13 +520,65 @@ def _plot_null(ev: Evaluation, path: Path) -> None:
     fig.savefig(path)
 
 
+#: The per-cancer-type figures compared side by side between a model and its baseline (in this order).
+COMPARISON_COLUMNS = (
+    "n_significant_holm_sidak",
+    "n_significant_bh",
+    "n_significant_bh_pooled",
+    "r_threshold_bh",
+    "mean_r",
+    "mean_r_pooled",
+    "median_r_top1000",
+    "n_r_above_0.4",
+)
+
+
+def comparison_table(evaluations: Mapping[str, Evaluation]) -> pd.DataFrame:
+    """Per cancer type, the summary figures of several evaluations side by side (one row per type and model).
+
+    Parameters
+    ----------
+    evaluations
+        ``{model name: Evaluation}`` on the same samples and folds (e.g. HE2RNA and the ridge baseline).
+    """
+    frames = []
+    for name, ev in evaluations.items():
+        cols = ["cancer_type", "n_samples", *[c for c in COMPARISON_COLUMNS if c in ev.summary]]
+        df = ev.summary[cols].copy()
+        df.insert(1, "model", name)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True).sort_values(["cancer_type", "model"], ignore_index=True)
+
+
+def small_fold_warning(ev: Evaluation, minimum: int = 5) -> str:
+    """A warning sentence when some fold holds fewer than ``minimum`` samples of a cancer type (else "")."""
+    if "min_fold_n" not in ev.summary:
+        return ""
+    small = ev.summary[ev.summary["min_fold_n"] < minimum]
+    if small.empty:
+        return ""
+    which = ", ".join(f"{r.cancer_type} ({int(r.min_fold_n)})" for r in small.itertuples())
+    return (
+        f"Warning: some folds hold fewer than {minimum} samples of a cancer type (fewest per fold: {which}); "
+        "R computed inside such a fold is mostly noise, so read the pooled out-of-fold R (`mean_r_pooled`, "
+        "`r_pooled_folds`, `n_significant_bh_pooled`) beside the fold-averaged one."
+    )
+
+
 def write_report(
-    ev: Evaluation, out_dir: str | Path, title: str = "HE2RNA evaluation", top_genes: int = 10
+    ev: Evaluation,
+    out_dir: str | Path,
+    title: str = "HE2RNA evaluation",
+    top_genes: int = 10,
+    baseline: Evaluation | None = None,
+    names: tuple[str, str] = ("HE2RNA", "ridge baseline"),
 ) -> Path:
     """Write the tables (CSV), plots (PNG) and a short Markdown report into ``out_dir``.
 
     Files: ``per_gene.csv``, ``summary.csv``, ``per_fold.csv``, ``gene_sets.csv`` (when sets were tested),
-    ``r_by_cancer_type.png``, ``null_vs_trained.png`` (with a null), ``report.md``.
+    ``r_by_cancer_type.png``, ``null_vs_trained.png`` (with a null), ``report.md``; with a ``baseline``
+    (evaluated on the same samples and folds) also ``baseline_per_gene.csv``, ``baseline_summary.csv`` and
+    ``comparison.csv``, and a side-by-side table in the report.
 
     Returns
     -------
@@ -537,15 +609,38 @@ def write_report(
             f"alpha = {ev.alpha}; "
             "Benjamini–Hochberg and a Steiger test (trained vs untrained, Steiger 1980) are in per_gene.csv."
         )
+    lines.append(
+        "`mean_r_pooled` and `r_pooled_folds` are the same R computed once over all out-of-fold predictions of "
+        "a type (folds pooled); `n_significant_bh_pooled` tests that pooled R against the untrained null pooled "
+        "the same way (Benjamini–Hochberg)."
+    )
+    warning = small_fold_warning(ev)
+    if warning:
+        lines += ["", f"> {warning}"]
     lines += [
         "",
         "## Summary per cancer type",
         "",
-        _md_table(ev.summary),
+        md_table(ev.summary),
         "",
         "![R per cancer type](r_by_cancer_type.png)",
         "",
     ]
+    if baseline is not None:
+        table = comparison_table({names[0]: ev, names[1]: baseline})
+        table.to_csv(out / "comparison.csv", index=False)
+        baseline.per_gene.to_csv(out / "baseline_per_gene.csv", index=False)
+        baseline.summary.to_csv(out / "baseline_summary.csv", index=False)
+        lines += [
+            f"## {names[0]} and the {names[1]}, same folds, same null",
+            "",
+            f"The {names[1]} is a ridge regression per gene on each slide's mean tile feature (standardised on "
+            "the fold's training samples, penalty chosen per gene by an inner patient-grouped CV), trained on "
+            "the same folds and tested against the same untrained null.",
+            "",
+            md_table(table),
+            "",
+        ]
     if has_null:
         lines += ["![Trained vs untrained R](null_vs_trained.png)", ""]
     lines += [f"## Best predicted genes (top {top_genes} per cancer type)", ""]
@@ -555,9 +650,9 @@ def write_report(
         if c in ev.per_gene
     ]
     top = ev.per_gene.groupby("cancer_type", sort=True).head(top_genes)[cols]
-    lines += [_md_table(top), ""]
+    lines += [md_table(top), ""]
     if not ev.gene_sets.empty:
-        lines += ["## Gene sets vs random sets of the same size", "", _md_table(ev.gene_sets), ""]
+        lines += ["## Gene sets vs random sets of the same size", "", md_table(ev.gene_sets), ""]
     lines += [
         "Files: per_gene.csv, summary.csv, per_fold.csv"
         + (", gene_sets.csv" if not ev.gene_sets.empty else "")

@@ -35,6 +35,8 @@ FORMAT_VERSION = 1
 #: The paper's k lists: supertile data (100 per slide) and full-scale data (up to 8,000 tiles per slide).
 SUPERTILE_KS: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
 FULL_TILE_KS: tuple[int, ...] = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
+#: How a slide's prediction is made from its tile scores.
+AGGREGATIONS = ("topk", "mean")
 
 
 # --------------------------------------------------------------------------------------------- network
@@ -200,7 +202,8 @@ def _tensor_digest(tensors: Mapping[str, torch.Tensor], metadata_json: str) -> s
     return h.hexdigest()
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename (never half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -214,7 +217,12 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
-def _json_default(obj: Any):
+# Kept for modules not yet moved to the public name.
+_atomic_write_bytes = atomic_write_bytes
+
+
+def json_default(obj: Any):
+    """JSON encoder for numpy scalars and arrays and paths (``json.dumps(default=json_default)``)."""
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, np.ndarray):
@@ -234,6 +242,7 @@ def save_bundle(
     ks: Sequence[int],
     metadata: Mapping[str, Any] | None = None,
     demo: bool = False,
+    aggregation: str = "topk",
 ) -> Path:
     """Write a fold ensemble as one ``.safetensors`` model bundle (atomically).
 
@@ -254,6 +263,9 @@ def save_bundle(
         (``{cancer_type: {gene: R}}``), ``folds`` (``{sample_id: fold}``), ``training`` (config).
     demo
         True for a model trained on synthetic slides (the UI then says it means nothing on real tissue).
+    aggregation
+        How tile scores make a slide's prediction: ``"topk"`` (HE2RNA: mean over k in ``ks`` of the top-k
+        mean) or ``"mean"`` (every tile; the linear baseline).
 
     Returns
     -------
@@ -277,6 +289,8 @@ def save_bundle(
         raise ModelError(
             f"The models predict {first.n_genes} outputs but {len(genes)} gene names were given."
         )
+    if aggregation not in AGGREGATIONS:
+        raise ModelError(f"Unknown aggregation {aggregation!r} (use {' or '.join(AGGREGATIONS)}).")
     if first.input_dim != int(feature_dim):
         raise ModelError(f"The models take {first.input_dim} features per tile, not {feature_dim}.")
 
@@ -295,16 +309,17 @@ def save_bundle(
         "ks": [int(k) for k in ks],
         "n_folds": len(models),
         "demo": bool(demo),
+        "aggregation": aggregation,
         "extra": dict(metadata or {}),
     }
-    doc_json = json.dumps(doc, default=_json_default, sort_keys=True, allow_nan=True)
+    doc_json = json.dumps(doc, default=json_default, sort_keys=True, allow_nan=True)
     header = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
         "he2rna": doc_json,
         "sha256": _tensor_digest(tensors, doc_json),
     }
-    _atomic_write_bytes(path, save(tensors, metadata=header))
+    atomic_write_bytes(path, save(tensors, metadata=header))
     return path
 
 
@@ -350,6 +365,7 @@ class ModelBundle:
     metadata: dict
     layers: list[list[tuple[torch.Tensor, torch.Tensor]]]
     path: Path | None = None
+    aggregation: str = "topk"
     _gene_index: dict[str, int] = field(default_factory=dict, repr=False)
     _hidden_cache: tuple | None = field(default=None, repr=False)
 
@@ -477,10 +493,14 @@ class ModelBundle:
 
     def slide_prediction(self, features: np.ndarray, genes: Sequence[str] | str | None = None) -> np.ndarray:
         """Slide-level prediction ``(len(genes),)``: per fold, the mean over k in ``ks`` of the top-k mean of
-        the tile scores, then averaged over folds (each fold model was trained with its own aggregation)."""
+        the tile scores (``aggregation == "topk"``) or the mean of all tile scores (``"mean"``, the linear
+        baseline), then averaged over folds (each fold model was trained with its own aggregation)."""
         scores, _ = self._fold_scores(features, genes)
         preds = []
         for s in scores:
+            if self.aggregation == "mean":
+                preds.append(s.mean(dim=0))
+                continue
             preds.append(topk_mean_multi(s.T[None], None, self.ks)[0])
         return torch.stack(preds).mean(dim=0).numpy()
 
@@ -544,9 +564,12 @@ def load_bundle(path: str | Path) -> ModelBundle:
         ks = tuple(int(k) for k in doc["ks"])
         n_folds = int(doc["n_folds"])
         demo = bool(doc["demo"])
+        aggregation = str(doc.get("aggregation", "topk"))  # bundles written before it existed: HE2RNA
         extra = dict(doc.get("extra") or {})
     except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
         raise ModelError(f"{name} has incomplete or malformed model metadata ({exc!s}).") from None
+    if aggregation not in AGGREGATIONS:
+        raise ModelError(f"{name} has an unknown aggregation {aggregation!r}.")
     if not genes or n_folds < 1 or not ks or feature_dim < 1:
         raise ModelError(f"{name} has incomplete model metadata (no genes, folds, k list or feature size).")
 
@@ -599,6 +622,7 @@ def load_bundle(path: str | Path) -> ModelBundle:
         metadata=extra,
         layers=layers,
         path=path,
+        aggregation=aggregation,
     )
 
 

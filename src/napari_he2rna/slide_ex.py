@@ -16,7 +16,7 @@ outer training set with that choice and predicts the outer test fold, which noth
 (not the feature standardisation, not the output bias, not the epoch count).
 
 The regressor is this package's HE2RNA (a per-tile MLP with top-k aggregation, trained by
-:func:`napari_he2rna.training._train_one`: Adam, minibatches of slides, one k per batch, mean squared error),
+:func:`napari_he2rna.training.train_one`: Adam, minibatches of slides, one k per batch, mean squared error),
 on standardised supertile features. The classifier is the same network with one output trained on the 0/1
 label with the same squared loss (a Brier-score fit: its slide score estimates P(responder)).
 
@@ -53,16 +53,16 @@ from .errors import DataError
 from .evaluation import Evaluation, evaluate, mean_r_by_type, pearson_columns
 from .jobs import CancelToken, ProgressCallback, check_cancel, report
 from .model import HE2RNA, SUPERTILE_KS, save_bundle
+from .cohort import Cohort, load_expression, read_table
+from .folds import group_folds
+from .folds import patient_auc as patient_auc
+from .scaling import FeatureScaler, ScaledFeatures
 from .training import (
-    Cohort,
+    SlideBatches,
     TrainConfig,
-    _group_folds,
-    _read_table,
-    _Slides,
-    _train_one,
-    load_expression,
     predict_slides,
     resolve_device,
+    train_one,
     untrained_predictions,
 )
 
@@ -226,7 +226,7 @@ def read_abundance(source: str | Path | pd.DataFrame) -> pd.DataFrame:
         df, name = source.copy(), "the abundance table"
     else:
         path = Path(source)
-        df, name = _read_table(path), path.name
+        df, name = read_table(path), path.name
         df = df.set_index(df.columns[0])
     df.index = df.index.astype(str)
     df.columns = df.columns.astype(str)
@@ -303,7 +303,7 @@ def read_responders(
         if "sample_id" not in df.columns and df.index.name == "sample_id":
             df = df.reset_index()
     else:
-        df, name = _read_table(Path(source)), Path(source).name
+        df, name = read_table(Path(source)), Path(source).name
     df.columns = [str(c).strip() for c in df.columns]
     for col in ("sample_id", label_column):
         if col not in df.columns:
@@ -415,42 +415,6 @@ class NestedCVResult:
         ]
 
 
-class _ScaledFeatures(Mapping):
-    """``(features - mean) / std`` per sample, computed when read."""
-
-    def __init__(
-        self, features: Mapping[str, np.ndarray], mean: np.ndarray, std: np.ndarray, ids: Sequence[str]
-    ):
-        self._f, self._mean, self._std, self._ids = features, mean, std, list(ids)
-        self._known = set(self._ids)
-
-    def __getitem__(self, key: str) -> np.ndarray:
-        return ((np.asarray(self._f[key], np.float64) - self._mean) / self._std).astype(np.float32)
-
-    def __iter__(self):
-        return iter(self._ids)
-
-    def __len__(self) -> int:
-        return len(self._ids)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._known
-
-
-def feature_scaling(features: Mapping[str, np.ndarray], ids: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std of every feature over all rows of the samples ``ids`` (a constant feature gets std 1)."""
-    rows = np.concatenate([np.asarray(features[s], dtype=np.float64) for s in ids])
-    mean, std = rows.mean(axis=0), rows.std(axis=0)
-    return mean, np.where(std > 1e-8 * np.maximum(np.abs(mean), 1.0), std, 1.0)
-
-
-def patient_auc(scores: np.ndarray, labels: np.ndarray, patients: np.ndarray) -> float:
-    """ROC AUC over patients (a patient's score is the mean of its samples); NaN with one class only."""
-    from .transfer import patient_auc as _auc
-
-    return _auc(scores, labels, patients)
-
-
 def outer_folds(
     samples: pd.DataFrame, n_folds: int, seed: int = 0, labels: pd.Series | None = None
 ) -> np.ndarray:
@@ -475,7 +439,7 @@ def outer_folds(
         strata = np.array(
             [f"{t}|{'' if pd.isna(v) else int(v)}" for t, v in zip(strata, lab.to_numpy(), strict=True)]
         )
-    return _group_folds(strata.astype(str), groups, int(n_folds), int(seed))
+    return group_folds(strata.astype(str), groups, int(n_folds), int(seed))
 
 
 def _check_grouped(folds: np.ndarray, groups: np.ndarray, what: str) -> None:
@@ -496,7 +460,7 @@ def _score(task: str, y: np.ndarray, pred: np.ndarray, types: np.ndarray, patien
 
 
 def _fit(
-    slides: _Slides,
+    slides: SlideBatches,
     y: np.ndarray,
     types: np.ndarray,
     train_idx: np.ndarray,
@@ -521,10 +485,10 @@ def _fit(
         callback = None
         if after_epoch is not None:
 
-            def callback(epoch: int, _val_score: float) -> None:
+            def callback(epoch: int, _info: dict) -> None:
                 after_epoch(model, epoch + 1)
 
-        history = _train_one(
+        history = train_one(
             model,
             slides,
             y,
@@ -626,15 +590,15 @@ def nested_cross_validate(
             raise DataError(f"Outer fold {f} holds no sample.")
         train_ids = [ids[i] for i in train_idx]
         # Standardisation from the outer training samples only; applied to every sample when read.
-        mean, std = feature_scaling(features, train_ids)
-        slides = _Slides(_ScaledFeatures(features, mean, std, ids), ids, keep_in_memory=True)
+        scaler = FeatureScaler.fit_samples(features, train_ids)
+        slides = SlideBatches(ScaledFeatures(features, scaler), ids, keep_in_memory=True)
         n_train_patients = len(set(groups[train_idx].tolist()))
         if n_train_patients < config.inner_folds:
             raise DataError(
                 f"Outer fold {f} leaves {n_train_patients} training patients for {config.inner_folds} "
                 "inner folds; use fewer folds or more patients."
             )
-        inner = _group_folds(strata[train_idx], groups[train_idx], config.inner_folds, config.seed + 1000 + f)
+        inner = group_folds(strata[train_idx], groups[train_idx], config.inner_folds, config.seed + 1000 + f)
         _check_grouped(inner, groups[train_idx], "inner folds")
         splits: list[tuple[list[str], list[str]]] = []
         scores: dict[tuple[int, int], list[float]] = {}
@@ -693,8 +657,8 @@ def nested_cross_validate(
                 width=width,
                 epochs=epochs,
                 inner_score=float(best["score"]),
-                feature_mean=mean,
-                feature_std=std,
+                feature_mean=scaler.mean,
+                feature_std=scaler.std,
                 history={"epochs_run": history.get("epochs_run"), "n_train": history.get("n_train")},
             )
         )
@@ -732,10 +696,11 @@ def untrained_null(
         cohort = Cohort(
             expression=result.oof.loc[test],  # only its index and width are used
             samples=samples.loc[test],
-            features=_ScaledFeatures(features, o.feature_mean, o.feature_std, test),
+            features=ScaledFeatures(features, FeatureScaler(o.feature_mean, o.feature_std)),
         )
         out[:, [pos[s] for s in test]] = untrained_predictions(
-            cohort, cfg.hidden(o.width), cfg.null_inits, cfg.ks, cfg.dropout, seed=seed, device=cfg.device
+            cohort, cfg.hidden(o.width), cfg.null_inits, cfg.ks, cfg.dropout, seed=seed, device=cfg.device,
+            standardize=False,  # already scaled with the outer fold's training samples
         )
     return out
 
@@ -816,13 +781,11 @@ def _padded(model: HE2RNA, hidden: Sequence[int]) -> HE2RNA:
 
 def bundle_models(result: NestedCVResult) -> list[HE2RNA]:
     """The outer fold models, padded to one architecture and taking raw (unstandardised) features."""
-    from .demo import fold_scaling_into_first_layer
-
     hidden = result.config.hidden(max(o.width for o in result.outer))
     out = []
     for model, o in zip(result.models, result.outer, strict=True):
         m = _padded(model, hidden)
-        fold_scaling_into_first_layer(m, o.feature_mean, o.feature_std)
+        FeatureScaler(o.feature_mean, o.feature_std).fold_into(m)
         out.append(m.eval())
     return out
 
@@ -1184,7 +1147,7 @@ def _json_default(obj: Any):
 
 
 def _report(result: SlideExResult, summary: pd.DataFrame, per_gene: pd.DataFrame, doc: dict) -> str:
-    from .evaluation import _md_table
+    from .evaluation import md_table
 
     cfg = result.config or NestedCVConfig()
     lines = [
@@ -1200,7 +1163,7 @@ def _report(result: SlideExResult, summary: pd.DataFrame, per_gene: pd.DataFrame
         "",
         "## Summary",
         "",
-        _md_table(summary) if not summary.empty else "(no regression target)",
+        md_table(summary) if not summary.empty else "(no regression target)",
         "",
     ]
     if not per_gene.empty:
@@ -1209,7 +1172,7 @@ def _report(result: SlideExResult, summary: pd.DataFrame, per_gene: pd.DataFrame
             for c in ("target", "cancer_type", "name", "r", "p_empirical", "p_holm_sidak", "significant")
             if c in per_gene
         ]
-        lines += ["## Per gene", "", _md_table(per_gene[cols]), ""]
+        lines += ["## Per gene", "", md_table(per_gene[cols]), ""]
     if result.responder_evaluation:
         ev = result.responder_evaluation
         lines += [

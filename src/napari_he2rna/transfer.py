@@ -39,7 +39,9 @@ from torch import nn
 
 from .errors import DataError, ModelError
 from .jobs import CancelToken, ProgressCallback, check_cancel, report
-from .model import _json_default  # the bundle writer's JSON encoder (numpy scalars and arrays, paths)
+from .folds import patient_auc as patient_auc  # one definition, re-exported for the transfer experiment
+from .model import json_default  # the bundle writer's JSON encoder (numpy scalars and arrays, paths)
+from .scaling import FeatureScaler
 
 #: The paper's A:B splits, as the fraction of patients in hospital A (5/6-1/6 ... 0-1).
 DEFAULT_RATIOS: tuple[float, ...] = (5 / 6, 3 / 4, 2 / 3, 1 / 2, 1 / 3, 1 / 4, 1 / 6, 0.0)
@@ -63,11 +65,9 @@ class Standardize(nn.Module):
         self.register_buffer("std", torch.ones(dim))
 
     def fit(self, x: np.ndarray) -> Standardize:
-        x = np.asarray(x, dtype=np.float64)
-        std = x.std(axis=0)
-        std[~(std > 1e-8)] = 1.0  # constant features stay at 0 instead of dividing by zero
-        self.mean.copy_(torch.as_tensor(x.mean(axis=0), dtype=torch.float32))
-        self.std.copy_(torch.as_tensor(std, dtype=torch.float32))
+        scaler = FeatureScaler.fit([x])  # the package's one standardisation (constant features: std 1)
+        self.mean.copy_(torch.as_tensor(scaler.mean, dtype=torch.float32))
+        self.std.copy_(torch.as_tensor(scaler.std, dtype=torch.float32))
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,7 +172,7 @@ def _fit(
     cancel: CancelToken | None = None,
 ) -> nn.Module:
     """Adam on shuffled minibatches for a fixed number of epochs (the paper: 50, no early stopping)."""
-    from .training import resolve_device
+    from .features import resolve_device
 
     dev = resolve_device(device)
     model.to(dev).train()
@@ -347,25 +347,11 @@ def group_folds(
     scikit-learn's ``StratifiedGroupKFold`` via :mod:`napari_he2rna.training` (which falls back to dealing
     patients round-robin when a stratum is too small for scikit-learn).
     """
-    from .training import _group_folds
+    from .folds import group_folds as grouped
 
     groups = np.asarray(groups).astype(str)
-    n_groups = len(set(groups.tolist()))
-    if n_groups < n_folds:
-        raise DataError(f"{n_groups} patients cannot fill {n_folds} folds; use fewer folds or more patients.")
     y = np.zeros(len(groups), dtype=np.int64) if strata is None else np.asarray(strata).astype(str)
-    return _group_folds(y, groups, int(n_folds), int(seed))
-
-
-def patient_auc(scores: np.ndarray, labels: np.ndarray, patients: np.ndarray) -> float:
-    """ROC AUC over patients, each patient's score the mean over its samples (NaN if one class only)."""
-    from sklearn.metrics import roc_auc_score
-
-    df = pd.DataFrame({"s": np.asarray(scores, float), "y": np.asarray(labels, float), "p": patients})
-    per = df.groupby("p", sort=True).agg(s=("s", "mean"), y=("y", "max"))
-    if per["y"].nunique() < 2:
-        return float("nan")
-    return float(roc_auc_score(per["y"].to_numpy(), per["s"].to_numpy()))
+    return grouped(y, groups, int(n_folds), int(seed))
 
 
 def binary_labels(
@@ -982,7 +968,7 @@ def save_representation_model(
     """
     from safetensors.torch import save
 
-    from .model import _atomic_write_bytes
+    from .model import atomic_write_bytes
 
     models = list(models)
     if not models:
@@ -1006,9 +992,9 @@ def save_representation_model(
         "n_folds": len(models),
         "extra": dict(metadata or {}),
     }
-    header = {"format": REPRESENTATION_FORMAT, "doc": json.dumps(doc, default=_json_default)}
+    header = {"format": REPRESENTATION_FORMAT, "doc": json.dumps(doc, default=json_default)}
     path = Path(path)
-    _atomic_write_bytes(path, save(tensors, metadata=header))
+    atomic_write_bytes(path, save(tensors, metadata=header))
     return path
 
 
@@ -1134,9 +1120,9 @@ def read_feature_table(path: str | Path) -> pd.DataFrame:
                 else:
                     df = pd.DataFrame({k: np.asarray(z[k]).reshape(-1) for k in keys}).T
         else:
-            from .training import _read_table
+            from .cohort import read_table
 
-            tab = _read_table(path)
+            tab = read_table(path)
             df = tab.set_index(tab.columns[0])
     except DataError:
         raise
@@ -1219,7 +1205,7 @@ def load_slide_features(
 
     The supertile means are not used for the mean: supertiles are unweighted cluster centroids.
     """
-    from .training import cohort_features
+    from .cohort import cohort_features
 
     tiles, failed = cohort_features(
         samples, backbone, tile_um, cache_dir, supertiles=False, supertile_k=supertile_k, device=device,

@@ -38,55 +38,56 @@ def register(subparsers) -> None:
     )
     p.add_argument("--alpha", type=float, default=0.05, help="significance level after correction")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-baseline",
+        action="store_true",
+        help="do not train the ridge baseline on the same folds for the side-by-side table",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     refuse_existing([Path(args.out) / "report.md", Path(args.out) / "per_gene.csv"], args.overwrite)
-    from ..evaluation import evaluate, read_gmt, write_report
+    import numpy as np
+
+    from ..evaluation import read_gmt, write_report
+    from ..fitting import evaluate_result, fit, null_predictions
     from ..model import load_bundle
-    from ..training import bundle_oof_predictions, untrained_predictions
-    from .train import load_cohort
+    from ..training import TrainConfig, bundle_oof_predictions
+    from .train import load_cohort, print_summary
 
     bundle = load_bundle(args.model)
-    mode = (bundle.metadata.get("training") or {}).get("mode", "supertiles")
+    training = bundle.metadata.get("training") or {}
+    mode = training.get("mode", "supertiles")
     cohort = load_cohort(args, bundle.backbone, bundle.tile_um, mode == "supertiles", genes=bundle.genes)
     pred, folds = bundle_oof_predictions(bundle, cohort, device=args.device)
     if (folds < 0).any():
         print(
             f"he2rna: warning: {(folds < 0).sum()} samples were not in the training folds; the whole "
-            "ensemble "
-            "predicts them (they count as one extra fold)."
+            "ensemble predicts them (they count as one extra fold)."
         )
-    null = untrained_predictions(
-        cohort,
-        bundle.hidden,
-        args.null_inits,
-        bundle.ks,
-        bundle.dropout,
-        seed=args.seed + 12345,
+    is_ridge = bundle.aggregation == "mean"
+    # The null is the untrained HE2RNA (for a ridge bundle: of the paper's supertile architecture).
+    config = TrainConfig(
+        mode=mode,
+        hidden=tuple(bundle.hidden) if not is_ridge else (1024, 1024),
+        dropout=bundle.dropout if not is_ridge else 0.25,
+        ks=tuple(bundle.ks) if not is_ridge else None,
+        standardize=bool(training.get("standardize", "input_standardization" in bundle.metadata)),
+        n_folds=max(2, int(folds.max()) + 1),
+        seed=args.seed,
         device=args.device,
     )
-    types = cohort.samples.loc[cohort.sample_ids, "cancer_type"].to_numpy()
+    null = null_predictions(cohort, config, args.null_inits, seed=args.seed + 12345)
     gene_sets = read_gmt(args.gene_sets) if args.gene_sets else None
-    ev = evaluate(
-        cohort.expression,
-        pred,
-        types,
-        folds,
-        null,
-        alpha=args.alpha,
-        gene_sets=gene_sets,
-        n_random_sets=args.random_sets,
-        seed=args.seed,
-    )
-    title = "HE2RNA evaluation" + (" (DEMO model, synthetic slides)" if bundle.demo else "")
-    report = write_report(ev, args.out, title=title)
-    cols = [
-        c
-        for c in ("cancer_type", "n_samples", "mean_r", "n_significant_holm_sidak", "n_significant_bh")
-        if c in ev.summary
-    ]
-    print(ev.summary[cols].to_string(index=False))
+    ev = evaluate_result(cohort, pred, folds, null, gene_sets, args.random_sets, args.alpha, args.seed)
+    baseline = None
+    if not is_ridge and not args.no_baseline and (folds >= 0).all():
+        base = fit(cohort, "ridge", config, folds=np.asarray(folds))
+        baseline = evaluate_result(cohort, base.oof, base.folds, null, gene_sets, args.random_sets, args.alpha, args.seed)
+    name = "ridge baseline" if is_ridge else "HE2RNA"
+    title = f"{name} evaluation" + (" (DEMO model, synthetic slides)" if bundle.demo else "")
+    report = write_report(ev, args.out, title=title, baseline=baseline, names=(name, "ridge baseline"))
+    print_summary(ev, baseline)
     print(f"report: {report}")
     return 0

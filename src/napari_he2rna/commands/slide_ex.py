@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import DataError
     from ..jobs import TextProgress
     from ..slide_ex import NestedCVConfig, load_deconvolved, read_responders, run_slide_ex, write_slide_ex
-    from ..training import cohort_features, load_samples
+    from ..cohort import cohort_features, load_samples
 
     if args.celltype_expression is None and args.abundance is None:
         raise DataError("Give --celltype-expression and/or --abundance (the deconvolved targets).")

@@ -12,19 +12,26 @@ from ._common import add_expression_format_arguments, add_overwrite_argument, re
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train HE2RNA on a cohort (cross-validated) and write a .safetensors model bundle",
+        help="train HE2RNA (or the linear baseline) on a cohort, cross-validated; write a .safetensors bundle",
         description=(
-            "Train HE2RNA with patient-grouped, cancer-type-stratified cross-validation (one model per fold, "
-            "early stopping on the per-gene, per-cancer-type validation R) on cached slide features, an "
-            "expression table and a sample sheet (sample_id, patient_id, cancer_type, slide). Features "
-            "missing "
-            "from the cache are extracted first. Writes one model bundle with the fold ensemble and its "
-            "out-of-fold validation R."
+            "Train HE2RNA with patient-grouped, cancer-type-stratified cross-validation (one model per fold; "
+            "inputs standardised on each fold's training samples; early stopping on a validation split of "
+            "the training patients) on cached slide features, an expression table and a sample sheet "
+            "(sample_id, patient_id, cancer_type, slide). Features missing from the cache are extracted "
+            "first. --model-type ridge trains the linear baseline (ridge on the slide-mean feature) on the "
+            "same folds instead. Writes one model bundle with the fold ensemble and its out-of-fold R."
         ),
     )
     add_cohort_arguments(p)
     p.add_argument("--out", required=True, help="model bundle to write (.safetensors)")
     add_overwrite_argument(p)
+    p.add_argument(
+        "--model-type",
+        choices=["he2rna", "ridge"],
+        default="he2rna",
+        help="he2rna (default: per-tile MLP, top-k aggregation) or ridge (linear baseline on the slide-mean "
+        "feature, applied to every tile for heatmaps)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--supertiles",
@@ -43,6 +50,13 @@ def register(subparsers) -> None:
     p.set_defaults(mode="supertiles")
     p.add_argument("--epochs", type=int, default=200, help="maximum epochs per fold (default 200)")
     p.add_argument("--patience", type=int, default=50, help="early-stopping patience in epochs (default 50)")
+    p.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="share of each fold's training patients kept for early stopping (default 0.1; 0: no early "
+        "stopping, the last epoch is kept)",
+    )
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument(
         "--hidden",
@@ -51,7 +65,9 @@ def register(subparsers) -> None:
         default=[1024, 1024],
         help="hidden layer sizes (default 1024 1024; the paper uses 256 256 for gene subsets)",
     )
+    p.add_argument("--dropout", type=float, default=0.25, help="dropout between layers (default 0.25)")
     p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate (default 3e-4)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (default 0)")
     p.add_argument(
         "--batch-size", type=int, default=None, help="slides per batch (default 16, or 4 with --tiles)"
     )
@@ -73,7 +89,7 @@ def register(subparsers) -> None:
         "--report",
         default=None,
         metavar="DIR",
-        help="also evaluate (untrained null, corrections) and write the report into DIR",
+        help="also evaluate (untrained null, corrections, the ridge baseline on the same folds) into DIR",
     )
     p.add_argument("--null-inits", type=int, default=25, help="untrained inits for --report (default 25)")
     p.set_defaults(func=run)
@@ -100,9 +116,9 @@ def add_cohort_arguments(p: argparse.ArgumentParser, backbone: bool = True) -> N
 
 
 def load_cohort(args: argparse.Namespace, backbone: str, tile_um: float, supertiles: bool, genes=None):
-    """Expression + sample sheet + cached features, matched; prints what did not match."""
+    """Expression + sample sheet + cached features, matched; prints what did not match or was left out."""
+    from ..cohort import cohort_features, dropped_genes_summary, load_expression, load_samples, match_cohort
     from ..jobs import TextProgress
-    from ..training import cohort_features, load_expression, load_samples, match_cohort
 
     expression = load_expression(
         args.expression, transform=args.expression_scale, genes_as_rows=args.genes_as_rows
@@ -110,9 +126,11 @@ def load_cohort(args: argparse.Namespace, backbone: str, tile_um: float, superti
     samples = load_samples(args.samples)
     print(
         f"expression: {expression.shape[0]} samples x {expression.shape[1]} genes "
-        f"(transform: {expression.attrs.get('transform')}; "
-        f"{expression.attrs.get('n_genes_dropped_zero_median', 0)} genes with zero median dropped)"
+        f"(transform: {expression.attrs.get('transform')})"
     )
+    dropped = dropped_genes_summary(expression)
+    if dropped:
+        print(f"he2rna: warning: {dropped}", file=sys.stderr)
     feats, failed = cohort_features(
         samples,
         backbone,
@@ -137,14 +155,19 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing([out, out.with_suffix(".safetensors"), report], args.overwrite)
     import numpy as np
 
+    from ..fitting import evaluate_result, fit, null_predictions, save_result
     from ..jobs import TextProgress
-    from ..model import load_bundle, save_bundle
-    from ..training import TrainConfig, bundle_metadata, cross_validate
+    from ..model import load_bundle
+    from ..training import TrainConfig
 
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         out = out.with_suffix(".safetensors")
     init = load_bundle(args.init_model) if args.init_model else None
+    if init is not None and init.aggregation != "topk":
+        from ..errors import DataError
+
+        raise DataError(f"{args.init_model} is a {init.aggregation}-aggregation baseline; only HE2RNA bundles can be fine-tuned.")
     backbone = init.backbone if init else args.backbone
     tile_um = init.tile_um if init else args.tile_um
     cohort = load_cohort(
@@ -153,12 +176,15 @@ def run(args: argparse.Namespace) -> int:
     config = TrainConfig(
         mode=args.mode,
         hidden=tuple(init.hidden if init else args.hidden),
+        dropout=args.dropout,
         lr=args.lr,
         batch_size=args.batch_size,
         max_epochs=args.epochs,
         patience=args.patience,
+        val_fraction=args.val_fraction,
         n_folds=init.n_folds if init else args.folds,
         seed=args.seed,
+        weight_decay=args.weight_decay,
         device=args.device,
     )
     folds = None
@@ -166,29 +192,54 @@ def run(args: argparse.Namespace) -> int:
         fold_map = init.metadata.get("folds") or {}
         if all(s in fold_map for s in cohort.sample_ids):
             folds = np.array([fold_map[s] for s in cohort.sample_ids])  # keep each sample in its fold
-    result = cross_validate(
+    result = fit(
         cohort,
+        args.model_type,
         config,
-        progress=TextProgress("training (epochs)"),
+        folds=folds,
+        progress=TextProgress("training (epochs)" if args.model_type == "he2rna" else "ridge (folds)"),
         checkpoint_dir=args.checkpoint_dir,
         initial_models=init.to_modules() if init else None,
-        folds=folds,
+        log=print,
     )
-    dim = result.models[0].input_dim
-    meta = bundle_metadata(result, cohort, {"fine_tuned_from": str(args.init_model)} if init else None)
-    save_bundle(out, result.models, cohort.genes, backbone, dim, tile_um, config.k_list, meta, demo=args.demo)
-    vals = [v for per in meta["validation_r"].values() for v in per.values() if v is not None]
+    extra = {"fine_tuned_from": str(args.init_model)} if init else None
+    save_result(result, cohort, out, backbone, tile_um, extra, demo=args.demo)
+    from ..evaluation import pearson_by_type
+
+    r = pearson_by_type(cohort.expression.to_numpy(), result.oof.to_numpy(), result.cancer_types).to_numpy()
     print(
-        f"model bundle: {out} ({len(cohort.genes)} genes, {len(result.models)} folds; "
-        f"median out-of-fold R per gene and cancer type {np.median(vals) if vals else float('nan'):.3f})"
+        f"model bundle: {out} ({args.model_type}, {len(cohort.genes)} genes, {len(result.models)} folds; "
+        f"median out-of-fold R per gene and cancer type {np.nanmedian(r) if np.isfinite(r).any() else float('nan'):.3f})"
     )
     if args.report:
-        from ..evaluation import evaluate, write_report
-        from ..training import untrained_predictions
+        from ..evaluation import write_report
 
-        null = untrained_predictions(
-            cohort, config.hidden, args.null_inits, config.k_list, device=args.device
-        )
-        ev = evaluate(cohort.expression, result.oof, result.cancer_types, result.folds, null)
-        print(f"report: {write_report(ev, args.report)}")
+        null = null_predictions(cohort, config, args.null_inits)
+        ev = evaluate_result(cohort, result.oof, result.folds, null)
+        baseline = None
+        if args.model_type == "he2rna":
+            base = fit(cohort, "ridge", config, folds=result.folds)
+            baseline = evaluate_result(cohort, base.oof, base.folds, null)
+        names = ("HE2RNA", "ridge baseline") if args.model_type == "he2rna" else ("ridge baseline", "")
+        path = write_report(ev, args.report, title=f"{names[0]} evaluation", baseline=baseline, names=names)
+        print_summary(ev, baseline)
+        print(f"report: {path}")
     return 0
+
+
+def print_summary(ev, baseline=None) -> None:
+    """The per-type figures on stdout (side by side with the baseline when there is one)."""
+    from ..evaluation import comparison_table, small_fold_warning
+
+    if baseline is not None:
+        print(comparison_table({"HE2RNA": ev, "ridge": baseline}).to_string(index=False))
+    else:
+        cols = [
+            c
+            for c in ("cancer_type", "n_samples", "mean_r", "mean_r_pooled", "n_significant_holm_sidak", "n_significant_bh", "n_significant_bh_pooled")
+            if c in ev.summary
+        ]
+        print(ev.summary[cols].to_string(index=False))
+    warning = small_fold_warning(ev)
+    if warning:
+        print(f"he2rna: warning: {warning}", file=sys.stderr)

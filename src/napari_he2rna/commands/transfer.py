@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..errors import DataError
     from ..jobs import TextProgress
-    from ..training import load_expression, load_samples
+    from ..cohort import load_expression, load_samples
     from ..transfer import (
         DEFAULT_RATIOS,
         TransferConfig,
