@@ -2,7 +2,9 @@
 
 :class:`SlideSession` holds what belongs to one open slide: the slide, the model bundle, the tile grid, the
 tile features and the tile scores of the genes/sets picked so far (each computed on demand, from the cached
-features, only for that name; dropped when its layer goes). :func:`spatialize` is the headless job built on
+features, only for that name; dropped when its layer goes), and how the slide compares with the model's
+training data (:mod:`napari_he2rna.ood`; the tile distance is painted like a gene under
+:data:`DISTANCE_NAME`). :func:`spatialize` is the headless job built on
 it: slide -> model -> features (cache reused) -> tile scores -> CSV + one PNG per name + slide-level CSV. The
 CLI and the widgets run the same code, so they produce the same scores.
 """
@@ -20,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from . import jobs, spatial
-from .errors import ModelError
+from . import jobs, ood, spatial
+from .errors import GeneError, ModelError
 from .jobs import CancelToken, ProgressCallback
 
 if TYPE_CHECKING:
@@ -48,6 +50,10 @@ def load_model(path: str | Path | None = None) -> ModelBundle:
             "model (see the README)."
         )
     return load_bundle(p)
+
+
+#: What the gene picker offers (and :meth:`SlideSession.scores` accepts) for the tile feature distance.
+DISTANCE_NAME = "feature distance (to training data)"
 
 
 def safe_name(name: str) -> str:
@@ -78,6 +84,7 @@ class SlideSession:
         self._scores: dict[str, np.ndarray] = {}
         self._resolved: dict[str, list[str]] = {}
         self._alias: dict[str, str] = {}
+        self._assessment: ood.OODAssessment | None = None
         self._lock = threading.RLock()
         if bundle is not None:
             self.set_model(bundle)
@@ -97,6 +104,7 @@ class SlideSession:
             bundle = load_model(bundle)
         with self._lock:
             self.bundle = bundle
+            self._assessment = None
             self._scores.clear()
             self._resolved.clear()
             self._alias.clear()
@@ -167,6 +175,7 @@ class SlideSession:
                 raise ModelError("the model was changed while it ran; press Run again.")
             self.grid, self.features = grid, features
             self._feature_key = (bundle.backbone, int(bundle.feature_dim), float(bundle.tile_um))
+            self._assessment = None
             self._scores.clear()
             self._resolved.clear()
             self._alias.clear()
@@ -192,9 +201,12 @@ class SlideSession:
         return parsed
 
     def choices(self) -> list[str]:
-        """What the gene picker offers: the gene sets first, then the model's genes."""
+        """What the gene picker offers: the feature distance (when the model has a feature reference),
+        the gene sets, then the model's genes."""
         bundle = self._require_bundle()
-        return [*spatial.GENE_SETS, *[s for s in self.gene_sets if s not in spatial.GENE_SETS], *bundle.genes]
+        first = [DISTANCE_NAME] if ood.bundle_reference(bundle) is not None else []
+        sets = [*spatial.GENE_SETS, *[s for s in self.gene_sets if s not in spatial.GENE_SETS]]
+        return [*first, *sets, *bundle.genes]
 
     def resolve(self, names: Iterable[str] | str) -> dict[str, list[str]]:
         """Canonical name -> model genes (see :func:`spatial.resolve_names`); warns for partial sets."""
@@ -209,6 +221,8 @@ class SlideSession:
         Only that name's genes go through the model's last layer (a few ms for 8,000 tiles). A name is
         cached under its canonical spelling (``"mki67"`` and ``"MKI67"`` share one entry).
         """
+        if is_distance_name(name):
+            return self.tile_distances()
         bundle, _, features = self._require_ready()
         with self._lock:
             key = self._alias.get(name, name)
@@ -229,6 +243,8 @@ class SlideSession:
 
     def canonical(self, name: str) -> str:
         """The name a layer should carry (the model's spelling of a gene, the set's own name)."""
+        if is_distance_name(name):
+            return DISTANCE_NAME
         with self._lock:
             if name in self._alias:
                 return self._alias[name]
@@ -240,9 +256,62 @@ class SlideSession:
         return pd.DataFrame({self.canonical(n): self.scores(n) for n in names})
 
     def slide_predictions(self, names: Iterable[str]) -> pd.Series:
-        """Slide-level predictions (top-k aggregation) of genes/sets."""
+        """Slide-level predictions (top-k aggregation) of genes/sets (the feature distance is skipped)."""
         bundle, _, features = self._require_ready()
-        return spatial.predict_resolved(bundle, features, self.resolve(list(names)))
+        names = [n for n in names if not is_distance_name(n)]
+        return spatial.predict_resolved(bundle, features, self.resolve(names))
+
+    def units(self, name: str) -> str:
+        """Units of a name's tile values (:data:`spatial.SCORE_UNITS`, or the distance's)."""
+        return ood.DISTANCE_UNITS if is_distance_name(name) else spatial.SCORE_UNITS
+
+    # ------------------------------------------------------------------------------------------ training data
+    def assessment(self, predictions: Mapping[str, float] | None = None) -> ood.OODAssessment:
+        """How this slide compares with the model's training data (:func:`ood.assess`), cached.
+
+        ``predictions`` (slide-level ``{gene: value}``) are checked against the training targets' range;
+        ``None`` checks every gene of the model the first time (then the cached assessment is returned).
+        Giving predictions always recomputes and replaces the cached assessment.
+        """
+        bundle, _, features = self._require_ready()
+        with self._lock:
+            if predictions is None and self._assessment is not None:
+                return self._assessment
+        result = ood.assess(bundle, features, predictions)
+        with self._lock:
+            if self.bundle is bundle and self.features is features:
+                self._assessment = result
+        return result
+
+    @property
+    def cached_assessment(self) -> ood.OODAssessment | None:
+        """The assessment computed since the last run (None before one); never computes."""
+        with self._lock:
+            return self._assessment
+
+    def tile_distances(self) -> np.ndarray:
+        """(N,) float32 distance of every tile to the model's training tiles (:func:`ood.tile_distance`).
+
+        Raises :class:`ModelError` when the model carries no feature reference.
+        """
+        bundle, _, features = self._require_ready()
+        ref = ood.bundle_reference(bundle)
+        if ref is None:
+            raise ModelError(
+                "this model bundle has no feature reference, so tile distances to its training data are "
+                "unavailable."
+            )
+        with self._lock:
+            cached = self._assessment
+        if cached is not None and cached.tile_distances is not None:
+            return cached.tile_distances
+        return ood.tile_distance(ref, features)
+
+    def warning(self) -> str | None:
+        """The assessment's sentence when the slide is outside the training data (or predictions out of
+        range), else None. Uses the cached assessment (computes it on first use)."""
+        a = self.assessment()
+        return a.message if a.outside else None
 
     def cached_names(self) -> list[str]:
         with self._lock:
@@ -276,7 +345,13 @@ class SlideSession:
     def contrast_limits(
         self, name: str, percentiles: tuple[float, float] = (1.0, 99.0)
     ) -> tuple[float, float]:
-        return spatial.robust_limits(self.scores(name), percentiles)
+        """Robust colour limits; the feature distance runs from 0 to at least the tile threshold, so that
+        a slide like the training slides looks dark and one outside them bright."""
+        lo, hi = spatial.robust_limits(self.scores(name), percentiles)
+        if is_distance_name(name):
+            ref = ood.bundle_reference(self._require_bundle()) or {}
+            return 0.0, max(hi, float(ref.get("tile_threshold", hi)))
+        return lo, hi
 
     def tile_at(self, x_um: float, y_um: float) -> int | None:
         """Row of ``grid.table`` under a point in µm (world coordinates), or None off the kept tiles."""
@@ -303,19 +378,40 @@ class SlideSession:
                 backbone=bundle.backbone,
                 demo=bool(bundle.demo),
             )
+        with self._lock:
+            assessment = self._assessment
+        if assessment is not None:
+            info.update(assessment.summary())
         return info
+
+    def scores_with_distance(self, scores: pd.DataFrame) -> pd.DataFrame:
+        """``scores`` plus a :data:`ood.DISTANCE_COLUMN` column when the model has a feature reference."""
+        bundle = self._require_bundle()
+        if ood.bundle_reference(bundle) is None:
+            return scores
+        if ood.DISTANCE_COLUMN in scores.columns:
+            raise GeneError(f"the name {ood.DISTANCE_COLUMN!r} is taken by the feature distance column.")
+        out = scores.copy()
+        out[ood.DISTANCE_COLUMN] = self.tile_distances()
+        return out
+
+    def _score_names(self, names: Iterable[str]) -> list[str]:
+        return [n for n in names if not is_distance_name(n)]
 
     def export_csv(self, path: str | Path, names: Iterable[str], overwrite: bool = False):
         """Tile CSV + ``<stem>_slide.csv`` (see :func:`spatial.write_tile_scores_csv`); returns both paths."""
-        names = list(names)
+        names = self._score_names(names)
         _, grid, _ = self._require_ready()
+        self.assessment()  # its summary goes in the header
+        scores = self.scores_with_distance(self.scores_frame(names))
         return spatial.write_tile_scores_csv(
-            path, grid, self.scores_frame(names), self.slide_info(), self.slide_predictions(names), overwrite
+            path, grid, scores, self.slide_info(), self.slide_predictions(names), overwrite
         )
 
     def export_geojson(self, path: str | Path, names: Iterable[str], overwrite: bool = False) -> Path:
         _, grid, _ = self._require_ready()
-        return spatial.write_geojson_tiles(path, grid, self.scores_frame(names), overwrite=overwrite)
+        scores = self.scores_with_distance(self.scores_frame(self._score_names(names)))
+        return spatial.write_geojson_tiles(path, grid, scores, overwrite=overwrite)
 
     def export_heatmap_tiff(self, path: str | Path, name: str, overwrite: bool = False) -> Path:
         _, grid, _ = self._require_ready()
@@ -328,9 +424,17 @@ class SlideSession:
         return thumb, (width / thumb.shape[1], height / thumb.shape[0])
 
     def render_png(self, path: str | Path, name: str, thumbnail=None, overwrite: bool = False, **kw) -> Path:
-        """PNG of a name's heatmap over the thumbnail (``thumbnail`` = (image, downsample) to reuse one)."""
+        """PNG of a name's heatmap over the thumbnail (``thumbnail`` = (image, downsample) to reuse one).
+
+        When the slide is outside the model's training data (:meth:`warning`), the sentence is drawn on
+        the picture.
+        """
         bundle, grid, _ = self._require_ready()
         thumb, ds = thumbnail if thumbnail is not None else self.thumbnail()
+        kw.setdefault("warning", self.warning())
+        kw.setdefault("units", self.units(name))
+        if is_distance_name(name):
+            kw.setdefault("limits", self.contrast_limits(name))
         return spatial.render_heatmap_png(
             path,
             thumb,
@@ -353,6 +457,7 @@ class SlideSession:
             self._alias.clear()
             self.features = None
             self.grid = None
+            self._assessment = None
         self.slide.close()
 
     def __enter__(self) -> SlideSession:
@@ -360,6 +465,12 @@ class SlideSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def is_distance_name(name: str) -> bool:
+    """True for :data:`DISTANCE_NAME` (any case) or the CSV column name ``feature_distance``."""
+    key = str(name).strip().lower()
+    return key in (DISTANCE_NAME.lower(), ood.DISTANCE_COLUMN)
 
 
 @dataclass
@@ -378,6 +489,7 @@ class SpatializeResult:
     geojson_path: Path | None
     demo: bool
     warnings: list[str] = field(default_factory=list)
+    assessment: ood.OODAssessment | None = None  # the slide vs the model's training data
 
     @property
     def n_tiles(self) -> int:
@@ -461,6 +573,8 @@ def spatialize(
         written, cancelled); no half-written file is left behind.
     """
     names = spatial.split_names(names) if isinstance(names, str) else [str(n) for n in names]
+    want_distance = any(is_distance_name(n) for n in names)
+    names = [n for n in names if not is_distance_name(n)]
     out_dir = Path(out_dir)
     model_file = Path(model_path) if model_path is not None else default_model_path()
     caught: list[str] = []
@@ -476,7 +590,12 @@ def spatialize(
         for msg in caught:  # re-emit for callers that watch warnings
             warnings.warn(msg, spatial.PartialGeneSetWarning, stacklevel=2)
         canonical = list(resolved)
-        paths = output_paths(slide_path, canonical, out_dir, geojson=geojson)
+        if want_distance and ood.bundle_reference(bundle) is None:
+            raise ModelError(
+                f"{model_file.name} has no feature reference, so the feature distance cannot be painted."
+            )
+        pictured = [*canonical, *([DISTANCE_NAME] if want_distance else [])]
+        paths = output_paths(slide_path, pictured, out_dir, geojson=geojson)
         planned = [paths["csv"], paths["slide_csv"], *paths["png"].values()]
         if paths["geojson"] is not None:
             planned.append(paths["geojson"])
@@ -496,16 +615,22 @@ def spatialize(
             warnings.simplefilter("ignore", spatial.PartialGeneSetWarning)  # already reported above
             scores = session.scores_frame(canonical)
             predictions = session.slide_predictions(canonical)
+            # Every gene scored (also those inside sets) is checked against the training targets' range.
+            needed = list(dict.fromkeys(g for genes in resolved.values() for g in genes))
+            values = bundle.slide_prediction(session.features, needed)
+            gene_preds = dict(zip(needed, (float(v) for v in values), strict=True))
+            assessment = session.assessment(gene_preds)
             jobs.check_cancel(cancel)
+            exported = session.scores_with_distance(scores)
             csv_path, slide_csv = spatial.write_tile_scores_csv(
-                paths["csv"], grid, scores, session.slide_info(), predictions, overwrite=overwrite
+                paths["csv"], grid, exported, session.slide_info(), predictions, overwrite=overwrite
             )
             geo = None
             if paths["geojson"] is not None:
-                geo = spatial.write_geojson_tiles(paths["geojson"], grid, scores, overwrite=overwrite)
+                geo = spatial.write_geojson_tiles(paths["geojson"], grid, exported, overwrite=overwrite)
             thumb = session.thumbnail(1024)
             pngs: dict[str, Path] = {}
-            for name in canonical:
+            for name in pictured:
                 jobs.check_cancel(cancel)
                 pngs[name] = session.render_png(
                     paths["png"][name], name, thumbnail=thumb, overwrite=overwrite
@@ -523,4 +648,5 @@ def spatialize(
         geojson_path=geo,
         demo=bool(bundle.demo),
         warnings=caught,
+        assessment=assessment,
     )

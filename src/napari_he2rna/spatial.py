@@ -700,6 +700,8 @@ def render_heatmap_png(
     limits: tuple[float, float] | None = None,
     dpi: int = 100,
     overwrite: bool = False,
+    warning: str | None = None,
+    units: str = SCORE_UNITS,
 ) -> Path:
     """Render a heatmap over the slide thumbnail to PNG (matplotlib Agg, no GUI).
 
@@ -725,6 +727,11 @@ def render_heatmap_png(
         Add the "DEMO model trained on synthetic slides" warning in a corner.
     limits
         Colour limits; default :func:`robust_limits` (1st-99th percentile).
+    warning
+        A sentence drawn in red under the picture (and kept in the PNG's ``Warning`` text chunk), e.g. that
+        the slide is outside the model's training data (:mod:`napari_he2rna.ood`).
+    units
+        Colour-bar units (default :data:`SCORE_UNITS`).
 
     The picture is in µm: the thumbnail and the heatmap share one extent, a scale bar gives µm/mm.
     """
@@ -765,7 +772,7 @@ def render_heatmap_png(
     title = f"{name} — {slide_name}" if slide_name else name
     ax.set_title(title, fontsize=11)
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    cbar.set_label(f"{name}: {SCORE_UNITS}")
+    cbar.set_label(f"{name}: {units}")
     cbar.solids.set_alpha(1.0)  # the legend shows the colours themselves, not their blend with the tissue
     bar_um = _nice_length(width_um / 5)
     ax.add_artist(
@@ -795,6 +802,24 @@ def render_heatmap_png(
             bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "darkred"},
         )
     fig.tight_layout()
+    meta = {"Title": title}
+    if warning:
+        import textwrap
+
+        text = "WARNING: " + warning
+        fig.text(
+            0.5,
+            0.0,
+            textwrap.fill(text, width=95),
+            ha="center",
+            va="top",
+            fontsize=9,
+            color="darkred",
+            bbox={"facecolor": "white", "alpha": 0.9, "edgecolor": "darkred"},
+        )
+        meta["Warning"] = text
     return atomic_write(
-        path, lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight"), overwrite
+        path,
+        lambda tmp: fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight", metadata=meta),
+        overwrite,
     )

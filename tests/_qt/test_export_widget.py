@@ -46,20 +46,6 @@ def model_path(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def notifications():
-    from napari.utils.notifications import notification_manager
-
-    seen: list[tuple[str, str]] = []
-
-    def record(notification) -> None:
-        seen.append((str(notification.severity), notification.message))
-
-    notification_manager.notification_ready.connect(record)
-    yield seen
-    notification_manager.notification_ready.disconnect(record)
-
-
-@pytest.fixture
 def painted(make_napari_viewer, qtbot, sample_slide, model_path):
     """A viewer with the sample slide run, CD3D and T cells painted, both widgets docked."""
     viewer = make_napari_viewer()

@@ -52,21 +52,6 @@ def demo_model_path(tmp_path_factory) -> Path:
     return _bundle(tmp_path_factory.mktemp("demo") / "demo_like.safetensors", demo=True)
 
 
-@pytest.fixture
-def notifications():
-    """Every napari notification shown during the test, as (severity, message)."""
-    from napari.utils.notifications import notification_manager
-
-    seen: list[tuple[str, str]] = []
-
-    def record(notification) -> None:
-        seen.append((str(notification.severity), notification.message))
-
-    notification_manager.notification_ready.connect(record)
-    yield seen
-    notification_manager.notification_ready.disconnect(record)
-
-
 def _open(viewer, path: Path):
     layers = viewer.open(str(path), plugin="napari-he2rna")
     assert len(layers) == 1

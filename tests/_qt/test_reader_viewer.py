@@ -15,21 +15,6 @@ from napari_he2rna.napari._slide_widget import SlideWidget
 from napari_he2rna.slide import Slide
 
 
-@pytest.fixture
-def notifications(monkeypatch):
-    """Every napari notification shown during the test, as (severity, message)."""
-    from napari.utils.notifications import notification_manager
-
-    seen: list[tuple[str, str]] = []
-
-    def record(notification) -> None:
-        seen.append((str(notification.severity), notification.message))
-
-    notification_manager.notification_ready.connect(record)
-    yield seen
-    notification_manager.notification_ready.disconnect(record)
-
-
 def test_viewer_opens_cmu_slide_in_microns(make_napari_viewer, cmu_slide, qtbot):
     viewer = make_napari_viewer(show=True)
     layers = viewer.open(str(cmu_slide), plugin="napari-he2rna")

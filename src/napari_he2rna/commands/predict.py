@@ -19,7 +19,9 @@ def register(subparsers) -> None:
             "mean, "
             "averaged over the fold models) and <slide>_tile_scores.csv (one row per tile: id, grid "
             "position, "
-            "level-0 x/y, one column per gene)."
+            "level-0 x/y, one column per gene, and feature_distance, the tile's distance to the model's "
+            "training tiles, when the model has a feature reference). Warns when the slide is outside the "
+            "model's training data or predictions leave the training targets' range."
         ),
     )
     p.add_argument("slide", help="whole-slide image (.svs, .tiff, .ndpi, ...)")
@@ -41,11 +43,15 @@ def run(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
+    from .. import ood
     from ..features import load_or_extract
     from ..jobs import TextProgress
-    from ..model import _atomic_write_bytes
     from ..pipeline import load_model
     from ..slide import open_slide
+    from ..spatial import atomic_write
+
+    def write_text(path: Path, text: str) -> None:
+        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
 
     bundle = load_model(args.model)
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
@@ -66,13 +72,16 @@ def run(args: argparse.Namespace) -> int:
     stem = Path(args.slide).stem
     slide_pred = pd.DataFrame({"gene": names, "prediction": bundle.slide_prediction(feats, names)})
     slide_csv = out / f"{stem}_prediction.csv"
-    _atomic_write_bytes(slide_csv, slide_pred.to_csv(index=False, float_format="%.5f").encode())
+    write_text(slide_csv, slide_pred.to_csv(index=False, float_format="%.5f"))
     if bundle.demo:
         print(
             "he2rna: warning: DEMO model trained on synthetic slides; its predictions mean nothing "
             "on tissue.",
             file=sys.stderr,
         )
+    assessment = ood.assess(bundle, feats, dict(zip(names, slide_pred["prediction"], strict=True)))
+    if assessment.outside:
+        print(f"he2rna: warning: {assessment.message}", file=sys.stderr)
     tile_genes = names if (genes or len(names) <= MAX_TILE_GENES_BY_DEFAULT) else None
     print(f"{len(grid.table)} tiles; slide-level predictions: {slide_csv}")
     if tile_genes is None:
@@ -80,9 +89,10 @@ def run(args: argparse.Namespace) -> int:
         return 0
     table = grid.table[["tile_id", "row", "col", "x", "y"]].reset_index(drop=True)
     scores = pd.DataFrame(bundle.tile_scores(feats, tile_genes), columns=tile_genes)
+    if assessment.tile_distances is not None and ood.DISTANCE_COLUMN not in scores.columns:
+        scores[ood.DISTANCE_COLUMN] = assessment.tile_distances
     tile_csv = out / f"{stem}_tile_scores.csv"
-    text = pd.concat([table, scores], axis=1).to_csv(index=False, float_format="%.5f")
-    _atomic_write_bytes(tile_csv, text.encode())
+    write_text(tile_csv, pd.concat([table, scores], axis=1).to_csv(index=False, float_format="%.5f"))
     print(f"per-tile scores: {tile_csv}")
     if len(names) <= 20:
         print(slide_pred.to_string(index=False))

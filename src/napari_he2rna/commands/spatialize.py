@@ -73,6 +73,8 @@ def run(args: argparse.Namespace) -> int:
             "he2rna: warning: DEMO model trained on synthetic slides; its scores mean nothing on tissue.",
             file=sys.stderr,
         )
+    if result.assessment is not None and result.assessment.outside:
+        print(f"he2rna: warning: {result.assessment.message}", file=sys.stderr)
     print(f"{result.n_tiles} tiles scored for {', '.join(result.scores.columns)} on {result.slide_path.name}")
     print(f"tile scores:  {result.csv_path}")
     print(f"slide-level:  {result.slide_csv_path}")

@@ -6,6 +6,10 @@ widget and in napari's activity dock, **Cancel** sets a ``threading.Event`` the 
 grid is drawn as a light outline layer as soon as it is known. A pick in the gene box paints an Image
 layer named after the gene/set: one pixel per tile, NaN off tissue, in µm over the slide layer. Errors a user
 can act on (:class:`~napari_he2rna.errors.He2rnaError`) become notifications, never tracebacks.
+
+After a run the worker also compares the slide with the model's training data (:mod:`napari_he2rna.ood`):
+when it is outside (or predictions leave the training targets' range) a red label in the Run box says so,
+and the gene box offers "feature distance (to training data)", painted like a gene.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .. import spatial
+from .. import ood, spatial
 from ..errors import Cancelled, He2rnaError
-from ..pipeline import default_model_path
+from ..pipeline import DISTANCE_NAME, default_model_path
 from ._state import META_KEY, SlideState, get_registry, is_slide_layer, layer_info
 
 if TYPE_CHECKING:
@@ -50,6 +54,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEMO_WARNING = "DEMO: trained on synthetic slides, means nothing on real tissue"
+OOD_STYLE = "color: #ff4040; font-weight: bold;"
+OOD_OK_STYLE = "color: #a0a0a0;"
 HEATMAP_COLORMAP = "magma"
 HEATMAP_OPACITY = 0.6
 DEVICES = ("auto", "cuda", "cpu")
@@ -149,13 +155,18 @@ def _compute_job(
     try:
         session.slide.require_mpp()
         jobs.check_cancel(cancel)
-        return session.compute_features(
+        grid = session.compute_features(
             device=device,
             progress=lambda d, t, m="": bridge.progressed.emit(int(d), int(t), str(m)),
             cancel=cancel,
             # The outline appears as soon as the grid is known, before the long extraction.
             grid_ready=bridge.grid_ready.emit,
         )
+        jobs.check_cancel(cancel)
+        # The training-data check (tile distances, every gene's slide prediction vs the training range)
+        # runs here too, off the GUI thread; the widget reads the cached assessment.
+        session.assessment()
+        return grid
     except Exception as exc:  # noqa: BLE001 - handed to the GUI thread, which reports it
         return _Failed(exc)
 
@@ -212,6 +223,11 @@ class ModelWidget(QWidget):
         self.progress_bar.setValue(0)
         self.status_label = QLabel("")
         self.status_label.setWordWrap(True)
+        # Whether the slide is like the model's training data (set after each run, per slide).
+        self.ood_label = QLabel("")
+        self.ood_label.setWordWrap(True)
+        self.ood_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.ood_label.setVisible(False)
 
         # --- genes
         self.gene_model = QStringListModel([])
@@ -264,6 +280,7 @@ class ModelWidget(QWidget):
         run_layout.addLayout(buttons)
         run_layout.addWidget(self.progress_bar)
         run_layout.addWidget(self.status_label)
+        run_layout.addWidget(self.ood_label)
 
         gene_box = QGroupBox("Genes")
         gene_layout = QVBoxLayout(gene_box)
@@ -348,6 +365,7 @@ class ModelWidget(QWidget):
         self.model_label.setText(bundle.describe().split(" DEMO MODEL:")[0])
         self.demo_label.setVisible(bool(bundle.demo))
         self.refresh_genes()
+        self.update_assessment()
         return bundle
 
     def _open_model_clicked(self) -> None:
@@ -379,7 +397,35 @@ class ModelWidget(QWidget):
     def _slide_changed(self, *_: Any) -> None:
         self.current_state()  # a slide layer picked gets its session
         self.refresh_genes()
+        self.update_assessment()
         self._update_buttons()
+
+    def update_assessment(self) -> ood.OODAssessment | None:
+        """Show how the picked slide compares with the current model's training data (after a Run).
+
+        Red text when the slide is outside (its scores are not predictions), grey when it is within or the
+        check is unavailable, hidden before a run. Returns the assessment shown, or None.
+        """
+        state = self.current_state()
+        session = state.session if state is not None else None
+        assessment = (
+            session.cached_assessment
+            if session is not None and session.ready and session.bundle is self.bundle
+            else None
+        )
+        if assessment is None:
+            self.ood_label.setVisible(False)
+            self.ood_label.setText("")
+            return None
+        sentence = assessment.message[:1].upper() + assessment.message[1:]
+        if assessment.outside:
+            self.ood_label.setText(f"Warning: {sentence}")
+            self.ood_label.setStyleSheet(OOD_STYLE)
+        else:
+            self.ood_label.setText(sentence)
+            self.ood_label.setStyleSheet(OOD_OK_STYLE)
+        self.ood_label.setVisible(True)
+        return assessment
 
     def _registry_changed(self) -> None:
         self._update_buttons()
@@ -490,6 +536,7 @@ class ModelWidget(QWidget):
         self.progress_bar.setValue(1)
         self.status_label.setText(f"{len(grid.table)} tiles ready: pick a gene or a gene set to paint.")
         self.refresh_genes()
+        self.update_assessment()
         self._repaint(state)
 
     def _on_errored(self, state: SlideState, exc: BaseException) -> None:
@@ -617,12 +664,12 @@ class ModelWidget(QWidget):
                 metadata={
                     META_KEY: {"kind": "heatmap", "session_key": state.key, "name": canonical},
                     "session": session,
-                    "units": spatial.SCORE_UNITS,
+                    "units": session.units(canonical),
                 },
             )
         self._show_colorbar(layer)
         self.viewer.layers.selection.active = layer
-        self.status_label.setText(f"Painted {canonical} ({spatial.SCORE_UNITS}).")
+        self.status_label.setText(f"Painted {canonical} ({session.units(canonical)}).")
         self.registry.changed.emit()
         return layer
 
@@ -652,8 +699,9 @@ class ModelWidget(QWidget):
             return state.session.choices()
         if self.bundle is None:
             return []
+        first = [DISTANCE_NAME] if ood.bundle_reference(self.bundle) is not None else []
         sets = [*spatial.GENE_SETS, *[s for s in self.user_sets if s not in spatial.GENE_SETS]]
-        return [*sets, *self.bundle.genes]
+        return [*first, *sets, *self.bundle.genes]
 
     def refresh_genes(self) -> None:
         """Refill the gene box (keeps what is typed)."""
