@@ -55,6 +55,9 @@ VARIANTS: dict[str, dict] = {
     "k-large": {"ks": (10, 20, 50, 100)},
     "k-mean": {"ks": (100,)},
     "epochs-50": {"max_epochs": 50},
+    "z-targets": {"standardize_targets": True},
+    "z-targets-lr-1e-3": {"standardize_targets": True, "lr": 1e-3},
+    "lr-1e-3-k-large": {"lr": 1e-3, "ks": (10, 20, 50, 100)},
 }
 
 
@@ -64,14 +67,22 @@ def planted_counts(per_gene: pd.DataFrame, column: str) -> dict[str, dict[str, i
         sig = sub.set_index("gene")[column].astype(bool)
         planted = [g for g in sig.index if g in GENE_PANEL]
         controls = [g for g in sig.index if g not in GENE_PANEL]
-        out[str(t)] = {"planted": int(sig[planted].sum()), "of_planted": len(planted),
-                       "controls": int(sig[controls].sum()), "of_controls": len(controls)}
+        out[str(t)] = {
+            "planted": int(sig[planted].sum()),
+            "of_planted": len(planted),
+            "controls": int(sig[controls].sum()),
+            "of_controls": len(controls),
+        }
     return out
 
 
 def tile_level(result, cohort, samples, backbone, cache_dir) -> dict[str, float]:
     """Held-out tile-level R of the gene sets with the planted truth, pooled and median per slide."""
-    sets = {"T cells": ("t_cells", "T"), "B cells": ("b_cells", "B"), "epithelium": ("epithelium_fraction", "epi")}
+    sets = {
+        "T cells": ("t_cells", "T"),
+        "B cells": ("b_cells", "B"),
+        "epithelium": ("epithelium_fraction", "epi"),
+    }
     pooled: dict[str, list[np.ndarray]] = {k: [] for k in sets}
     truth_all: dict[str, list[np.ndarray]] = {k: [] for k in sets}
     per_slide: dict[str, list[float]] = {k: [] for k in sets}
@@ -100,7 +111,9 @@ def tile_level(result, cohort, samples, backbone, cache_dir) -> dict[str, float]
         s, t = np.concatenate(pooled[name]), np.concatenate(truth_all[name])
         m = tile_metrics(s, t, percentiles=(90,))
         out[f"{name} R pooled"] = round(float(m.pearson_r), 3)
-        out[f"{name} R median per slide"] = round(float(np.median(per_slide[name])), 3) if per_slide[name] else None
+        out[f"{name} R median per slide"] = (
+            round(float(np.median(per_slide[name])), 3) if per_slide[name] else None
+        )
         if name == "T cells":
             out["T cells AUC top10%"] = round(float(m.auc["p90"]), 3)
     return out
@@ -138,8 +151,11 @@ def main(argv=None) -> int:
             "seconds": round(time.perf_counter() - t0, 1),
             "bh": planted_counts(ev.per_gene, "significant_bh"),
             "holm_sidak": planted_counts(ev.per_gene, "significant"),
+            "bh_pooled": planted_counts(ev.per_gene, "significant_bh_pooled"),
             "mean_r": {r.cancer_type: round(float(r.mean_r), 3) for r in ev.summary.itertuples()},
-            "mean_r_pooled": {r.cancer_type: round(float(r.mean_r_pooled), 3) for r in ev.summary.itertuples()},
+            "mean_r_pooled": {
+                r.cancer_type: round(float(r.mean_r_pooled), 3) for r in ev.summary.itertuples()
+            },
             "planted_r_pooled_median": {
                 t: round(float(sub.loc[sub["gene"].isin(list(GENE_PANEL)), "r_pooled_folds"].median()), 3)
                 for t, sub in ev.per_gene.groupby("cancer_type")
@@ -151,8 +167,11 @@ def main(argv=None) -> int:
         results[name] = row
         print(name, json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"cohort": str(cohort_dir), "n_samples": len(cohort.sample_ids),
-                                          "variants": results}, indent=1))
+    Path(args.out).write_text(
+        json.dumps(
+            {"cohort": str(cohort_dir), "n_samples": len(cohort.sample_ids), "variants": results}, indent=1
+        )
+    )
     return 0
 
 

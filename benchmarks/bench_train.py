@@ -40,7 +40,7 @@ from bench_extract import _cpu_name  # same folder: run as a script, benchmarks/
 from torch import nn
 
 from napari_he2rna.model import HE2RNA, load_bundle, save_bundle, topk_mean
-from napari_he2rna.training import _Slides
+from napari_he2rna.training import SlideBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = (1, 2, 5, 10, 20, 50, 100)
@@ -76,7 +76,7 @@ def make_cohort(n_slides: int, n_tiles: int, dim: int, n_genes: int, seed: int =
     return feats, y
 
 
-def epoch_seconds(step, slides: _Slides, n: int, batch: int, rng: np.random.Generator) -> float:
+def epoch_seconds(step, slides: SlideBatches, n: int, batch: int, rng: np.random.Generator) -> float:
     order = rng.permutation(n)
     t0 = time.perf_counter()
     for start in range(0, n, batch):
@@ -89,7 +89,7 @@ def epoch_seconds(step, slides: _Slides, n: int, batch: int, rng: np.random.Gene
 def bench_training(args) -> dict:
     feats, y = make_cohort(args.slides, args.tiles, args.dim, args.genes)
     ids = list(feats)
-    slides = _Slides(feats, ids, keep_in_memory=True)
+    slides = SlideBatches(feats, ids, keep_in_memory=True)
     y_t = torch.from_numpy(y)
     torch.manual_seed(0)
     ours = HE2RNA(args.dim, args.genes, (1024, 1024))

@@ -1,4 +1,4 @@
-"""The linear baseline: ridge on slide-mean features, same folds as HE2RNA, saved and painted like any model."""
+"""The linear baseline: ridge on slide-mean features, same folds as HE2RNA, saved and painted like a model."""
 
 from __future__ import annotations
 
@@ -27,8 +27,11 @@ def linear_cohort(n_patients=60, dim=12, seed=0):
             m = x.mean(axis=0)
             expr.append(
                 pd.Series(
-                    {"LIN1": 3 + m @ w + rng.normal(0, 0.3), "LIN2": 2 - 0.5 * m[0] + rng.normal(0, 0.1),
-                     "CTRL": 1 + rng.normal(0, 0.3)},
+                    {
+                        "LIN1": 3 + m @ w + rng.normal(0, 0.3),
+                        "LIN2": 2 - 0.5 * m[0] + rng.normal(0, 0.1),
+                        "CTRL": 1 + rng.normal(0, 0.3),
+                    },
                     name=sid,
                 )
             )
@@ -56,8 +59,17 @@ def test_baseline_on_the_same_folds_saved_as_a_bundle_paints_tiles_linearly(tmp_
     r = {g: np.corrcoef(cohort.expression[g], result.oof[g])[0, 1] for g in cohort.genes}
     assert r["LIN1"] > 0.9 and r["LIN2"] > 0.9 and abs(r["CTRL"]) < 0.4
     meta = bundle_metadata(result, cohort)
-    path = save_bundle(tmp_path / "ridge.safetensors", result.models, cohort.genes, "bb", 12, 112.0, (1,), meta,
-                       aggregation="mean")
+    path = save_bundle(
+        tmp_path / "ridge.safetensors",
+        result.models,
+        cohort.genes,
+        "bb",
+        12,
+        112.0,
+        (1,),
+        meta,
+        aggregation="mean",
+    )
     bundle = load_bundle(path)
     assert bundle.aggregation == "mean" and bundle.hidden == ()
     # out-of-fold predictions come back from the bundle, from raw features
@@ -68,7 +80,9 @@ def test_baseline_on_the_same_folds_saved_as_a_bundle_paints_tiles_linearly(tmp_
     w = np.mean([f[0][0].numpy() for f in bundle.layers], axis=0)  # (G, dim), folds averaged
     b = np.mean([f[0][1].numpy() for f in bundle.layers], axis=0)
     np.testing.assert_allclose(bundle.tile_scores(tiles), tiles @ w.T + b, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(bundle.slide_prediction(tiles), bundle.tile_scores(tiles).mean(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(
+        bundle.slide_prediction(tiles), bundle.tile_scores(tiles).mean(axis=0), rtol=1e-5
+    )
 
 
 def test_baseline_cannot_be_fine_tuned():

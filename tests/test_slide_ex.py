@@ -8,10 +8,11 @@ import pytest
 import torch
 
 from napari_he2rna import slide_ex as sx
+from napari_he2rna.cohort import Cohort, load_samples
 from napari_he2rna.errors import DataError
 from napari_he2rna.model import HE2RNA, load_bundle
 from napari_he2rna.spatial import score_tiles
-from napari_he2rna.training import Cohort, bundle_oof_predictions, load_samples
+from napari_he2rna.training import bundle_oof_predictions
 
 TINY = dict(
     outer_folds=3,
@@ -76,7 +77,7 @@ def test_outer_test_samples_never_reach_training_or_model_choice(monkeypatch):
 
     # Record what every training run and every prediction of the nested CV was given.
     calls: list[tuple[str, list[str], list[str]]] = []
-    real_train, real_predict = sx._train_one, sx.predict_slides
+    real_train, real_predict = sx.train_one, sx.predict_slides
 
     def train_spy(model, slides, y, types, train_idx, val_idx, *args, **kwargs):
         calls.append(("train", [slides.ids[i] for i in train_idx], [slides.ids[i] for i in val_idx]))
@@ -86,7 +87,7 @@ def test_outer_test_samples_never_reach_training_or_model_choice(monkeypatch):
         calls.append(("predict", [slides.ids[i] for i in idx], []))
         return real_predict(model, slides, idx, *args, **kwargs)
 
-    monkeypatch.setattr(sx, "_train_one", train_spy)
+    monkeypatch.setattr(sx, "train_one", train_spy)
     monkeypatch.setattr(sx, "predict_slides", predict_spy)
     res = sx.nested_cross_validate(feats, targets, samples, config, folds=folds)
     monkeypatch.undo()

@@ -1,5 +1,5 @@
-"""Cohort data, patient-grouped cross-validation, standardisation, the validation criterion and HE2RNA training
-on a planted cohort."""
+"""Cohort data, patient-grouped cross-validation, standardisation, the validation criterion and HE2RNA
+training on a planted cohort."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
+from napari_he2rna.cohort import load_expression, load_samples, match_cohort
 from napari_he2rna.errors import Cancelled, DataError
 from napari_he2rna.evaluation import evaluate
-from napari_he2rna.model import load_bundle, save_bundle
-from napari_he2rna.cohort import load_expression, load_samples, match_cohort
 from napari_he2rna.folds import choose_criterion, cv_folds, validation_split
+from napari_he2rna.model import load_bundle, save_bundle
 from napari_he2rna.training import (
     TrainConfig,
     bundle_metadata,

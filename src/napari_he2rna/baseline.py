@@ -171,7 +171,12 @@ def ridge_cross_validate(
         check_targets(y, cohort.genes, tr, f)
         scaler = FeatureScaler.fit([means[tr]])
         coef, intercept, alpha = fit_ridge(
-            scaler.transform(means[tr]), y[tr], patients[tr], types[tr], config.alphas, config.inner_folds,
+            scaler.transform(means[tr]),
+            y[tr],
+            patients[tr],
+            types[tr],
+            config.alphas,
+            config.inner_folds,
             config.seed + f,
         )
         oof[te] = scaler.transform(means[te]) @ coef + intercept

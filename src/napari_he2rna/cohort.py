@@ -353,7 +353,6 @@ def match_cohort(
     return Cohort(expression=expr, samples=samples.loc[with_feat].copy(), features=features), rep
 
 
-
 # ------------------------------------------------------------------------------------ cached features
 
 
@@ -406,8 +405,13 @@ def cohort_features(
         except He2rnaError:  # the store went away or broke since: extract again
             with open_slide(samples.loc[sid, "slide"]) as slide:
                 return feat.load_or_extract(
-                    slide, bb, tile_um=tile_um, cache_dir=cache_dir, device=device,
-                    supertile_k=supertile_k, cancel=cancel,
+                    slide,
+                    bb,
+                    tile_um=tile_um,
+                    cache_dir=cache_dir,
+                    device=device,
+                    supertile_k=supertile_k,
+                    cancel=cancel,
                 )[1]
 
     def read_train(sid: str) -> np.ndarray:
@@ -429,9 +433,16 @@ def cohort_features(
         else:
             try:
                 with open_slide(slide_path) as slide:
-                    grid, tiles = feat.load_or_extract(  # in tile mode too: extract now, train reads the cache
-                        slide, bb, tile_um=tile_um, cache_dir=cache_dir, device=device,
-                        supertile_k=supertile_k, cancel=cancel,
+                    grid, tiles = (
+                        feat.load_or_extract(  # in tile mode too: extract now, train reads the cache
+                            slide,
+                            bb,
+                            tile_um=tile_um,
+                            cache_dir=cache_dir,
+                            device=device,
+                            supertile_k=supertile_k,
+                            cancel=cancel,
+                        )
                     )
                     stores[sid] = feat.cache_path(slide, bb, tile_um, cache_dir)
                 means[sid] = tiles.astype(np.float64).mean(axis=0)
@@ -459,7 +470,9 @@ def dropped_genes_summary(expression: pd.DataFrame, shown: int = 5) -> str:
     for why in ("missing values", "zero median"):
         genes = [g for g, w in dropped.items() if w == why]
         if genes:
-            names = ", ".join(genes[:shown]) + (f" and {len(genes) - shown} more" if len(genes) > shown else "")
+            names = ", ".join(genes[:shown]) + (
+                f" and {len(genes) - shown} more" if len(genes) > shown else ""
+            )
             parts.append(f"{len(genes)} with {why} ({names})")
     hint = ""
     n_in = int(expression.attrs.get("n_genes_in", 0) or 0)

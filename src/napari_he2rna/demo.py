@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -198,7 +198,6 @@ def _build(
     progress,
     cancel,
 ):
-    import numpy as np
 
     from .cohort import cohort_features, load_expression, load_samples, match_cohort
     from .evaluation import write_report

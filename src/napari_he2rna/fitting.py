@@ -48,8 +48,14 @@ def fit(
     config = config or TrainConfig()
     if model_type == "he2rna":
         return cross_validate(
-            cohort, config, progress=progress, cancel=cancel, checkpoint_dir=checkpoint_dir,
-            initial_models=initial_models, folds=folds, log=log,
+            cohort,
+            config,
+            progress=progress,
+            cancel=cancel,
+            checkpoint_dir=checkpoint_dir,
+            initial_models=initial_models,
+            folds=folds,
+            log=log,
         )
     if model_type == "ridge":
         if initial_models is not None:
@@ -90,7 +96,15 @@ def save_result(
     ks = result.config.k_list if isinstance(result.config, TrainConfig) else (1,)
     dim = result.models[0].input_dim
     return save_bundle(
-        out, result.models, cohort.genes, backbone, dim, tile_um, ks, meta, demo=demo,
+        out,
+        result.models,
+        cohort.genes,
+        backbone,
+        dim,
+        tile_um,
+        ks,
+        meta,
+        demo=demo,
         aggregation=result.aggregation,
     )
 
@@ -107,8 +121,15 @@ def null_predictions(
     from .training import untrained_predictions
 
     return untrained_predictions(
-        cohort, config.hidden, n_inits, config.k_list, config.dropout, seed=seed, device=config.device,
-        cancel=cancel, standardize=config.standardize,
+        cohort,
+        config.hidden,
+        n_inits,
+        config.k_list,
+        config.dropout,
+        seed=seed,
+        device=config.device,
+        cancel=cancel,
+        standardize=config.standardize,
     )
 
 
@@ -127,6 +148,13 @@ def evaluate_result(
 
     types = cohort.samples.loc[cohort.sample_ids, "cancer_type"].astype(str).to_numpy()
     return evaluate(
-        cohort.expression, oof, types, folds, null, alpha=alpha, gene_sets=gene_sets,
-        n_random_sets=n_random_sets, seed=seed,
+        cohort.expression,
+        oof,
+        types,
+        folds,
+        null,
+        alpha=alpha,
+        gene_sets=gene_sets,
+        n_random_sets=n_random_sets,
+        seed=seed,
     )

@@ -74,7 +74,8 @@ def group_folds(strata: Sequence, groups: Sequence, n_splits: int, seed: int = 0
         raise DataError("Cross-validation needs at least 2 folds.")
     if n_groups < n_splits:
         raise DataError(
-            f"{n_groups} patients cannot fill {n_splits} folds; use at most {n_groups} folds or more patients."
+            f"{n_groups} patients cannot fill {n_splits} folds; "
+            f"use at most {n_groups} folds or more patients."
         )
     folds = np.full(len(strata), -1, dtype=np.int64)
     splitter = StratifiedGroupKFold(n_splits=int(n_splits), shuffle=True, random_state=int(seed))
@@ -110,7 +111,8 @@ def check_cohort_size(samples: pd.DataFrame, n_folds: int) -> None:
         raise DataError("Cross-validation needs at least 2 folds.")
     if n_patients < n_folds:
         raise DataError(
-            f"The cohort has {n_patients} patients, too few for {n_folds} folds; use --folds {max(2, n_patients)} "
+            f"The cohort has {n_patients} patients, too few for {n_folds} folds; "
+            f"use --folds {max(2, n_patients)} "
             "or add patients."
         )
     counts = samples["cancer_type"].astype(str).value_counts()
@@ -195,7 +197,9 @@ def choose_criterion(val_types: Sequence[str], train_types: Sequence[str] | None
     if len(val) == 0:
         return "none"
     counts = val.value_counts()
-    types = set(np.asarray(train_types).astype(str).tolist()) if train_types is not None else set(counts.index)
+    types = (
+        set(np.asarray(train_types).astype(str).tolist()) if train_types is not None else set(counts.index)
+    )
     if all(counts.get(t, 0) >= MIN_VAL_PER_TYPE for t in types | set(counts.index)):
         return "per-type R"
     if len(val) >= MIN_VAL_POOLED:
@@ -203,7 +207,9 @@ def choose_criterion(val_types: Sequence[str], train_types: Sequence[str] | None
     return "loss"
 
 
-def small_fold_types(types: Sequence[str], folds: Sequence[int], minimum: int = MIN_FOLD_PER_TYPE) -> pd.DataFrame:
+def small_fold_types(
+    types: Sequence[str], folds: Sequence[int], minimum: int = MIN_FOLD_PER_TYPE
+) -> pd.DataFrame:
     """The (fold, cancer type) pairs holding fewer than ``minimum`` test samples (fold R is noise there).
 
     Returns

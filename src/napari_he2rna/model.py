@@ -203,7 +203,7 @@ def _tensor_digest(tensors: Mapping[str, torch.Tensor], metadata_json: str) -> s
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename (never half a file)."""
+    """Write ``data`` to ``path`` through a temporary file beside it and a rename (never half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -215,10 +215,6 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-# Kept for modules not yet moved to the public name.
-_atomic_write_bytes = atomic_write_bytes
 
 
 def json_default(obj: Any):

@@ -121,7 +121,11 @@ class FeatureScaler:
         with torch.no_grad():
             w = first.weight.double()
             w2 = w[:, :, 0] if w.ndim == 3 else w
-            first.bias.copy_((first.bias.double() + w2 @ torch.as_tensor(self.mean, dtype=torch.float64)).to(first.bias.dtype))
+            first.bias.copy_(
+                (first.bias.double() + w2 @ torch.as_tensor(self.mean, dtype=torch.float64)).to(
+                    first.bias.dtype
+                )
+            )
             s = torch.as_tensor(self.std, dtype=torch.float64)
             first.weight.copy_((w * (s[None, :, None] if w.ndim == 3 else s[None, :])).to(first.weight.dtype))
 
@@ -136,7 +140,9 @@ class FeatureScaler:
 
     @classmethod
     def from_json(cls, doc: Mapping[str, Sequence[float]]) -> FeatureScaler:
-        return cls(mean=np.asarray(doc["mean"], dtype=np.float64), std=np.asarray(doc["std"], dtype=np.float64))
+        return cls(
+            mean=np.asarray(doc["mean"], dtype=np.float64), std=np.asarray(doc["std"], dtype=np.float64)
+        )
 
 
 class ScaledFeatures(Mapping):

@@ -49,13 +49,13 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .cohort import Cohort, load_expression, read_table
 from .errors import DataError
 from .evaluation import Evaluation, evaluate, mean_r_by_type, pearson_columns
-from .jobs import CancelToken, ProgressCallback, check_cancel, report
-from .model import HE2RNA, SUPERTILE_KS, save_bundle
-from .cohort import Cohort, load_expression, read_table
 from .folds import group_folds
 from .folds import patient_auc as patient_auc
+from .jobs import CancelToken, ProgressCallback, check_cancel, report
+from .model import HE2RNA, SUPERTILE_KS, json_default, save_bundle
 from .scaling import FeatureScaler, ScaledFeatures
 from .training import (
     SlideBatches,
@@ -699,7 +699,13 @@ def untrained_null(
             features=ScaledFeatures(features, FeatureScaler(o.feature_mean, o.feature_std)),
         )
         out[:, [pos[s] for s in test]] = untrained_predictions(
-            cohort, cfg.hidden(o.width), cfg.null_inits, cfg.ks, cfg.dropout, seed=seed, device=cfg.device,
+            cohort,
+            cfg.hidden(o.width),
+            cfg.null_inits,
+            cfg.ks,
+            cfg.dropout,
+            seed=seed,
+            device=cfg.device,
             standardize=False,  # already scaled with the outer fold's training samples
         )
     return out
@@ -1132,18 +1138,10 @@ def write_slide_ex(
         },
     }
     paths["json"] = out / "slide_ex.json"
-    _write_text(paths["json"], json.dumps(doc, indent=2, default=_json_default))
+    _write_text(paths["json"], json.dumps(doc, indent=2, default=json_default))
     paths["report"] = out / "report.md"
     _write_text(paths["report"], _report(result, summary, per_gene, doc))
     return paths
-
-
-def _json_default(obj: Any):
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
 def _report(result: SlideExResult, summary: pd.DataFrame, per_gene: pd.DataFrame, doc: dict) -> str:

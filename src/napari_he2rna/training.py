@@ -37,7 +37,15 @@ from .evaluation import mean_r_by_type, pearson_by_type, pearson_columns
 from .features import resolve_device
 from .folds import choose_criterion, cv_folds, validation_split
 from .jobs import CancelToken, ProgressCallback, check_cancel, report
-from .model import FULL_TILE_KS, HE2RNA, SUPERTILE_KS, ModelBundle, atomic_write_bytes, topk_mean, topk_mean_multi
+from .model import (
+    FULL_TILE_KS,
+    HE2RNA,
+    SUPERTILE_KS,
+    ModelBundle,
+    atomic_write_bytes,
+    topk_mean,
+    topk_mean_multi,
+)
 from .scaling import FeatureScaler, ScaledFeatures
 
 __all__ = [
@@ -74,6 +82,7 @@ class TrainConfig:
     seed: int = 0
     weight_decay: float = 0.0
     standardize: bool = True  # inputs (x - mean) / std, fitted per fold on its training samples
+    standardize_targets: bool = False  # each gene z-scored on the fold's training samples (equal weight)
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -263,7 +272,8 @@ def train_one(
     rng
         Shuffling and the k drawn per batch.
     on_epoch
-        Called after every epoch with ``(epoch, info)``: ``info`` has ``criterion``, ``score``, ``train_loss``.
+        Called after every epoch with ``(epoch, info)``: ``info`` holds ``criterion``, ``score`` and
+        ``train_loss``.
     aggregation
         ``"topk"`` (one k from the k list per batch, the paper's) or ``"mean"`` (all tiles).
 
@@ -460,11 +470,12 @@ def cross_validate(
     probe = SlideBatches(cohort.features, ids, keep_in_memory=False)
     dim = probe.get(0).shape[1]
     if config.mode == "supertiles":
-        for i, sid in enumerate(ids):
+        for sid in ids:
             n = np.asarray(cohort.features[sid]).shape[0]
             if n > 1000:
                 raise DataError(
-                    f"Supertile mode expects about 100 supertiles per slide; {sid} has {n} rows (use mode='tiles')."
+                    f"Supertile mode expects about 100 supertiles per slide; {sid} has {n} rows "
+                    "(use mode='tiles')."
                 )
     for f in range(n_folds):
         check_targets(y, cohort.genes, np.flatnonzero(folds != f), f)
@@ -487,18 +498,34 @@ def cross_validate(
         scaler = scalers[f]
         torch.manual_seed(config.seed * 1000 + f)  # dropout and initial weights, reproducible per fold
         rng = np.random.default_rng([config.seed, f])
+        # Targets: as measured, or z-scored per gene on this fold's training samples (then every gene
+        # weighs the same in the loss); the output layer is mapped back to measured units at the end.
+        if config.standardize_targets:
+            y_mean = y[train_all].mean(axis=0)
+            y_std = np.where(y[train_all].std(axis=0) > 0, y[train_all].std(axis=0), 1.0)
+        else:
+            y_mean, y_std = np.zeros(y.shape[1]), np.ones(y.shape[1])
+        y_fit = ((y - y_mean) / y_std).astype(np.float32)
         if initial_models is not None:
             model = copy.deepcopy(initial_models[f])
             scaler.unfold_from(model)  # the model took raw features: re-express it on scaled ones
+            _rescale_output(model, 1.0 / y_std, -y_mean / y_std)
         else:
-            model = HE2RNA(dim, y.shape[1], config.hidden, config.dropout, output_bias=y[train_all].mean(axis=0))
+            model = HE2RNA(
+                dim, y.shape[1], config.hidden, config.dropout, output_bias=y_fit[train_all].mean(axis=0)
+            )
         model.to(device)
         path = ckpt / f"fold{f}.safetensors" if ckpt is not None else None
         loaded = _load_fold_checkpoint(path, model, key) if path is not None and path.is_file() else None
         if loaded is not None:  # a finished fold: its saved model already takes raw features
             oof[test_idx], history = loaded
             history = {**history, "resumed": True}
-            report(progress, (f + 1) * config.max_epochs, total, f"fold {f + 1}/{n_folds} resumed from checkpoint")
+            report(
+                progress,
+                (f + 1) * config.max_epochs,
+                total,
+                f"fold {f + 1}/{n_folds} resumed from checkpoint",
+            )
         else:
             slides = SlideBatches(
                 ScaledFeatures(cohort.features, scaler), ids, keep_in_memory=config.mode == "supertiles"
@@ -531,10 +558,15 @@ def cross_validate(
                 msg = f"fold {f + 1}/{n_folds} epoch {epoch + 1}: train MSE {info['train_loss']:.4f}{tail}"
                 report(progress, f * config.max_epochs + epoch + 1, total, msg)
 
-            history = train_one(model, slides, y, types, train_idx, val_idx, config, device, rng, on_epoch, cancel)
+            history = train_one(
+                model, slides, y_fit, types, train_idx, val_idx, config, device, rng, on_epoch, cancel
+            )
             history["fold"] = f
-            oof[test_idx] = predict_slides(model, slides, test_idx, config.k_list, device, config.batch)
             model.cpu()
+            _rescale_output(model, y_std, y_mean)
+            oof[test_idx] = predict_slides(
+                model, slides, test_idx, config.k_list, torch.device("cpu"), config.batch
+            )
             scaler.fold_into(model)
             report(progress, (f + 1) * config.max_epochs, total, f"fold {f + 1}/{n_folds} done")
             if path is not None:
@@ -552,6 +584,17 @@ def cross_validate(
         config=config,
         scalers=scalers,
     )
+
+
+def _rescale_output(model: HE2RNA, scale: np.ndarray, shift: np.ndarray) -> None:
+    """Make the model output ``scale * out + shift`` per gene (in place, in its last layer)."""
+    last = model.layers[-1]
+    with torch.no_grad():
+        sc = torch.as_tensor(np.asarray(scale, dtype=np.float64))
+        last.weight.copy_((last.weight.double() * sc[:, None, None]).to(last.weight.dtype))
+        last.bias.copy_(
+            (last.bias.double() * sc + torch.as_tensor(np.asarray(shift, np.float64))).to(last.bias.dtype)
+        )
 
 
 def untrained_predictions(
@@ -628,7 +671,8 @@ def bundle_oof_predictions(
     first = np.asarray(cohort.features[ids[0]])
     if first.ndim != 2 or first.shape[1] != bundle.feature_dim:
         raise DataError(
-            f"The cohort's features have {first.shape[-1]} dimensions but the model takes {bundle.feature_dim} "
+            f"The cohort's features have {first.shape[-1]} dimensions but the model takes "
+            f"{bundle.feature_dim} "
             f"({bundle.backbone}); extract features with the model's backbone."
         )
     if bundle.aggregation == "mean" and not bundle.hidden:
@@ -647,7 +691,8 @@ def bundle_oof_predictions(
     rest = np.flatnonzero((folds < 0) | (folds >= len(modules)))
     if len(rest):
         preds[rest] = np.mean(
-            [predict_slides(m.to(dev), slides, rest, bundle.ks, dev, aggregation=agg) for m in modules], axis=0
+            [predict_slides(m.to(dev), slides, rest, bundle.ks, dev, aggregation=agg) for m in modules],
+            axis=0,
         )
         folds[rest] = -1
     return pd.DataFrame(preds, index=pd.Index(ids, name="sample_id"), columns=bundle.genes), folds
@@ -686,4 +731,3 @@ def bundle_metadata(
     }
     meta.update(extra or {})
     return meta
-

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 
 from .errors import DataError, ModelError
-from .jobs import CancelToken, ProgressCallback, check_cancel, report
 from .folds import patient_auc as patient_auc  # one definition, re-exported for the transfer experiment
+from .jobs import CancelToken, ProgressCallback, check_cancel, report
 from .model import json_default  # the bundle writer's JSON encoder (numpy scalars and arrays, paths)
 from .scaling import FeatureScaler
 

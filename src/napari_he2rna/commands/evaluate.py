@@ -84,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     baseline = None
     if not is_ridge and not args.no_baseline and (folds >= 0).all():
         base = fit(cohort, "ridge", config, folds=np.asarray(folds))
-        baseline = evaluate_result(cohort, base.oof, base.folds, null, gene_sets, args.random_sets, args.alpha, args.seed)
+        baseline = evaluate_result(
+            cohort, base.oof, base.folds, null, gene_sets, args.random_sets, args.alpha, args.seed
+        )
     name = "ridge baseline" if is_ridge else "HE2RNA"
     title = f"{name} evaluation" + (" (DEMO model, synthetic slides)" if bundle.demo else "")
     report = write_report(ev, args.out, title=title, baseline=baseline, names=(name, "ridge baseline"))

@@ -131,9 +131,9 @@ def default_output(args: argparse.Namespace, model_path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
+    from ..cohort import load_expression, load_samples
     from ..errors import DataError
     from ..jobs import TextProgress
-    from ..cohort import load_expression, load_samples
     from ..transfer import (
         load_representation_model,
         oof_predictions,

@@ -103,10 +103,10 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing([out / "summary.csv", out / "per_gene.csv", out / "models"], args.overwrite)
     import torch
 
+    from ..cohort import cohort_features, load_samples
     from ..errors import DataError
     from ..jobs import TextProgress
     from ..slide_ex import NestedCVConfig, load_deconvolved, read_responders, run_slide_ex, write_slide_ex
-    from ..cohort import cohort_features, load_samples
 
     if args.celltype_expression is None and args.abundance is None:
         raise DataError("Give --celltype-expression and/or --abundance (the deconvolved targets).")

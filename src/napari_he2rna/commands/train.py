@@ -12,7 +12,7 @@ from ._common import add_expression_format_arguments, add_overwrite_argument, re
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train",
-        help="train HE2RNA (or the linear baseline) on a cohort, cross-validated; write a .safetensors bundle",
+        help="train HE2RNA (or the linear baseline) on a cohort, cross-validated; write a model bundle",
         description=(
             "Train HE2RNA with patient-grouped, cancer-type-stratified cross-validation (one model per fold; "
             "inputs standardised on each fold's training samples; early stopping on a validation split of "
@@ -167,7 +167,10 @@ def run(args: argparse.Namespace) -> int:
     if init is not None and init.aggregation != "topk":
         from ..errors import DataError
 
-        raise DataError(f"{args.init_model} is a {init.aggregation}-aggregation baseline; only HE2RNA bundles can be fine-tuned.")
+        raise DataError(
+            f"{args.init_model} is a {init.aggregation}-aggregation baseline; "
+            "only HE2RNA bundles can be fine-tuned."
+        )
     backbone = init.backbone if init else args.backbone
     tile_um = init.tile_um if init else args.tile_um
     cohort = load_cohort(
@@ -209,7 +212,8 @@ def run(args: argparse.Namespace) -> int:
     r = pearson_by_type(cohort.expression.to_numpy(), result.oof.to_numpy(), result.cancer_types).to_numpy()
     print(
         f"model bundle: {out} ({args.model_type}, {len(cohort.genes)} genes, {len(result.models)} folds; "
-        f"median out-of-fold R per gene and cancer type {np.nanmedian(r) if np.isfinite(r).any() else float('nan'):.3f})"
+        f"median out-of-fold R per gene and cancer type "
+        f"{np.nanmedian(r) if np.isfinite(r).any() else float('nan'):.3f})"
     )
     if args.report:
         from ..evaluation import write_report
@@ -236,7 +240,15 @@ def print_summary(ev, baseline=None) -> None:
     else:
         cols = [
             c
-            for c in ("cancer_type", "n_samples", "mean_r", "mean_r_pooled", "n_significant_holm_sidak", "n_significant_bh", "n_significant_bh_pooled")
+            for c in (
+                "cancer_type",
+                "n_samples",
+                "mean_r",
+                "mean_r_pooled",
+                "n_significant_holm_sidak",
+                "n_significant_bh",
+                "n_significant_bh_pooled",
+            )
             if c in ev.summary
         ]
         print(ev.summary[cols].to_string(index=False))

@@ -110,9 +110,9 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing([Path(args.out) / "aucs.csv", Path(args.out) / "summary.md"], args.overwrite)
     import numpy as np
 
+    from ..cohort import load_expression, load_samples
     from ..errors import DataError
     from ..jobs import TextProgress
-    from ..cohort import load_expression, load_samples
     from ..transfer import (
         DEFAULT_RATIOS,
         TransferConfig,
