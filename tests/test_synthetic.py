@@ -149,6 +149,120 @@ def test_lymphocyte_tiles_are_bluer(slide_truth, slide_rgb):
     assert r > 0.5
 
 
+def _nucleus_h(rgb: np.ndarray, cells: pd.DataFrame) -> np.ndarray:
+    """Mean haematoxylin (scikit-image HED) of each nucleus' central disk (radius 2 px = 1 µm)."""
+    from skimage.color import rgb2hed
+
+    hema = rgb2hed(rgb)[..., 0]
+    yy, xx = np.mgrid[-2:3, -2:3]
+    disk = yy**2 + xx**2 <= 4
+    ys = np.clip(cells["y"].to_numpy().astype(int)[:, None] + yy[disk], 0, hema.shape[0] - 1)
+    xs = np.clip(cells["x"].to_numpy().astype(int)[:, None] + xx[disk], 0, hema.shape[1] - 1)
+    return hema[ys, xs].mean(axis=1)
+
+
+def test_t_and_b_nuclei_share_their_colour(slide_truth, slide_rgb):
+    # The painted T and B nuclei come from one optical-density law: their mean H agrees within 5 % and the
+    # central H of a nucleus ranks T above B little better than chance (the old generator: 26 %, AUC 1.0).
+    cells = slide_truth.cells
+    t_h = _nucleus_h(slide_rgb, cells[cells["type"] == "T cell"])
+    b_h = _nucleus_h(slide_rgb, cells[cells["type"] == "B cell"])
+    assert len(t_h) > 300 and len(b_h) > 300
+    assert abs(t_h.mean() / b_h.mean() - 1.0) < 0.05
+    ranks = pd.Series(np.concatenate([t_h, b_h])).rank().to_numpy()
+    auc = (ranks[: len(t_h)].sum() - len(t_h) * (len(t_h) + 1) / 2) / (len(t_h) * len(b_h))
+    assert 0.3 < auc < 0.7
+    # sizes overlap: T 3.0-3.5 µm, B 3.2-3.7 µm
+    t_r = cells.loc[cells["type"] == "T cell", "radius_um"]
+    b_r = cells.loc[cells["type"] == "B cell", "radius_um"]
+    assert t_r.between(3.0, 3.5).all() and b_r.between(3.2, 3.7).all()
+
+
+def test_aggregates_hold_t_and_b_cells(slide_truth):
+    from scipy.spatial import cKDTree
+
+    tiles = slide_truth.tiles
+    b_rich = tiles[tiles["b_cells"] >= 40]
+    assert len(b_rich) >= 3
+    assert (b_rich["t_cells"] >= 5).all()  # the core's own T cells, the rim
+    share = b_rich["t_cells"].sum() / b_rich["lymphocytes"].sum()
+    assert 0.05 < share < 0.6
+    cells = slide_truth.cells
+    t_xy = cells.loc[cells["type"] == "T cell", ["x", "y"]].to_numpy()
+    b_xy = cells.loc[cells["type"] == "B cell", ["x", "y"]].to_numpy()
+    dist, _ = cKDTree(b_xy).query(t_xy)
+    assert (dist < 20).mean() > 0.2  # T cells next to B cells (within 10 µm): inside and around aggregates
+    # and T cells elsewhere too: tumour-infiltrating (inside the epithelium mask) and in stroma
+    mask = slide_truth.epithelium_mask
+    ds = synthetic.MASK_DOWNSAMPLE
+
+    def in_epithelium(xy: np.ndarray) -> np.ndarray:
+        return mask[(xy[:, 1] // ds).astype(int), (xy[:, 0] // ds).astype(int)]
+
+    assert in_epithelium(t_xy).mean() > 0.03
+    assert in_epithelium(b_xy).mean() < 0.02
+    assert (dist > 100).mean() > 0.2  # T cells over 50 µm from any B cell
+
+
+def test_lymphocyte_levels_do_not_depend_on_cancer_type():
+    # The same generator state gives the same lymphocyte levels whatever the cancer type ...
+    keys = list(synthetic.IMMUNE_PRIOR)
+    for seed in range(5):
+        drawn = [synthetic.draw_params(np.random.default_rng(seed), t) for t in synthetic.CANCER_TYPES]
+        for key in keys:
+            assert len({getattr(p, key) for p in drawn}) == 1, key
+        assert len({p.epithelium for p in drawn}) == 3  # ... while the composition differs
+    # ... and over many draws they do not follow the composition nor each other.
+    rng = np.random.default_rng(0)
+    rows = [vars(synthetic.draw_params(rng, synthetic.CANCER_TYPES[i % 3])) for i in range(3000)]
+    d = pd.DataFrame(rows)
+    for key, (median, _sigma) in synthetic.IMMUNE_PRIOR.items():
+        assert d[key].median() == pytest.approx(median, rel=0.08), key
+        for other in ("epithelium", "fat", *(k for k in keys if k != key)):
+            assert abs(np.corrcoef(np.log(d[key]), d[other])[0, 1]) < 0.08, (key, other)
+    by_type = d.groupby("cancer_type")[keys].median()
+    assert (by_type.max() / by_type.min()).max() < 1.15
+    composition = d.groupby("cancer_type")[["fat", "epithelium"]].mean()  # which still differs by type
+    assert composition.loc["SYN-BRCA", "fat"] > 3 * composition.loc["SYN-COAD", "fat"]
+    assert composition.loc["SYN-COAD", "epithelium"] > 1.5 * composition.loc["SYN-LUAD", "epithelium"]
+
+
+def test_labels_are_per_patient(cohort):
+    s = cohort.samples
+    twice = s["patient_id"].value_counts()
+    assert (twice == 2).sum() >= 2
+    per_patient = s.groupby("patient_id")[["msi_status", "cancer_type"]].nunique()
+    assert (per_patient == 1).all().all()
+    assert s.drop_duplicates("patient_id")["msi_status"].nunique() == 2
+
+
+def test_control_genes():
+    assert synthetic.control_genes(20) == synthetic.HOUSEKEEPING
+    assert list(synthetic.control_genes(3)) == list(synthetic.HOUSEKEEPING)[:3]
+    many = synthetic.control_genes(130)
+    assert len(many) == 130 and list(many)[:20] == list(synthetic.HOUSEKEEPING)
+    assert list(many)[20:23] == ["CTRL0001", "CTRL0002", "CTRL0003"]
+    assert all(5.0 <= v <= 2000.0 for v in many.values())
+    assert synthetic.control_genes(25)["CTRL0005"] == many["CTRL0005"]  # a name always has the same base
+    assert synthetic.is_control_gene("CTRL0042") and synthetic.is_control_gene("GAPDH")
+    assert not synthetic.is_control_gene("CD3D") and not synthetic.is_control_gene("CTRLX")
+    for bad in (-1, 2.5, True):
+        with pytest.raises(DataError):
+            synthetic.control_genes(bad)
+
+
+def test_cohort_with_more_controls(tmp_path):
+    info = make_cohort(tmp_path, n_slides=3, seed=2, size_px=(448, 448), n_controls=26)
+    genes = list(info.expression.columns)
+    assert genes == [*synthetic.GENE_PANEL, *synthetic.control_genes(26)]
+    ctrl = info.expression[[f"CTRL{k:04d}" for k in range(1, 7)]]
+    assert np.isfinite(ctrl.to_numpy()).all() and (ctrl.std() > 0).all()
+    assert list(load_cohort(tmp_path).expression.columns) == genes
+    with pytest.raises(DataError):
+        make_cohort(tmp_path / "bad", n_slides=1, n_controls=-3)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_background_tiles_are_white(slide_truth, slide_rgb):
     tiles = load_tile_truth(slide_truth.files["tiles"])
     empty = tiles[tiles["tissue_fraction"] == 0]
@@ -258,12 +372,23 @@ def test_cli_make_sample(tmp_path, capsys):
             "--names",
             "a",
             "b",
+            "--cancer-types",
+            "SYN-BRCA",
+            "SYN-COAD",
+            "--n-controls",
+            "130",
             "--quiet",
         ]
     )
     assert code == 0
     assert (tmp_path / "c" / "a.tiff").is_file() and (tmp_path / "c" / "b_CD20.tsv").is_file()
-    assert "wrote 2 slides" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "wrote 2 slides" in out and "147 genes" in out
+    cohort = load_cohort(tmp_path / "c")
+    assert cohort.expression.shape == (2, 17 + 130) and "CTRL0110" in cohort.expression.columns
+    assert set(cohort.samples["cancer_type"]) == {"SYN-BRCA", "SYN-COAD"}
+    assert main(["make-sample", str(tmp_path / "e"), "--n-slides", "1", "--n-controls", "-1"]) == 2
+    assert "control genes" in capsys.readouterr().err
     assert main(["make-sample", str(tmp_path / "d"), "--n-slides", "1", "--cancer-types", "SYN-XXX"]) == 2
     assert "SYN-XXX" in capsys.readouterr().err
 

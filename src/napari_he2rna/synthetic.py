@@ -22,6 +22,9 @@ Drawing model: tissue regions come from smooth random fields (thresholded at qua
 area fractions) on a coarse "layout" grid (8 level-0 px per cell), bilinearly upsampled so that region borders
 stay smooth; nuclei are placed on jittered grids inside their regions and painted as small optical-density
 patches; the colour comes from a Beer-Lambert stain model with standard haematoxylin and eosin OD vectors.
+T and B lymphocytes look alike (one optical-density law, overlapping sizes) and share the lymphoid aggregates
+(B-cell core, T-cell rim); T cells also infiltrate stroma and tumour. The lymphocyte levels follow one
+distribution for every cancer type (:data:`IMMUNE_PRIOR`); only the tissue composition depends on the type.
 """
 
 from __future__ import annotations
@@ -66,13 +69,30 @@ _GLASS_OD = np.array([0.025, 0.025, 0.02], np.float32)
 # Region labels of the full-resolution label image.
 BACKGROUND, STROMA, FAT, EPITHELIUM, FOLLICLE = 0, 1, 2, 3, 4
 
-# Per cancer type: mean epithelium fraction of tissue, mean fat fraction, follicles per mm² of tissue,
-# T-cell level (lognormal median). These make the three "cancer types" differ in tissue composition.
+# Per cancer type: mean epithelium fraction of tissue and mean fat fraction. These make the three "cancer
+# types" differ in tissue composition, and in nothing else: the lymphocyte levels are drawn from one
+# distribution for every type (IMMUNE_PRIOR), independently of the composition.
 CANCER_PROFILES: dict[str, dict[str, float]] = {
-    "SYN-BRCA": {"epithelium": 0.25, "fat": 0.18, "follicles_per_mm2": 1.0, "t_level": 0.8},
-    "SYN-COAD": {"epithelium": 0.40, "fat": 0.03, "follicles_per_mm2": 2.5, "t_level": 1.2},
-    "SYN-LUAD": {"epithelium": 0.20, "fat": 0.02, "follicles_per_mm2": 1.5, "t_level": 1.0},
+    "SYN-BRCA": {"epithelium": 0.25, "fat": 0.18},
+    "SYN-COAD": {"epithelium": 0.40, "fat": 0.03},
+    "SYN-LUAD": {"epithelium": 0.20, "fat": 0.02},
 }
+# Slide lymphocyte levels, the same for every cancer type: name -> (median, sigma) of a lognormal, drawn
+# independently of each other and of the tissue composition (:func:`draw_immune`).
+IMMUNE_PRIOR: dict[str, tuple[float, float]] = {
+    "t_level": (1.0, 0.6),  # stromal T cells (multiplies the stromal T-cell density)
+    "til_level": (1.0, 0.8),  # tumour-infiltrating T cells among the tumour cells
+    "follicles_per_mm2": (2.0, 0.7),  # lymphoid aggregates (B core, T rim) per mm² of tissue
+}
+
+# Lymphocyte nuclei: T and B share one optical-density distribution (per-nucleus level U(lo, hi) plus the
+# same chromatin grain) and overlapping radii, so that colour alone cannot tell them apart.
+LYMPHOCYTE_OD = (1.2, 1.4)  # per-nucleus haematoxylin OD level, uniform
+LYMPHOCYTE_GRAIN = 0.25  # + this x U(0, 1) per pixel (chromatin grain)
+T_RADIUS_UM = (3.0, 3.5)
+B_RADIUS_UM = (3.2, 3.7)
+AGGREGATE_CORE_T = 0.10  # share of T cells among the lymphocytes of an aggregate's B-cell core
+AGGREGATE_RIM_T = 0.85  # share of T cells among the lymphocytes of its rim (T zone)
 
 # gene -> (driver signal, base FPKM, amplitude FPKM per unit of normalised signal, lognormal noise sigma).
 # FPKM = (base + amplitude * signal / reference) * exp(sigma * N(0, 1));  value = log10(1 + FPKM).
@@ -103,7 +123,8 @@ GENE_PANEL: dict[str, tuple[str | None, float, float, float]] = {
     "COL1A1": ("stroma", 20.0, 500.0, 0.15),
     "ADIPOQ": ("fat", 0.5, 40.0, 0.20),
 }
-# Housekeeping / control genes: FPKM = base * exp(0.25 * N(0, 1)), independent of the tissue.
+# Housekeeping / control genes: FPKM = base * exp(0.25 * N(0, 1)), independent of the tissue. More controls
+# than these 20 get generated names (CONTROL_PREFIX + 4 digits, see :func:`control_genes`).
 HOUSEKEEPING: dict[str, float] = {
     "ACTB": 900.0,
     "GAPDH": 800.0,
@@ -127,7 +148,39 @@ HOUSEKEEPING: dict[str, float] = {
     "TUBB": 110.0,
 }
 HOUSEKEEPING_SIGMA = 0.25
-GENES: list[str] = [*GENE_PANEL, *HOUSEKEEPING]
+CONTROL_PREFIX = "CTRL"
+GENES: list[str] = [*GENE_PANEL, *HOUSEKEEPING]  # the genes of a cohort made with the default 20 controls
+
+
+def control_genes(n_controls: int = len(HOUSEKEEPING)) -> dict[str, float]:
+    """The noise-only control genes of a cohort with ``n_controls`` of them: name -> base FPKM.
+
+    The first 20 are :data:`HOUSEKEEPING` (in that order; fewer than 20 takes the first ones); more are named
+    ``CTRL0001``, ``CTRL0002``, ... with bases spread log-uniformly over 5–2000 FPKM by a fixed
+    (seed-free) low-discrepancy sequence, so a name always has the same base.
+
+    Parameters
+    ----------
+    n_controls
+        How many control genes (>= 0).
+    """
+    if isinstance(n_controls, bool) or not isinstance(n_controls, (int, np.integer)) or n_controls < 0:
+        raise DataError(f"The number of control genes must be a whole number >= 0, not {n_controls!r}.")
+    names = list(HOUSEKEEPING)[: int(n_controls)]
+    out = {g: HOUSEKEEPING[g] for g in names}
+    golden = (math.sqrt(5.0) - 1.0) / 2.0
+    for k in range(1, int(n_controls) - len(names) + 1):
+        frac = (k * golden) % 1.0
+        out[f"{CONTROL_PREFIX}{k:04d}"] = round(5.0 * 400.0**frac, 2)
+    return out
+
+
+def is_control_gene(gene: str) -> bool:
+    """True for the noise-only control genes (:data:`HOUSEKEEPING` and generated ``CTRL0001``-style names)."""
+    if gene in HOUSEKEEPING:
+        return True
+    rest = gene[len(CONTROL_PREFIX) :]
+    return gene.startswith(CONTROL_PREFIX) and len(rest) >= 4 and rest.isdigit()
 
 
 # --- data classes ------------------------------------------------------------------------------------------
@@ -141,11 +194,12 @@ class SlideParams:
     tissue_fraction: float = 0.65  # of the slide area
     epithelium: float = 0.25  # epithelium area / tissue area
     fat: float = 0.10  # fat area / tissue area
-    t_level: float = 1.0  # multiplies every T-cell density
-    follicles_per_mm2: float = 1.0  # expected B-cell follicles per mm² of tissue
+    t_level: float = 1.0  # multiplies the stromal T-cell density
+    follicles_per_mm2: float = 1.0  # expected lymphoid aggregates (B core, T rim) per mm² of tissue
     proliferating: float = 0.15  # fraction of tumour nuclei that proliferate
     stain_h: float = 1.0  # haematoxylin intensity
     stain_e: float = 1.0  # eosin intensity
+    til_level: float = 1.0  # multiplies the density of T cells among the tumour cells (TILs)
 
 
 @dataclass
@@ -314,8 +368,26 @@ def _seed_grid(rng: np.random.Generator, w: int, h: int, spacing: float, jitter:
 # --- parameters --------------------------------------------------------------------------------------------
 
 
+def draw_immune(rng: np.random.Generator) -> dict[str, float]:
+    """Draw a slide's lymphocyte levels from :data:`IMMUNE_PRIOR` (the same distribution for every type).
+
+    Returns
+    -------
+    dict
+        ``t_level`` (stromal T cells, x the base density), ``til_level`` (T cells among tumour cells) and
+        ``follicles_per_mm2`` (expected lymphoid aggregates per mm² of tissue): independent lognormals.
+    """
+    return {k: float(med * rng.lognormal(0.0, sigma)) for k, (med, sigma) in IMMUNE_PRIOR.items()}
+
+
 def draw_params(rng: np.random.Generator, cancer_type: str | None = None) -> SlideParams:
-    """Draw a slide's latent composition for ``cancer_type`` (random among :data:`CANCER_TYPES` if None)."""
+    """Draw a slide's latent composition for ``cancer_type`` (random among :data:`CANCER_TYPES` if None).
+
+    The lymphocyte levels (:func:`draw_immune`) are drawn first, from the same distribution whatever the
+    cancer type, so the same generator state gives the same levels for every type; only the epithelium and
+    fat fractions depend on the type (:data:`CANCER_PROFILES`).
+    """
+    immune = draw_immune(rng)
     if cancer_type is None:
         cancer_type = str(rng.choice(CANCER_TYPES))
     if cancer_type not in CANCER_PROFILES:
@@ -328,11 +400,10 @@ def draw_params(rng: np.random.Generator, cancer_type: str | None = None) -> Sli
         tissue_fraction=float(rng.uniform(0.55, 0.75)),
         epithelium=float(np.clip(prof["epithelium"] * rng.lognormal(0, 0.45), 0.03, 0.6)),
         fat=float(np.clip(prof["fat"] * rng.lognormal(0, 0.6), 0.0, 0.4)),
-        t_level=float(prof["t_level"] * rng.lognormal(0, 0.7)),
-        follicles_per_mm2=float(prof["follicles_per_mm2"] * rng.lognormal(0, 0.6)),
         proliferating=float(rng.beta(2, 10)),
         stain_h=float(rng.uniform(0.85, 1.15)),
         stain_e=float(rng.uniform(0.85, 1.15)),
+        **immune,
     )
 
 
@@ -343,8 +414,10 @@ def draw_params(rng: np.random.Generator, cancer_type: str | None = None) -> Sli
 class _Layout:
     labels: np.ndarray  # (h, w) uint8 region label
     tumor_score: np.ndarray  # (gh, gw) float32, > 0 inside the tumour bed (layout grid)
-    t_density: np.ndarray  # (gh, gw) float32, T-cell keep probability before the region factor
-    follicle_score: np.ndarray  # (h, w) float32, > 0 inside follicles, mantle is (-0.35, 0]
+    t_density: np.ndarray  # (gh, gw) float32, stromal T-cell keep probability (7.5 µm grid)
+    til_density: np.ndarray  # (gh, gw) float32, keep probability of T cells among tumour cells
+    follicle_score: np.ndarray  # (h, w) float32, > 0 inside lymphoid aggregates, halo is (-0.25, 0]
+    core_score: np.ndarray  # (gh, gw) float32, > 0 in the aggregates' B-cell cores (layout grid)
     fibres: np.ndarray  # (h, w) float32 in [0, 1]
     texture: np.ndarray  # (h, w) float32 ~ N(0,1) smooth, fine-scale
     fibre_angle: np.ndarray  # (gh, gw) local fibre direction (radians), for spindle nuclei
@@ -397,10 +470,12 @@ def _layout(rng: np.random.Generator, w: int, h: int, p: SlideParams, mpp: float
     f_thr = _quantile_threshold(f_field[out_bed], p.fat * in_tissue.sum() / max(out_bed.sum(), 1))
     fat_s = np.minimum(np.minimum(tissue_s, -bed_s), f_field - f_thr)
 
-    # Follicles: round dense aggregates centred in stroma (not fat, not tumour bed), near the tumour margin.
+    # Lymphoid aggregates ("follicles"): round dense aggregates centred in stroma (not fat, not tumour bed),
+    # a B-cell core (70-85 % of the radius) inside a T-cell rim.
     tissue_mm2 = in_tissue.sum() * (g_um / 1000.0) ** 2
     n_fol = int(rng.poisson(p.follicles_per_mm2 * tissue_mm2))
     fol_s = np.full((gh, gw), -10.0, np.float32)
+    core_s = np.full((gh, gw), -10.0, np.float32)
     stroma_cells = np.argwhere(in_tissue & ~in_bed & ~(fat_s > 0) & (tissue_s > 0.6))
     centres: list[tuple[float, float, float]] = []
     for _ in range(n_fol):
@@ -415,15 +490,21 @@ def _layout(rng: np.random.Generator, w: int, h: int, p: SlideParams, mpp: float
     wob = _smooth_noise(rng, (gh, gw), um(40))
     for fy, fx, rad in centres:
         e = rng.uniform(0.8, 1.2)
+        core = rng.uniform(0.7, 0.85)
         d = np.hypot((yy - fy) * e, (xx - fx) / e) / rad
         fol_s = np.maximum(fol_s, 1.0 - d + 0.06 * wob)
+        core_s = np.maximum(core_s, core - d + 0.06 * wob)
     fol_s = np.minimum(fol_s, tissue_s)
+    core_s = np.minimum(core_s, fol_s)
 
-    # T-cell infiltrates: loose patches of higher density in the stroma (and along the tumour margin).
+    # Stromal T cells: loose patches of higher density in the stroma (and along the tumour margin).
     infil = _smooth_noise(rng, (gh, gw), um(80))
     margin = np.exp(-np.abs(b_field - b_thr) * 3.0)
-    t_density = 0.03 + 0.35 * np.clip(infil - 0.6, 0, None) + 0.10 * margin
+    t_density = 0.03 + 0.30 * np.clip(infil - 0.6, 0, None) + 0.08 * margin
     t_density = (t_density * p.t_level).astype(np.float32)
+    # Tumour-infiltrating T cells: patchy (mean-one lognormal field, 150 µm patches), x til_level.
+    til = np.exp(0.7 * _smooth_noise(rng, (gh, gw), um(150)) - 0.245)
+    til_density = (0.30 * p.til_level * til).astype(np.float32)
 
     # Stroma fibre orientation field and textures (layout grid, upsampled below).
     warp1 = _smooth_noise(rng, (gh, gw), um(150)) * 40.0
@@ -471,7 +552,9 @@ def _layout(rng: np.random.Generator, w: int, h: int, p: SlideParams, mpp: float
         labels,
         bed_s.astype(np.float32),
         t_density,
+        til_density,
         fol_f,
+        core_s.astype(np.float32),
         fibres.astype(np.float32),
         tex.astype(np.float32),
         fibre_angle,
@@ -479,6 +562,12 @@ def _layout(rng: np.random.Generator, w: int, h: int, p: SlideParams, mpp: float
 
 
 # --- cells -------------------------------------------------------------------------------------------------
+
+
+def _bilinear_at(arr: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    """Bilinear value of the layout-grid field ``arr`` at level-0 (x, y) px ``pts`` (cell-centred grid)."""
+    coords = np.stack([pts[:, 1] / LAYOUT_DS - 0.5, pts[:, 0] / LAYOUT_DS - 0.5])
+    return ndi.map_coordinates(arr, coords, order=1, mode="nearest")
 
 
 def _place_cells(
@@ -512,44 +601,51 @@ def _place_cells(
             }
         )
     )
-    # B cells: dense follicles, ~7 µm apart.
+    tumor_xy = pts
+    # Lymphoid aggregates: one packed lymphocyte grid (~7 µm apart, 90 % kept) over core and rim alike, so
+    # the packing does not tell the zones apart; each lymphocyte is a T cell with probability 0.10 in the
+    # B-cell core and 0.85 in the rim (T zone), else a B cell.
     pts = _jittered_grid(rng, w, h, px(7.2), 0.2)
     pts = pts[(region_at(pts) == FOLLICLE) & (rng.random(len(pts)) < 0.9)]
-    parts.append(
-        pd.DataFrame(
-            {
-                "x": pts[:, 0],
-                "y": pts[:, 1],
-                "type": "B cell",
-                "proliferating": False,
-                "radius_um": rng.uniform(3.4, 3.9, len(pts)),
-            }
-        )
+    in_core = _bilinear_at(lay.core_score, pts) > 0
+    agg_t = rng.random(len(pts)) < np.where(in_core, AGGREGATE_CORE_T, AGGREGATE_RIM_T)
+    # T cells outside aggregates: stromal (patchy infiltrates, tumour margin), a soft halo around the
+    # aggregates, TILs among the tumour cells (not on top of a tumour nucleus), a very few in fat.
+    cand = _jittered_grid(rng, w, h, px(7.5), 0.35)
+    reg = region_at(cand)
+    fol = lay.follicle_score[cand[:, 1].astype(np.int64), cand[:, 0].astype(np.int64)]
+    halo = (reg == STROMA) & (fol > -0.25)
+    prob = np.select(
+        [reg == STROMA, reg == EPITHELIUM, reg == FAT],
+        [layout_at(lay.t_density, cand), layout_at(lay.til_density, cand), 0.003 * p.t_level],
+        0.0,
     )
-    # T cells: scattered in stroma, loose infiltrates, a mantle around follicles, a few inside nests.
-    pts = _jittered_grid(rng, w, h, px(7.5), 0.35)
-    reg = region_at(pts)
-    dens = layout_at(lay.t_density, pts)
-    fol = lay.follicle_score[pts[:, 1].astype(np.int64), pts[:, 0].astype(np.int64)]
-    factor = np.select([reg == STROMA, reg == EPITHELIUM, reg == FAT], [1.0, 0.15, 0.1], 0.0)
-    mantle = (reg == STROMA) & (fol > -0.35)
-    prob = np.clip(dens * factor + mantle * 0.25 * min(p.t_level, 2.0), 0, 0.85)
-    pts = pts[rng.random(len(pts)) < prob]
-    parts.append(
-        pd.DataFrame(
-            {
-                "x": pts[:, 0],
-                "y": pts[:, 1],
-                "type": "T cell",
-                "proliferating": False,
-                "radius_um": rng.uniform(2.9, 3.3, len(pts)),
-            }
+    prob = np.clip(prob + halo * 0.12 * min(p.t_level, 2.0), 0.0, 0.85)
+    keep = rng.random(len(cand)) < prob
+    tils = keep & (reg == EPITHELIUM)
+    if tils.any() and len(tumor_xy):
+        from scipy.spatial import cKDTree
+
+        dist, _ = cKDTree(tumor_xy).query(cand[tils])
+        keep[np.flatnonzero(tils)[dist < px(7.0)]] = False
+    t_xy = np.concatenate([pts[agg_t], cand[keep]])
+    b_xy = pts[~agg_t]
+    for ctype, xy, (r_lo, r_hi) in (("B cell", b_xy, B_RADIUS_UM), ("T cell", t_xy, T_RADIUS_UM)):
+        parts.append(
+            pd.DataFrame(
+                {
+                    "x": xy[:, 0],
+                    "y": xy[:, 1],
+                    "type": ctype,
+                    "proliferating": False,
+                    "radius_um": rng.uniform(r_lo, r_hi, len(xy)),
+                }
+            )
         )
-    )
     # Stromal cells (fibroblasts): sparse spindles in the stroma.
     pts = _jittered_grid(rng, w, h, px(18.0), 0.4)
     fol = lay.follicle_score[pts[:, 1].astype(np.int64), pts[:, 0].astype(np.int64)]
-    pts = pts[(region_at(pts) == STROMA) & (fol < -0.35) & (rng.random(len(pts)) < 0.45)]
+    pts = pts[(region_at(pts) == STROMA) & (fol < -0.25) & (rng.random(len(pts)) < 0.45)]
     parts.append(
         pd.DataFrame(
             {
@@ -632,10 +728,9 @@ def _paint_nuclei(
             od = inside * (0.38 + 0.35 * rim + speck) + 0.5 * nucleolus
             dense = inside * (1.2 + 0.6 * grain)
             od = np.where(prolif[:, None, None], dense, od)
-        elif ctype == "T cell":
-            od = inside * (1.45 + 0.25 * grain)
-        elif ctype == "B cell":
-            od = inside * (1.15 + 0.25 * grain)
+        elif ctype in ("T cell", "B cell"):  # one OD level per nucleus, the same law for T and B
+            level = rng.uniform(*LYMPHOCYTE_OD, k).astype(np.float32)
+            od = inside * (level[:, None, None] + LYMPHOCYTE_GRAIN * grain)
         else:
             od = inside * (0.95 + 0.2 * grain)
         rows = iy0[:, None, None] + off.astype(np.int64)[None, :, None]
@@ -870,14 +965,32 @@ def slide_signals(tiles: pd.DataFrame, mpp: float = MPP) -> dict[str, float]:
     }
 
 
-def expression_from_signals(signals: dict[str, float], rng: np.random.Generator) -> dict[str, float]:
-    """log10(1 + FPKM-UQ)-like values of :data:`GENES` for one sample (formulas in :data:`GENE_PANEL`)."""
+def expression_from_signals(
+    signals: dict[str, float], rng: np.random.Generator, controls: dict[str, float] | None = None
+) -> dict[str, float]:
+    """log10(1 + FPKM-UQ)-like values of the panel and control genes for one sample.
+
+    Parameters
+    ----------
+    signals
+        The slide drivers of :func:`slide_signals` (densities in cells per mm² of tissue, area fractions).
+    rng
+        Draws the noise: one N(0, 1) per gene, panel genes first, in order.
+    controls
+        Control gene -> base FPKM (default :data:`HOUSEKEEPING`; see :func:`control_genes`), each
+        ``log10(1 + base · exp(0.25 · N(0, 1)))``: noise only.
+
+    Returns
+    -------
+    dict
+        Gene -> value, :data:`GENE_PANEL` (formulas there) then the controls.
+    """
     out = {}
     for gene, (driver, base, amp, sigma) in GENE_PANEL.items():
         z = signals[driver] / SIGNAL_REFERENCE[driver]
         fpkm = (base + amp * z) * math.exp(sigma * rng.standard_normal())
         out[gene] = math.log10(1.0 + fpkm)
-    for gene, base in HOUSEKEEPING.items():
+    for gene, base in (HOUSEKEEPING if controls is None else controls).items():
         out[gene] = math.log10(1.0 + base * math.exp(HOUSEKEEPING_SIGMA * rng.standard_normal()))
     return out
 
@@ -1290,25 +1403,42 @@ def make_cohort(
     mpp: float = MPP,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    n_controls: int = len(HOUSEKEEPING),
 ) -> CohortInfo:
     """Generate a cohort of synthetic slides with truth, sample sheet and expression table in ``out_dir``.
 
     Patients get one slide, or two (a fraction ``second_slide_fraction`` of patients) that share the
-    patient's cancer type and immune level. Cancer types cycle through ``cancer_types`` (default all three).
+    patient's cancer type and lymphocyte levels (x LogNormal(0, 0.15) each). Cancer types cycle through
+    ``cancer_types`` (default all three). The MSI-like label is drawn once per patient, from the mean
+    T- and B-cell densities of the patient's slides: every slide of a patient carries the same label.
+
+    Parameters
+    ----------
+    out_dir : folder to write into (created).
+    n_slides : number of slides (>= 1).  seed : everything follows from it.
+    size_px : level-0 (width, height) of every slide, px.  mpp : µm per level-0 px.
+    cancer_types : the types to cycle through.  names : sample ids (one per slide; default SYN-0000, ...).
+    second_slide_fraction : probability that a patient gets a second slide.
+    n_controls : noise-only control genes in ``expression.tsv`` (:func:`control_genes`: 20 = the
+        :data:`HOUSEKEEPING` genes; more adds ``CTRL0001``, ...).
 
     Files: ``<id>.tiff`` and its truth files (see :func:`make_slide`), ``samples.tsv``, ``expression.tsv``,
-    ``cell_abundance.tsv``. Deterministic from ``seed``.
+    ``cell_abundance.tsv`` and the SLIDE-EX targets (:func:`write_celltype_targets`). Deterministic from
+    ``seed``.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if n_slides < 1:
-        raise DataError("A cohort needs at least one slide.")
+    if isinstance(n_slides, bool) or not isinstance(n_slides, (int, np.integer)) or n_slides < 1:
+        raise DataError(f"A cohort needs a whole number of slides >= 1, not {n_slides!r}.")
     if names is not None and len(names) != n_slides:
         raise DataError(f"{len(names)} names were given for {n_slides} slides.")
+    if not 0.0 <= second_slide_fraction <= 1.0:
+        raise DataError(f"second_slide_fraction must lie in [0, 1], not {second_slide_fraction!r}.")
+    controls = control_genes(n_controls)
     types = list(cancer_types) if cancer_types else list(CANCER_TYPES)
     for t in types:
         if t not in CANCER_PROFILES:
             raise DataError(f"Unknown synthetic cancer type {t!r}; choose among {', '.join(CANCER_TYPES)}.")
+    out.mkdir(parents=True, exist_ok=True)
     root = np.random.SeedSequence(seed)
     plan_rng, expr_rng, label_rng = (np.random.default_rng(s) for s in root.spawn(3))
     slide_seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence([seed, 1]).spawn(n_slides)]
@@ -1322,27 +1452,28 @@ def make_cohort(
         pid = f"SYN-P{pi:04d}"
         plan.append((pid, base))
         if len(plan) < n_slides and plan_rng.random() < second_slide_fraction:
-            twin = draw_params(plan_rng, ctype)  # another block: same patient's cancer and immune level
-            twin.t_level = base.t_level * float(plan_rng.lognormal(0, 0.15))
-            twin.follicles_per_mm2 = base.follicles_per_mm2 * float(plan_rng.lognormal(0, 0.15))
+            twin = draw_params(plan_rng, ctype)  # another block: same patient's cancer and immune levels
+            for key in IMMUNE_PRIOR:
+                setattr(twin, key, getattr(base, key) * float(plan_rng.lognormal(0, 0.15)))
             plan.append((pid, twin))
         pi += 1
 
     rows, expr, abund, truths = [], [], [], []
+    patient_signals: dict[str, list[dict[str, float]]] = {}
     for i, (pid, params) in enumerate(plan):
         check_cancel(cancel)
         sid = names[i] if names is not None else f"SYN-{i:04d}"
         truth = make_slide(out / f"{sid}.tiff", slide_seeds[i], size_px, mpp=mpp, params=params)
         sig = truth.signals()
-        expr.append({"sample_id": sid, **expression_from_signals(sig, expr_rng)})
-        msi = label_rng.random() < msi_probability(sig)
+        patient_signals.setdefault(pid, []).append(sig)
+        expr.append({"sample_id": sid, **expression_from_signals(sig, expr_rng, controls)})
         rows.append(
             {
                 "sample_id": sid,
                 "patient_id": pid,
                 "cancer_type": params.cancer_type,
                 "slide": f"{sid}.tiff",
-                "msi_status": "MSI-H" if msi else "MSS",
+                "msi_status": "",
                 "seed": slide_seeds[i],
             }
         )
@@ -1358,6 +1489,13 @@ def make_cohort(
         truth.cells = truth.cells.iloc[:0]  # keep the cohort object light; the tables are on disk
         truths.append(truth)
         report(progress, i + 1, n_slides, sid)
+    # Patient-level label: one draw per patient (in patient order) from the mean signals of its slides.
+    status = {}
+    for pid, sigs in patient_signals.items():
+        mean_sig = {k: float(np.mean([s[k] for s in sigs])) for k in ("t_density", "b_density")}
+        status[pid] = "MSI-H" if label_rng.random() < msi_probability(mean_sig) else "MSS"
+    for row in rows:
+        row["msi_status"] = status[row["patient_id"]]
     samples = pd.DataFrame(rows)
     expression = pd.DataFrame(expr).set_index("sample_id")
     abundance = pd.DataFrame(abund).set_index("sample_id")

@@ -15,7 +15,8 @@ def register(subparsers) -> None:
         description=(
             "Write N synthetic H&E-like slides (tiled pyramidal TIFF, 0.5 µm/px) with their truth files "
             "(per-tile cell counts, QuPath CD3/CD20 tables, epithelium mask, tumour GeoJSON) and the cohort "
-            "tables samples.tsv, expression.tsv and cell_abundance.tsv. Deterministic from --seed."
+            "tables samples.tsv, expression.tsv (17 planted genes + --n-controls noise-only controls) and "
+            "cell_abundance.tsv. Deterministic from --seed."
         ),
     )
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write into (created)")
@@ -43,6 +44,16 @@ def register(subparsers) -> None:
         metavar="ID",
         help="sample ids to use instead of SYN-0000, SYN-0001, ... (one per slide)",
     )
+    parser.add_argument(
+        "--n-controls",
+        type=int,
+        default=20,
+        metavar="N",
+        help=(
+            "noise-only control genes in expression.tsv (default 20: the housekeeping genes ACTB ... TUBB; "
+            "more adds CTRL0001, CTRL0002, ...)"
+        ),
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -59,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
         cancer_types=args.cancer_types,
         names=args.names,
         progress=progress,
+        n_controls=args.n_controls,
     )
     n_patients = info.samples["patient_id"].nunique()
     print(f"wrote {len(info.samples)} slides of {n_patients} patients to {info.out_dir}")
