@@ -63,13 +63,13 @@ def significance_counts(per_gene: pd.DataFrame, column: str = "significant") -> 
     per_gene
         ``Evaluation.per_gene`` (or the committed ``per_gene.csv``): ``cancer_type``, ``gene``, ``column``.
     """
-    from .synthetic import GENE_PANEL, HOUSEKEEPING
+    from .synthetic import GENE_PANEL, is_control_gene
 
     out: dict[str, dict[str, int]] = {}
     for t, sub in per_gene.groupby("cancer_type", sort=True):
         sig = sub.set_index("gene")[column].astype(bool)
         planted = [g for g in GENE_PANEL if g in sig.index]
-        controls = [g for g in HOUSEKEEPING if g in sig.index]
+        controls = [g for g in sig.index if is_control_gene(g)]
         out[str(t)] = {
             "planted_significant": int(sig[planted].sum()),
             "planted": len(planted),
@@ -202,7 +202,7 @@ def _build(
     from .cohort import cohort_features, load_expression, load_samples, match_cohort
     from .evaluation import write_report
     from .fitting import evaluate_result, fit, null_predictions, save_result
-    from .synthetic import HOUSEKEEPING, make_cohort
+    from .synthetic import is_control_gene, make_cohort
     from .training import TrainConfig
 
     out = Path(out_path)
@@ -293,7 +293,7 @@ def _build(
 
     # 5. The bundle (demo flag + what it was trained on + how well it did) and its report.
     stage(4, "saving")
-    controls = [g for g in HOUSEKEEPING if g in cohort.genes]
+    controls = [g for g in cohort.genes if is_control_gene(g)]
     summary_cols = [
         c
         for c in (
