@@ -54,7 +54,7 @@ def test_dock_aligns_the_ihc_and_shows_the_moved_layer(dock, qtbot):
     assert np.hypot(*(np.asarray(world)[::-1] / MPP - f_xy[0])) < 0.02 * np.hypot(*dims)
     # the fields stay editable: a typed affine moves the layer, the stretch/shear is kept
     widget.affine_edit.setText("1 0 10 0 1.1 -5")
-    widget._affine_edited()
+    widget.affine_edit.editingFinished.emit()  # what Enter does
     np.testing.assert_allclose(widget.alignment().affine[:2], [[1, 0, 10], [0, 1.1, -5]], atol=1e-5)
     np.testing.assert_allclose(ihc.affine.affine_matrix[:2, 2], [-5, 10], atol=1e-9)
     assert widget.scale_spin.value() == pytest.approx(np.sqrt(1.1), abs=1e-6)
