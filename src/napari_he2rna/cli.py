@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "evaluate",
     "predict",
     "spatialize",
+    "align",
     "compare",
     "convert",
     "view",

@@ -43,3 +43,14 @@ class DataError(He2rnaError):
 
 class Cancelled(He2rnaError):
     """A long job was cancelled by the user; nothing half-written was left behind."""
+
+
+class AlignmentError(He2rnaError):
+    """An automatic alignment failed (the fit found leaves the slides unlike each other).
+
+    ``result`` is the rejected :class:`~napari_he2rna.align.AlignmentResult` (for diagnosis), or None.
+    """
+
+    def __init__(self, message: str, result=None) -> None:
+        super().__init__(message)
+        self.result = result

@@ -19,6 +19,7 @@ likewise.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -67,16 +68,67 @@ class Alignment:
         offset_um: Sequence[float] = (0.0, 0.0),
         scale: float | Sequence[float] = 1.0,
         rotation_deg: float = 0.0,
+        shape: Any = None,
     ) -> Alignment:
-        """Scale (one factor or (sx, sy)), rotate (anticlockwise on screen), then shift by ``offset_um``."""
+        """Scale (one factor or (sx, sy)), rotate (anticlockwise on screen), then shift by ``offset_um``.
+
+        ``shape`` is an optional 2x2 applied first (the stretch and shear an affine has beyond rotation and
+        scale, see :meth:`to_offset_scale`).
+        """
         sx, sy = (float(scale), float(scale)) if np.isscalar(scale) else (float(scale[0]), float(scale[1]))
         if sx <= 0 or sy <= 0:
             raise DataError(f"the alignment scale must be positive, got {scale}")
-        # y points down in images, so a rotation that looks counter-clockwise on screen is -theta in maths
-        t = np.deg2rad(-rotation_deg)
-        rot = np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
-        m = rot @ np.diag([sx, sy])
+        m = _rotation(rotation_deg) @ np.diag([sx, sy])
+        if shape is not None:
+            k = np.asarray(shape, dtype=float)
+            if k.shape != (2, 2) or not np.all(np.isfinite(k)) or abs(np.linalg.det(k)) < 1e-12:
+                raise DataError(f"the alignment shape must be an invertible 2x2 matrix, got {k.tolist()}")
+            m = m @ k
         return cls(_as_pair_of_pairs(m), (float(offset_um[0]), float(offset_um[1])))
+
+    @classmethod
+    def from_affine_px(cls, affine_px: Any, mpp: float) -> Alignment:
+        """From a 3x3 (or 2x3) matrix mapping truth-scan level-0 px ``(x, y, 1)`` to slide level-0 px.
+
+        Parameters
+        ----------
+        affine_px
+            E.g. ``affine_px`` of ``he2rna align`` (:class:`~napari_he2rna.align.AlignmentResult`).
+        mpp
+            The slide's µm per level-0 px: truth px and slide px are both taken to µm with it, as
+            :meth:`apply_px` does.
+        """
+        a = np.asarray(affine_px, dtype=float)
+        if a.shape == (2, 3):
+            a = np.vstack([a, [0.0, 0.0, 1.0]])
+        if a.shape != (3, 3):
+            raise DataError(f"a pixel affine must be 2x3 or 3x3, got shape {a.shape}")
+        s = np.diag([float(mpp), float(mpp), 1.0])
+        return cls.from_affine(s @ a @ np.linalg.inv(s))
+
+    def affine_px(self, mpp: float) -> np.ndarray:
+        """The 3x3 acting on truth-scan level-0 px ``(x, y, 1)``, giving slide level-0 px (µm/px ``mpp``)."""
+        s = np.diag([float(mpp), float(mpp), 1.0])
+        return np.linalg.inv(s) @ self.affine @ s
+
+    def to_offset_scale(self) -> tuple[tuple[float, float], float, float, np.ndarray]:
+        """Split into :meth:`from_offset_scale`'s ``(offset_um, scale, rotation_deg, shape)``.
+
+        ``scale`` is the square root of the determinant, ``rotation_deg`` the rotation of the polar
+        decomposition (anticlockwise on screen) and ``shape`` what is left (2x2 of determinant ±1: stretch and
+        shear), the identity for a pure rotation and scale: ``from_offset_scale(*a.to_offset_scale())``
+        gives ``a`` back.
+        """
+        m = np.asarray(self.matrix, dtype=float)
+        det = float(np.linalg.det(m))
+        scale = math.sqrt(abs(det))
+        u, _, vt = np.linalg.svd(m)
+        r = u @ vt
+        if np.linalg.det(r) < 0:  # a mirrored map: keep a proper rotation, the mirror goes into the shape
+            r = u @ np.diag([1.0, -1.0]) @ vt
+        rotation_deg = -math.degrees(math.atan2(r[1, 0], r[0, 0]))
+        shape = _rotation(rotation_deg).T @ m / scale
+        return (float(self.offset_um[0]), float(self.offset_um[1])), scale, rotation_deg, shape
 
     @classmethod
     def from_affine(cls, affine: Any) -> Alignment:
@@ -130,6 +182,12 @@ class Alignment:
         if self.is_identity:
             return np.asarray(xy_px, dtype=float).reshape(-1, 2)
         return self.apply_um(np.asarray(xy_px, dtype=float).reshape(-1, 2) * mpp) / mpp
+
+
+def _rotation(rotation_deg: float) -> np.ndarray:
+    """2x2 rotation that looks anticlockwise on screen by ``rotation_deg`` (y points down in images)."""
+    t = np.deg2rad(-rotation_deg)
+    return np.array([[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]])
 
 
 def _as_pair_of_pairs(m: np.ndarray) -> tuple[tuple[float, float], tuple[float, float]]:

@@ -11,10 +11,14 @@ score, truth, metric, subset, value, threshold, n_positive, note). A cohort::
     he2rna compare --manifest cohort.csv --column "T cells" --out DIR
 
 where ``cohort.csv`` has one row per slide with columns ``slide, scores`` and any of ``cells, class, mask,
-mask_mpp, mask_channel, annotations, annotation_class, negative_class, mpp, width, height`` (paths relative to
-the manifest; empty cells fall back to the command-line options), writes ``DIR/per_slide.csv`` (one row per
-slide, score and truth, then mean/median/sd rows over slides), ``DIR/metrics.csv`` and
+mask_mpp, mask_channel, annotations, annotation_class, negative_class, mpp, width, height, transform`` (paths
+relative to the manifest; empty cells fall back to the command-line options), writes ``DIR/per_slide.csv``
+(one row per slide, score and truth, then mean/median/sd rows over slides), ``DIR/metrics.csv`` and
 ``DIR/<slide>_tiles.csv``.
+
+Truth drawn on another scan (an IHC consecutive section): ``--transform transform.json`` from ``he2rna
+align HE IHC`` maps it onto the slide (QuPath µm read at the IHC's pixel size); ``--offset-um/--scale/
+--rotation`` set a simple alignment by hand instead.
 """
 
 from __future__ import annotations
@@ -79,6 +83,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("--scale", type=float, default=1.0, help="scale of the truth scan onto the slide")
     p.add_argument("--rotation", type=float, default=0.0, help="rotation of the truth scan, degrees")
+    p.add_argument(
+        "--transform",
+        type=Path,
+        default=None,
+        help="transform JSON of he2rna align (truth scan = its moving slide); replaces offset/scale/rotation",
+    )
     p.add_argument("--column", action="append", help="score column (gene or set) to compare (default: all)")
     p.add_argument(
         "--percentiles", type=float, nargs="+", default=[75, 90, 95, 99], help="AUC percentile cuts"
@@ -149,17 +159,33 @@ def compare_one(
     negative_class: list[str] | None = None,
     min_fraction: float = 0.5,
     alignment: Any = None,
+    transform: Any = None,
     columns: list[str] | None = None,
     percentiles: Any = (75, 90, 95, 99),
     thresholds: Any = (),
     top_n: int = 100,
     spatial_null: int = 0,
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
-    """Everything for one slide: (per-tile table, long metrics table, flat rows per score x truth)."""
+    """Everything for one slide: (per-tile table, long metrics table, flat rows per score x truth).
+
+    ``transform`` (an :class:`~napari_he2rna.align.AlignmentResult`, e.g. read from ``he2rna align``'s JSON)
+    maps a truth drawn on its moving slide onto this one and replaces ``alignment``: the truth's µm are then
+    read at the moving slide's pixel size.
+    """
     from .. import compare, truth
 
     dims, mpp = _slide_facts(slide, slide_size, mpp)
     grid, scores = compare.read_tile_scores(scores_path, slide_dimensions=dims, mpp=mpp)
+    truth_mpp = grid.mpp  # µm per px of the scan the truth was drawn on
+    if transform is not None:
+        expected = tuple(int(v) for v in transform.fixed_dimensions)
+        if dims is not None and any(expected) and expected != tuple(dims):
+            raise DataError(
+                f"the transform was found for a fixed slide of {expected[0]}x{expected[1]} px but this slide "
+                f"is {dims[0]}x{dims[1]} px: align the IHC onto this slide"
+            )
+        alignment = truth.Alignment.from_affine_px(transform.affine_px, grid.mpp)
+        truth_mpp = transform.mpp_moving or grid.mpp
     if columns:
         missing = [c for c in columns if c not in scores.columns]
         if missing:
@@ -170,13 +196,13 @@ def compare_one(
         scores = scores[columns]
     truths: dict[str, np.ndarray] = {}
     if cells is not None:
-        detections = truth.read_qupath_detections(cells, grid.mpp, classes=cell_class or None)
+        detections = truth.read_qupath_detections(cells, truth_mpp, classes=cell_class or None)
         label = "cell count" + (f" ({'+'.join(cell_class)})" if cell_class else "")
         truths[label] = truth.cell_counts_per_tile(detections, grid, alignment=alignment)
     if mask is not None:
         m = truth.read_mask(mask, channel=mask_channel)
         truths["mask fraction"] = truth.mask_fraction_per_tile(
-            m, grid, mask_mpp=mask_mpp, alignment=alignment
+            m, grid, None if mask_mpp is None else mask_mpp / truth_mpp, alignment=alignment
         )
     labels = None
     if annotations is not None:
@@ -232,7 +258,17 @@ def _alignment(args: argparse.Namespace):
     from ..truth import Alignment
 
     a = Alignment.from_offset_scale(args.offset_um, args.scale, args.rotation)
+    if args.transform is not None and not a.is_identity:
+        raise DataError("give either --transform or --offset-um/--scale/--rotation, not both")
     return None if a.is_identity else a
+
+
+def _transform(path: Path | None):
+    if path is None:
+        return None
+    from ..align import AlignmentResult
+
+    return AlignmentResult.read(path)
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
@@ -277,6 +313,7 @@ def run(args: argparse.Namespace) -> int:
         "negative_class": args.negative_class,
         "min_fraction": args.min_fraction,
         "alignment": alignment,
+        "transform": _transform(args.transform),
         "columns": args.column,
         "percentiles": tuple(args.percentiles),
         "thresholds": tuple(args.threshold),
@@ -284,6 +321,8 @@ def run(args: argparse.Namespace) -> int:
         "spatial_null": args.spatial_null,
     }
     if args.manifest is not None:
+        if args.transform is not None:
+            raise DataError("with --manifest, give each slide's transform in a 'transform' column")
         return _run_manifest(args, common)
     if args.scores is None:
         raise DataError("give --scores TILE_SCORES.csv (or --manifest COHORT.csv)")
@@ -336,6 +375,13 @@ def _run_manifest(args: argparse.Namespace, common: dict[str, Any]) -> int:
             kw["mask_mpp"] = float(row["mask_mpp"])
         if get(row, "mask_channel") is not None:
             kw["mask_channel"] = row["mask_channel"]
+        try:
+            if get(row, "transform") is not None:
+                kw["transform"] = _transform(p(row["transform"]))
+        except DataError as exc:
+            print(f"he2rna: error: slide {name}: {exc}", file=sys.stderr)
+            all_rows.append({"slide": name, "note": f"error: {exc}"})
+            continue
         try:
             tiles, metrics, rows = compare_one(
                 p(row["scores"]),

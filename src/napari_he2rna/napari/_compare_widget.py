@@ -6,6 +6,13 @@ truth layer moves with it), pick one or two painted genes/sets, and read Pearson
 the 75/90/95/99th percentile (and a threshold you type), the median truth in the top-N tiles, or for
 annotations the inside-vs-outside AUC and the share of the top-N tiles inside. The ROC curves are drawn below.
 
+When the truth was drawn on a consecutive section (an IHC scanned separately), **Load IHC slide…** shows that
+slide over the H&E and **Align automatically** registers it (:func:`napari_he2rna.align.align_slides`, in a
+napari ``thread_worker`` with progress and Cancel): the found transform fills the offset / scale / rotation
+fields and the affine line, which stay editable to correct it, and the IHC layer and the truth (read in the
+IHC's pixels) move with them. A failed alignment (no tissue, similarity too low) is a sentence in the
+alignment label; the fields are left as they were.
+
 All the numbers come from :mod:`napari_he2rna.truth` (binning) and :mod:`napari_he2rna.compare` (metrics);
 this module only wires Qt to them. They are recomputed a moment after any change (a QTimer debounce) on the
 GUI thread: a full recompute takes tens of milliseconds even at 30,000 tiles, so a worker thread would only
@@ -18,6 +25,7 @@ registry of :mod:`napari_he2rna.napari._state` (the Model widget fills it), or f
 from __future__ import annotations
 
 import math
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,7 +35,7 @@ import pandas as pd
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from napari.utils.notifications import show_error, show_info
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtGui import QDoubleValidator
 from qtpy.QtWidgets import (
     QAbstractItemView,
@@ -41,6 +49,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QMessageBox,
+    QProgressBar,
     QPushButton,
     QSpinBox,
     QTableWidget,
@@ -49,8 +58,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .. import compare, spatial, truth
-from ..errors import DataError, He2rnaError
+from .. import align, compare, spatial, truth
+from ..errors import Cancelled, DataError, He2rnaError, SlideError
+from ..slide import SLIDE_SUFFIXES, open_slide
 from ._state import META_KEY, get_registry, is_slide_layer, layer_info
 
 if TYPE_CHECKING:
@@ -88,6 +98,40 @@ _CAVEAT_TIP = (
     "Neighbouring tiles are correlated, so this tile-level p-value (which treats tiles as independent) is "
     "optimistic; read it as a rough guide, not a test. " + compare.P_VALUE_CAVEAT
 )
+
+
+SLIDE_FILTER = "Slides and images (" + " ".join(f"*{s}" for s in SLIDE_SUFFIXES) + ");;All files (*)"
+
+
+class _AlignSignals(QObject):
+    """Progress of the alignment worker, carried to the GUI thread (a queued connection)."""
+
+    progressed = Signal(int, int, str)
+
+
+def _align_job(fixed, moving, cancel: threading.Event, signals: _AlignSignals):
+    """Run in the worker: the result, or the user-facing error as a value (napari would add a traceback)."""
+    try:
+        return align.align_slides(
+            fixed,
+            moving,
+            progress=lambda d, t, m="": signals.progressed.emit(int(d), int(t), str(m)),
+            cancel=cancel,
+        )
+    except He2rnaError as exc:
+        return exc
+
+
+def _parse_affine(text: str) -> np.ndarray:
+    """Six numbers ``a b tx c d ty`` (commas, semicolons or spaces) as a 3x3 matrix, else DataError."""
+    parts = text.replace(";", " ").replace(",", " ").split()
+    try:
+        values = [float(v) for v in parts]
+    except ValueError:
+        values = []
+    if len(values) != 6:
+        raise DataError("type the affine as six numbers: a b tx c d ty (µm; slide = [a b; c d] truth + t)")
+    return np.array([values[:3], values[3:], [0.0, 0.0, 1.0]])
 
 
 def _fmt(metric: str, value: Any) -> str:
@@ -153,6 +197,15 @@ class CompareWidget(QWidget):
         self._last_error = ""
         self._loading = False
         self._pending_mask: Path | None = None  # a mask that failed to load for want of a channel
+        # The IHC (truth scan) slide, its layer, the stretch/shear left of the affine, the alignment job.
+        self.ihc_slide = None
+        self.ihc_layer = None
+        self._shape = np.eye(2)
+        self.align_result: align.AlignmentResult | None = None
+        self.align_worker = None
+        self._align_cancel: threading.Event | None = None
+        self._align_signals = _AlignSignals()
+        self._align_signals.progressed.connect(self._on_align_progress)
         # Results of the last recompute, for the exports and the tests.
         self.truth_values: np.ndarray | None = None
         self.results: dict[str, compare.TileMetrics | compare.AnnotationMetrics] = {}
@@ -210,7 +263,14 @@ class CompareWidget(QWidget):
         self.mask_mpp_spin.setDecimals(4)
         self.mask_mpp_spin.setSpecialValueText("unknown")
         self.mask_mpp_spin.setToolTip("µm per mask pixel (wins over the downsample when given)")
-        tform.addRow(self.load_button)
+        self.load_ihc_button = QPushButton("Load IHC slide…")
+        self.load_ihc_button.setToolTip(
+            "The consecutive section the truth was drawn on (IHC), to show over the H&E and align"
+        )
+        load_row = QHBoxLayout()
+        load_row.addWidget(self.load_button)
+        load_row.addWidget(self.load_ihc_button)
+        tform.addRow(load_row)
         tform.addRow(self.truth_label)
         tform.addRow("class", self.class_combo)
         tform.addRow("outside class", self.negative_combo)
@@ -224,15 +284,39 @@ class CompareWidget(QWidget):
         aform = QFormLayout(align_box)
         self.offset_x = self._spin(-1e6, 1e6, 2, " µm", "Shift of the truth along x, µm")
         self.offset_y = self._spin(-1e6, 1e6, 2, " µm", "Shift of the truth along y, µm")
-        self.scale_spin = self._spin(0.001, 1000.0, 4, "", "Scale of the truth scan onto the slide")
+        # enough decimals that a found transform survives the fields (1e-6 of a 100,000 px slide: 0.1 px)
+        self.scale_spin = self._spin(0.001, 1000.0, 6, "", "Scale of the truth scan onto the slide")
         self.scale_spin.setValue(1.0)
         self.scale_spin.setSingleStep(0.01)
-        self.rotation_spin = self._spin(-180.0, 180.0, 2, "°", "Rotation, anticlockwise on screen")
+        self.rotation_spin = self._spin(-180.0, 180.0, 5, "°", "Rotation, anticlockwise on screen")
         self.reset_align = QPushButton("Reset alignment")
+        self.affine_edit = QLineEdit()
+        self.affine_edit.setToolTip(
+            "The whole affine, truth µm -> slide µm, as six numbers a b tx c d ty; edit and press Enter "
+            "(offset, scale and rotation follow; what is left is kept as stretch/shear)"
+        )
+        self.align_button = QPushButton("Align automatically")
+        self.align_button.setToolTip(
+            "Register the IHC slide onto the H&E (haematoxylin, rotation search, affine, mutual information)"
+        )
+        self.align_cancel_button = QPushButton("Cancel")
+        self.align_cancel_button.setEnabled(False)
+        self.align_progress = QProgressBar()
+        self.align_progress.setRange(0, 1)
+        self.align_progress.setValue(0)
+        self.align_label = QLabel("")
+        self.align_label.setWordWrap(True)
         aform.addRow("offset x", self.offset_x)
         aform.addRow("offset y", self.offset_y)
         aform.addRow("scale", self.scale_spin)
         aform.addRow("rotation", self.rotation_spin)
+        aform.addRow("affine", self.affine_edit)
+        align_row = QHBoxLayout()
+        align_row.addWidget(self.align_button)
+        align_row.addWidget(self.align_cancel_button)
+        aform.addRow(align_row)
+        aform.addRow(self.align_progress)
+        aform.addRow(self.align_label)
         aform.addRow(self.reset_align)
         layout.addWidget(align_box)
 
@@ -294,6 +378,10 @@ class CompareWidget(QWidget):
         for spin in (self.offset_x, self.offset_y, self.scale_spin, self.rotation_spin):
             spin.valueChanged.connect(self._alignment_changed)
         self.reset_align.clicked.connect(self.reset_alignment)
+        self.affine_edit.editingFinished.connect(self._affine_edited)
+        self.load_ihc_button.clicked.connect(self._load_ihc_clicked)
+        self.align_button.clicked.connect(lambda: self.align_automatically())
+        self.align_cancel_button.clicked.connect(self.cancel_alignment)
         self.score_a.currentTextChanged.connect(self.schedule)
         self.score_b.currentTextChanged.connect(self.schedule)
         self.top_n_spin.valueChanged.connect(self.schedule)
@@ -382,6 +470,8 @@ class CompareWidget(QWidget):
         layer = getattr(event, "value", None)
         if layer is not None and layer is self.truth_layer and layer not in self.viewer.layers:
             self.truth_layer = None  # the user closed it; the truth itself stays loaded
+        if layer is not None and layer is self.ihc_layer and layer not in self.viewer.layers:
+            self.ihc_layer = None  # the IHC slide stays open: Align automatically still works
         try:
             self.refresh_slides()
         except RuntimeError:  # the dock was closed (Qt object deleted) while the viewer lives on
@@ -439,7 +529,9 @@ class CompareWidget(QWidget):
             slide, mpp = self._slide_mpp()
             channel = self.channel_combo.currentText()  # ignored by grey masks and by other kinds
             channel = None if channel == AUTO_CHANNEL else channel
-            loaded = truth.load_truth(path, mpp, kind=kind, channel=channel)
+            # a truth drawn on the IHC gives µm of the IHC: read it in the IHC's pixels
+            scan_mpp = self.ihc_slide.mpp if self.ihc_slide is not None and self.ihc_slide.mpp else mpp
+            loaded = truth.load_truth(path, scan_mpp, kind=kind, channel=channel)
         except He2rnaError as exc:
             if path.suffix.lower() in truth.MASK_SUFFIXES and kind in (None, "mask"):
                 # e.g. a colour mask: let the user pick the channel, which loads it again
@@ -678,10 +770,18 @@ class CompareWidget(QWidget):
             (self.offset_x.value(), self.offset_y.value()),
             self.scale_spin.value(),
             self.rotation_spin.value(),
+            shape=None if np.allclose(self._shape, np.eye(2)) else self._shape,
         )
 
+    def _yx_affine(self) -> np.ndarray:
+        a = self.alignment().affine
+        return np.array([[a[1, 1], a[1, 0], a[1, 2]], [a[0, 1], a[0, 0], a[0, 2]], [0.0, 0.0, 1.0]])
+
     def _place_truth_layer(self) -> None:
-        """Put the truth layer where the alignment says, as a napari affine in (y, x) µm."""
+        """Put the truth and IHC layers where the alignment says, as a napari affine in (y, x) µm."""
+        self._show_affine()
+        if self.ihc_layer is not None and self.ihc_layer in self.viewer.layers:
+            self.ihc_layer.affine = self._yx_affine()
         layer = self.truth_layer
         if layer is None or layer not in self.viewer.layers:
             return
@@ -700,9 +800,30 @@ class CompareWidget(QWidget):
             layer.scale = (sy * mpp, sx * mpp)
             # mask pixel j covers level-0 px [j*s, (j+1)*s): its centre is where slide pixel j*s+(s-1)/2 is
             layer.translate = ((sy - 1) / 2 * mpp, (sx - 1) / 2 * mpp)
+        layer.affine = self._yx_affine()
+
+    def _show_affine(self) -> None:
         a = self.alignment().affine
-        yx = np.array([[a[1, 1], a[1, 0], a[1, 2]], [a[0, 1], a[0, 0], a[0, 2]], [0.0, 0.0, 1.0]])
-        layer.affine = yx
+        text = " ".join(f"{v:.6g}" for v in (a[0, 0], a[0, 1], a[0, 2], a[1, 0], a[1, 1], a[1, 2]))
+        if self.affine_edit.text() != text:
+            self.affine_edit.setText(text)
+
+    def _affine_edited(self) -> None:
+        current = self.alignment().affine
+        try:
+            typed = _parse_affine(self.affine_edit.text())
+            if np.allclose(typed, current, rtol=1e-6, atol=1e-6):
+                return
+            self.set_affine(typed)
+        except He2rnaError as exc:
+            self._fail(str(exc))
+            self._show_affine()
+
+    def set_affine(self, affine_um: Any) -> None:
+        """Set the alignment to a full 3x3 affine (truth µm -> slide µm): fields and stretch/shear follow."""
+        offset, scale, rotation, shape = truth.Alignment.from_affine(affine_um).to_offset_scale()
+        self._shape = np.asarray(shape, dtype=float)
+        self.set_alignment(offset, scale, rotation)
 
     def _alignment_changed(self, *args) -> None:
         try:
@@ -713,6 +834,7 @@ class CompareWidget(QWidget):
         self._truth_changed()
 
     def reset_alignment(self) -> None:
+        self._shape = np.eye(2)
         for spin, value in ((self.offset_x, 0.0), (self.offset_y, 0.0), (self.scale_spin, 1.0)):
             spin.blockSignals(True)
             spin.setValue(value)
@@ -732,6 +854,112 @@ class CompareWidget(QWidget):
             spin.setValue(float(value))
             spin.blockSignals(False)
         self._alignment_changed()
+
+    # ================================================================================================ IHC
+    def _load_ihc_clicked(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Load IHC slide", "", SLIDE_FILTER)
+        if path:
+            self.load_ihc_slide(path)
+
+    def load_ihc_slide(self, path: str | Path) -> bool:
+        """Open the IHC (truth scan) slide and show it over the H&E with the current alignment."""
+        from ._reader import slide_layer_data
+
+        try:
+            if self.slide_layer is None:
+                raise DataError("open the H&E slide first, then its IHC")
+            slide = open_slide(path)
+        except (SlideError, DataError) as exc:
+            return self._fail(str(exc))
+        data, kwargs, _ = slide_layer_data(slide, name=f"{slide.path.name} (IHC)")
+        fixed_mpp = self.slide_layer.metadata["slide"].mpp or 1.0
+        kwargs["metadata"] = {META_KEY: {"kind": "ihc", "name": kwargs["name"]}, "ihc_slide": slide}
+        kwargs["scale"] = (fixed_mpp, fixed_mpp)  # IHC px at the H&E's µm/px, as the alignment works
+        kwargs["units"] = tuple(self.slide_layer.units)
+        if self.ihc_layer is not None and self.ihc_layer in self.viewer.layers:
+            self.viewer.layers.remove(self.ihc_layer)
+        if self.ihc_slide is not None:
+            self.ihc_slide.close()
+        self.ihc_slide = slide
+        self.ihc_layer = self.viewer.add_image(data, opacity=0.5, **kwargs)
+        self.align_label.setText(f"IHC: {slide.path.name}; press Align automatically, or set the fields.")
+        self._place_truth_layer()
+        if self.truth_path is not None:  # its µm are the IHC's now
+            self.load_truth_file(self.truth_path, kind=self.truth_kind)
+        return True
+
+    @property
+    def aligning(self) -> bool:
+        """True while an automatic alignment runs."""
+        return self.align_worker is not None
+
+    def align_automatically(self):
+        """Register the IHC slide onto the H&E in a worker; returns the worker (None if not started)."""
+        from napari.qt.threading import create_worker
+
+        if self.aligning:
+            show_info("An alignment is already running; cancel it or wait.")
+            return None
+        if self.slide_layer is None or self.ihc_slide is None:
+            self._fail("load the IHC slide first (Load IHC slide…), over an open H&E slide")
+            return None
+        cancel = threading.Event()
+        self._align_cancel = cancel
+        self.align_progress.setRange(0, 0)
+        self.align_label.setText("Aligning…")
+        worker = create_worker(
+            _align_job,
+            self.slide_layer.metadata["slide"],
+            self.ihc_slide,
+            cancel,
+            self._align_signals,
+            _start_thread=False,
+            _ignore_errors=True,
+        )
+        worker.returned.connect(self._on_align_returned)
+        worker.errored.connect(self._on_align_errored)
+        worker.finished.connect(self._on_align_finished)
+        self.destroyed.connect(lambda *_, c=cancel: c.set())
+        self.align_worker = worker
+        self.align_button.setEnabled(False)
+        self.align_cancel_button.setEnabled(True)
+        worker.start()
+        return worker
+
+    def cancel_alignment(self) -> None:
+        """Stop the alignment in flight (the fields stay as they were)."""
+        if self._align_cancel is not None:
+            self._align_cancel.set()
+            self.align_label.setText("Cancelling…")
+
+    def _on_align_progress(self, done: int, total: int, message: str) -> None:
+        self.align_progress.setRange(0, max(total, 1))
+        self.align_progress.setValue(min(done, total))
+        if self.aligning and message:
+            self.align_label.setText(f"Aligning: {message}…")
+
+    def _on_align_returned(self, result) -> None:
+        if isinstance(result, Cancelled):
+            self.align_label.setText("Alignment cancelled; the fields are unchanged.")
+            return
+        if isinstance(result, He2rnaError):
+            self.align_label.setText(f"{result} (the fields are unchanged)")
+            return
+        self.align_result = result
+        mpp = self.slide_layer.metadata["slide"].mpp if self.slide_layer is not None else None
+        self.set_affine(truth.Alignment.from_affine_px(result.affine_px, mpp or 1.0).affine)
+        self.align_label.setText(f"Aligned: {result.summary()}")
+
+    def _on_align_errored(self, exc: Exception) -> None:  # a bug in the alignment: still one sentence
+        self.align_label.setText(f"the alignment failed: {exc.__class__.__name__}: {exc}")
+
+    def _on_align_finished(self) -> None:
+        self.align_worker = None
+        self._align_cancel = None
+        self.align_progress.setRange(0, 1)
+        self.align_progress.setValue(1)
+        self.align_button.setEnabled(True)
+        self.align_cancel_button.setEnabled(False)
 
     # ================================================================================================ metrics
     def schedule(self, *args) -> None:
