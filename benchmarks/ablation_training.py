@@ -58,6 +58,13 @@ VARIANTS: dict[str, dict] = {
     "z-targets": {"standardize_targets": True},
     "z-targets-lr-1e-3": {"standardize_targets": True, "lr": 1e-3},
     "lr-1e-3-k-large": {"lr": 1e-3, "ks": (10, 20, 50, 100)},
+    "k-mean-lr-1e-3": {"ks": (100,), "lr": 1e-3},
+    "k-mean-val-0.2": {"ks": (100,), "val_fraction": 0.2},
+    "k-mean-no-validation": {"ks": (100,), "val_fraction": 0.0, "max_epochs": 100},
+    "k-mean-hidden-1024x2": {"ks": (100,), "hidden": (1024, 1024)},
+    "k-mean-dropout-0.5": {"ks": (100,), "dropout": 0.5},
+    "k-mean-wd-1e-2": {"ks": (100,), "weight_decay": 1e-2},
+    "k-50-100": {"ks": (50, 100)},
 }
 
 

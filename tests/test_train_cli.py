@@ -1,0 +1,93 @@
+"""``he2rna train`` on cohorts that cannot be trained on: one sentence, a non-zero exit, no bundle written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+
+from napari_he2rna.synthetic import make_cohort
+
+
+@pytest.fixture(scope="module")
+def small_cohort(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    make_cohort(
+        root / "cohort", n_slides=8, seed=5, size_px=(672, 672), cancer_types=["SYN-BRCA", "SYN-COAD"]
+    )
+    return root
+
+
+def train(root, *extra: str, samples: str = "samples.tsv", expression: str = "expression.tsv"):
+    cohort = root / "cohort"
+    out = root / "model.safetensors"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "napari_he2rna.cli",
+            "train",
+            "--samples",
+            str(cohort / samples),
+            "--expression",
+            str(cohort / expression),
+            "--features-dir",
+            str(root / "features"),
+            "--backbone",
+            "hed-stats",
+            "--hidden",
+            "8",
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    return proc, out
+
+
+def one_sentence_error(proc) -> str:
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("he2rna: error")]
+    assert len(line) == 1, proc.stderr
+    return line[0]
+
+
+def test_too_few_patients_for_the_folds(small_cohort):
+    proc, out = train(small_cohort, "--folds", "10")
+    msg = one_sentence_error(proc)
+    assert "patients, too few for 10 folds" in msg and "--folds" in msg
+    assert not out.exists()
+
+
+def test_a_cancer_type_with_one_sample(small_cohort):
+    sheet = pd.read_csv(small_cohort / "cohort" / "samples.tsv", sep="\t")
+    sheet.loc[0, "cancer_type"] = "SYN-RARE"
+    sheet.to_csv(small_cohort / "cohort" / "samples_rare.tsv", sep="\t", index=False)
+    proc, out = train(small_cohort, "--folds", "2", samples="samples_rare.tsv")
+    msg = one_sentence_error(proc)
+    assert "SYN-RARE (1 sample)" in msg
+    assert not out.exists()
+
+
+def test_a_gene_constant_in_a_fold(small_cohort):
+    expr = pd.read_csv(small_cohort / "cohort" / "expression.tsv", sep="\t", index_col=0)
+    expr["CD3D"] = 1.5
+    expr.to_csv(small_cohort / "cohort" / "expression_const.tsv", sep="\t")
+    proc, out = train(small_cohort, "--folds", "2", expression="expression_const.tsv")
+    msg = one_sentence_error(proc)
+    assert "CD3D" in msg and "constant" in msg
+    assert not out.exists()
+
+
+def test_a_validation_fraction_out_of_range(small_cohort):
+    proc, out = train(small_cohort, "--folds", "2", "--val-fraction", "1.5")
+    assert "validation fraction" in one_sentence_error(proc)
+    assert not out.exists()
