@@ -65,6 +65,8 @@ VARIANTS: dict[str, dict] = {
     "k-mean-dropout-0.5": {"ks": (100,), "dropout": 0.5},
     "k-mean-wd-1e-2": {"ks": (100,), "weight_decay": 1e-2},
     "k-50-100": {"ks": (50, 100)},
+    "k-50-100-no-validation": {"ks": (50, 100), "val_fraction": 0.0},
+    "k-50-100-no-validation-100": {"ks": (50, 100), "val_fraction": 0.0, "max_epochs": 100},
 }
 
 

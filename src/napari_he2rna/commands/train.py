@@ -53,9 +53,17 @@ def register(subparsers) -> None:
     p.add_argument(
         "--val-fraction",
         type=float,
-        default=0.1,
-        help="share of each fold's training patients kept for early stopping (default 0.1; 0: no early "
-        "stopping, the last epoch is kept)",
+        default=None,
+        help="share of each fold's training patients kept for early stopping (default: 0.1 when every "
+        "cancer type then gets at least 5 validation samples, else 0; 0: no early stopping, all epochs run)",
+    )
+    p.add_argument(
+        "--ks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="the k list of the top-k aggregation (default 50 100 with --supertiles, the paper's "
+        "10 20 50 100 200 500 1000 2000 5000 with --tiles; the paper's supertile list: 1 2 5 10 20 50 100)",
     )
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds (default 5)")
     p.add_argument(
@@ -185,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
         max_epochs=args.epochs,
         patience=args.patience,
         val_fraction=args.val_fraction,
+        ks=tuple(args.ks) if args.ks else (tuple(init.ks) if init else None),
         n_folds=init.n_folds if init else args.folds,
         seed=args.seed,
         weight_decay=args.weight_decay,
