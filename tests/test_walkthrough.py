@@ -87,8 +87,9 @@ def test_training_learns_past_the_first_epoch_and_says_how_it_stopped(walkthroug
     assert all(c in ("per-type R", "pooled R", "loss") for c in training["validation_criteria"])
     best = [h["best_epoch"] for h in training["histories"]]
     assert max(best) > 5, best  # an untrained bundle keeps epoch 0
-    assert "early stopping on:" in logs[2]
-    assert "val R/type nan" not in logs[2] and "nan" not in logs[2].split("early stopping on:")[-1][:2000]
+    assert "no early stopping" in logs[2] or "early stopping on:" in logs[2]
+    epochs = [ln for ln in logs[2].replace("\r", "\n").splitlines() if " epoch " in ln and "train MSE" in ln]
+    assert epochs and not any("nan" in ln.lower() for ln in epochs)
     # what inference needs about the training data travelled with the bundle
     assert "feature_reference" in bundle.metadata and "target_range" in bundle.metadata
     assert len(bundle.metadata["input_standardization"]["folds"]) == 5

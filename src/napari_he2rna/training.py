@@ -93,8 +93,8 @@ def resolve_val_fraction(val_fraction: float | None, train_types: Sequence[str])
     smallest = int(counts.min()) if len(counts) else 0
     need = int(np.ceil(MIN_VAL_PER_TYPE / PAPER_VAL_FRACTION))
     return 0.0, (
-        f"auto: no validation split, all epochs are run (a cancer type has {smallest} training samples; "
-        f"early stopping on the per-type R needs {need})"
+        f"auto: a cancer type has {smallest} training samples, early stopping on the per-type R needs "
+        f"{need}, so all epochs are run"
     )
 
 
@@ -577,8 +577,8 @@ def cross_validate(
                 counts = pd.Series(types[val_idx]).value_counts().sort_index().to_dict()
                 log(
                     f"fold {f + 1}/{n_folds}: {len(train_idx)} training, {len(val_idx)} validation samples "
-                    f"{counts if counts else ''} (validation fraction {val_fraction:g}, {why}); "
-                    f"early stopping on: {criterion}"
+                    f"{counts if counts else ''}(validation fraction {val_fraction:g}, {why}); "
+                    + (f"early stopping on: {criterion}" if criterion != "none" else "no early stopping")
                 )
 
             def on_epoch(epoch: int, info: dict[str, Any], f=f) -> None:
