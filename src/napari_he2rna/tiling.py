@@ -20,8 +20,18 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
 from .errors import TissueError
+from .ink import INK_METHOD, ink_mask, optical_density, pen_mask
 
-__all__ = ["TileGrid", "tissue_mask", "pen_mask", "tile_grid", "read_tile", "read_tiles"]
+__all__ = [
+    "TileGrid",
+    "tissue_mask",
+    "tissue_and_ink_masks",
+    "mask_method",
+    "pen_mask",
+    "tile_grid",
+    "read_tile",
+    "read_tiles",
+]
 
 # Saturation below this is glass whatever Otsu says: a blank or almost-white image has no tissue, and Otsu on
 # pure noise would otherwise split the noise in two.
@@ -34,41 +44,42 @@ MIN_OPTICAL_DENSITY = 0.04
 GRID_COLUMNS = ["tile_id", "row", "col", "x", "y", "size", "tissue_fraction"]
 
 
-def _optical_density(rgb: np.ndarray) -> np.ndarray:
-    """(…, 3) uint8 -> (…, 3) float32 optical density ``-ln(I / 255)``, 0 for white."""
-    return -np.log(np.maximum(rgb.astype(np.float32), 1.0) / 255.0)
-
-
-def pen_mask(rgb: np.ndarray) -> np.ndarray:
-    """Pixels coloured by marker pen (blue, green, red, black) rather than by haematoxylin and eosin.
-
-    Both H&E stains absorb green the most (Ruifrok's optical-density vectors: haematoxylin 0.65/0.70/0.29,
-    eosin 0.07/0.99/0.11 for R/G/B), so stained tissue has green optical density at least that of red and
-    clearly above that of blue. Blue and green inks absorb red more than green; red ink and black/grey marks
-    absorb blue about as much as green.
+def mask_method(remove_ink: bool = True) -> str:
+    """The name of the tissue-mask rule, for the provenance of what is computed from its tiles.
 
     Parameters
     ----------
-    rgb : (h, w, 3) uint8
+    remove_ink : bool
+        Whether marker-pen ink and its halo are removed from the mask (:func:`~.ink.ink_mask`).
 
     Returns
     -------
-    (h, w) bool, True on pen ink.
+    str, e.g. ``"otsu-saturation+ink-v1"``; it changes whenever the rule does.
     """
-    od = _optical_density(rgb[..., :3])
-    od_r, od_g, od_b = od[..., 0], od[..., 1], od[..., 2]
-    inked = od.max(axis=-1) > 0.25  # faint pixels are glass whatever their hue
-    blue_or_green = od_r > od_g * 1.15 + 0.05
-    red_or_black = od_b > od_g * 0.85 + 0.05
-    return inked & (blue_or_green | red_or_black)
+    return f"otsu-saturation+{INK_METHOD}" if remove_ink else "otsu-saturation"
 
 
-def tissue_mask(thumbnail: np.ndarray, min_object_fraction: float = 2e-4) -> np.ndarray:
-    """Tissue pixels of a low-resolution image of a slide, by Otsu's threshold on colour saturation.
+def _composite_rgb(image: np.ndarray) -> np.ndarray:
+    """(h, w, 3|4) -> (h, w, 3) uint8, RGBA composited on white."""
+    rgb = np.asarray(image)
+    if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an (h, w, 3) RGB image, got shape {rgb.shape}")
+    if rgb.shape[-1] == 4:
+        alpha = rgb[..., 3:4].astype(np.float32) / 255.0
+        rgb = (rgb[..., :3] * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
+    return rgb.astype(np.uint8, copy=False)
+
+
+def tissue_and_ink_masks(
+    thumbnail: np.ndarray, min_object_fraction: float = 2e-4, remove_ink: bool = True
+) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue pixels of a low-resolution image of a slide, and the marker-pen ink removed from them.
 
     Glass is bright and grey, H&E-stained tissue is coloured: Otsu (scikit-image) splits the HSV saturation
-    of the non-pen pixels in two; pen marks are excluded by hue (:func:`pen_mask`), specks smaller than
-    ``min_object_fraction`` of the image are removed and holes of that size filled.
+    of the non-ink pixels in two. Ink is excluded: with ``remove_ink`` the dense ink and its lighter halo
+    (:func:`~.ink.ink_mask`), else only the dense ink (:func:`~.ink.pen_mask`). Specks smaller than
+    ``min_object_fraction`` of the image are then removed and holes of that size filled (a hole left by ink
+    is not filled back unless it is that small).
 
     Parameters
     ----------
@@ -76,33 +87,44 @@ def tissue_mask(thumbnail: np.ndarray, min_object_fraction: float = 2e-4) -> np.
         The whole slide at low resolution (RGBA is composited on white).
     min_object_fraction : float
         Smallest tissue piece (and largest hole filled), as a fraction of the image area.
+    remove_ink : bool
+        Remove the halo of pen marks too, not only their dense ink.
 
     Returns
     -------
-    (h, w) bool, True on tissue.
+    tissue : (h, w) bool
+        True on tissue.
+    ink : (h, w) bool
+        True on the ink excluded from the tissue (for display: the mark and its halo).
     """
-    rgb = np.asarray(thumbnail)
-    if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
-        raise ValueError(f"expected an (h, w, 3) RGB image, got shape {rgb.shape}")
-    if rgb.shape[-1] == 4:
-        alpha = rgb[..., 3:4].astype(np.float32) / 255.0
-        rgb = (rgb[..., :3] * alpha + 255.0 * (1.0 - alpha)).round().astype(np.uint8)
-    rgb = rgb.astype(np.uint8, copy=False)
+    rgb = _composite_rgb(thumbnail)
     channels = rgb.astype(np.float32)
     cmax, cmin = channels.max(axis=-1), channels.min(axis=-1)
     saturation = np.where(cmax > 0, (cmax - cmin) / np.maximum(cmax, 1.0), 0.0)
-    dark = _optical_density(rgb).max(axis=-1) > MIN_OPTICAL_DENSITY
-    pens = pen_mask(rgb)
-    candidates = saturation[~pens]
+    dark = optical_density(rgb).max(axis=-1) > MIN_OPTICAL_DENSITY
+    ink = ink_mask(rgb, min_object_fraction) if remove_ink else pen_mask(rgb)
+    candidates = saturation[~ink]
     if candidates.size == 0 or np.ptp(candidates) == 0:
-        return np.zeros(rgb.shape[:2], dtype=bool)
+        return np.zeros(rgb.shape[:2], dtype=bool), ink
     # Capping keeps strongly coloured ink and dense stain from pulling the threshold into the tissue.
     threshold = max(float(threshold_otsu(np.minimum(candidates, SATURATION_CAP))), MIN_SATURATION)
-    mask = (saturation > threshold) & dark & ~pens
+    mask = (saturation > threshold) & dark & ~ink
     min_size = max(int(min_object_fraction * mask.size), 1)
     mask = remove_small_objects(mask, max_size=min_size)
     mask = remove_small_holes(mask, max_size=min_size)
-    return mask
+    if remove_ink:  # a small hole left by ink stays a hole: the tissue under ink is not seen
+        mask &= ~ink
+    return mask, ink
+
+
+def tissue_mask(
+    thumbnail: np.ndarray, min_object_fraction: float = 2e-4, remove_ink: bool = True
+) -> np.ndarray:
+    """Tissue pixels of a low-resolution image of a slide (True on tissue, (h, w) bool).
+
+    The first mask of :func:`tissue_and_ink_masks`, which documents the rule and the parameters.
+    """
+    return tissue_and_ink_masks(thumbnail, min_object_fraction, remove_ink)[0]
 
 
 @dataclass
@@ -190,6 +212,7 @@ def tile_grid(
     max_tiles: int | None = 8000,
     seed: int = 0,
     mask: np.ndarray | None = None,
+    remove_ink: bool = True,
 ) -> TileGrid:
     """The grid of ``tile_um`` squares over a slide and the tiles that hold tissue.
 
@@ -208,6 +231,9 @@ def tile_grid(
         Seed of that draw.
     mask : (h, w) bool, optional
         A tissue mask of the whole slide to use instead of :func:`tissue_mask` on a thumbnail.
+    remove_ink : bool
+        Remove marker-pen ink and its halo from the thumbnail's mask (:func:`tissue_mask`); ignored with
+        ``mask``. Record :func:`mask_method` with anything computed from the tiles.
 
     Returns
     -------
@@ -224,7 +250,7 @@ def tile_grid(
     dimensions = tuple(int(v) for v in slide.dimensions)
     tile_px = max(int(round(tile_um / mpp)), 1)
     if mask is None:
-        mask = tissue_mask(slide.thumbnail(_mask_size_for(dimensions, tile_px)))
+        mask = tissue_mask(slide.thumbnail(_mask_size_for(dimensions, tile_px)), remove_ink=remove_ink)
     fractions = tile_fractions(np.asarray(mask, dtype=bool), dimensions, tile_px)
     n_rows, n_cols = fractions.shape
     rows, cols = np.nonzero((fractions >= min_tissue) & (fractions > 0))
