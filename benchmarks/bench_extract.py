@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from napari_he2rna.errors import WeightsError
-from napari_he2rna.features import _Runner, extract_features, get_backbone, resolve_device
+from napari_he2rna.features import BatchRunner, extract_features, get_backbone, resolve_device
 from napari_he2rna.slide import open_slide
 from napari_he2rna.tiling import read_tile, read_tiles, tile_grid
 
@@ -91,7 +91,7 @@ def bench_backbone(slide, grid, backbone, batch_size: int, precision: str, naive
     pipeline = n / (time.perf_counter() - t)
 
     tiles = read_tiles(slide, grid, num_workers=2)
-    run = _Runner(backbone, batch_size, precision)
+    run = BatchRunner(backbone, batch_size, precision)
     t = time.perf_counter()
     for start in range(0, n, batch_size):
         run(tiles[start : start + batch_size])

@@ -207,6 +207,61 @@ def test_cpu_bf16_is_close_to_fp32(cmu, small_grid):
     np.testing.assert_allclose(bf16, fp32, rtol=0.05, atol=0.05)
 
 
+def test_resnet50_bf16_features_match_fp32_on_the_sample_slide(resnet_weights):
+    """Whatever --precision auto picks on a machine, the features stay those of fp32 (cosine >= 0.999)."""
+    net = get_backbone("resnet50-imagenet", weights=resnet_weights, device="cpu")
+    with open_slide(settings.sample_data_dir() / "sample_slide.tiff") as slide:
+        grid = tile_grid(slide, max_tiles=6, seed=0)
+        fp32 = extract_features(slide, grid, net, batch_size=6, precision="fp32")
+        bf16 = extract_features(slide, grid, net, batch_size=6, precision="bf16")
+    assert not np.array_equal(fp32, bf16)  # bf16 autocast really ran
+    cosine = (fp32 * bf16).sum(axis=1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(bf16, axis=1))
+    assert cosine.min() >= 0.999, f"per-tile cosine similarity down to {cosine.min():.5f}"
+
+
+def test_auto_precision_follows_the_cpu(tmp_path, monkeypatch):
+    from napari_he2rna import features, precision
+
+    def never():
+        raise AssertionError("measured although the flags decide")
+
+    assert precision.cpu_prefers_bf16(tmp_path / "p.json", never, lambda: {"avx2", "amx_bf16"}) is True
+    assert precision.cpu_prefers_bf16(tmp_path / "p.json", never, lambda: {"avx2", "avx512_bf16"}) is True
+    assert precision.cpu_prefers_bf16(tmp_path / "p.json", never, lambda: {"avx2", "avx512f"}) is False
+    # flags unknown (not Linux): timed once per machine, then read from the cache file
+    calls = []
+
+    def slow_bf16():
+        calls.append(1)
+        return {"fp32_s": 1.0, "bf16_s": 4.0, "speedup": 0.25}
+
+    cache = tmp_path / "cpu-precision.json"
+    assert precision.cpu_prefers_bf16(cache, slow_bf16, lambda: None) is False
+    precision._memo.clear()  # a new process
+    assert precision.cpu_prefers_bf16(cache, never, lambda: None) is False
+    assert calls == [1] and json.loads(cache.read_text())
+    cpu = torch.device("cpu")
+    for has_bf16, want in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(features, "cpu_prefers_bf16", lambda h=has_bf16: h)
+        assert features.resolve_precision("auto", cpu) is want
+        assert features.resolve_precision("fp32", cpu) is None
+    assert precision.measure_bf16_speedup(repeats=1)["speedup"] > 0
+
+
+def test_cache_records_precision_and_is_not_reused_across_it(cmu, tmp_path):
+    net = CountingBackbone()
+    load_or_extract(cmu, net, cache_dir=tmp_path, max_tiles=2, batch_size=8, precision="fp32")
+    _, _, attrs = read_cache(cache_path(cmu, net, 112.0, tmp_path))
+    assert attrs["precision"] == "fp32"
+    seen = net.seen
+    load_or_extract(cmu, net, cache_dir=tmp_path, max_tiles=2, batch_size=8, precision="fp32")
+    assert net.seen == seen  # same precision: read from the cache
+    with pytest.warns(UserWarning, match="precision is 'fp32', expected 'bf16'"):
+        load_or_extract(cmu, net, cache_dir=tmp_path, max_tiles=2, batch_size=8, precision="bf16")
+    assert net.seen == seen + 2
+    assert read_cache(cache_path(cmu, net, 112.0, tmp_path))[2]["precision"] == "bf16"
+
+
 def test_cancel_stops_cleanly(cmu, small_grid):
     stop = threading.Event()
     net = CountingBackbone()

@@ -25,16 +25,24 @@ def _openslide_rgb(path: Path, location, level, size) -> np.ndarray:
 
 
 def _count_reads(slide: Slide) -> list:
-    """Wrap the slide's backend so every region read is recorded as (location, level, size)."""
+    """Wrap the slide's backend so every level read is recorded as (location in level px, level, size)."""
     calls: list = []
-    inner = slide._backend.read
+    inner = slide._backend.read_level
 
-    def read(location, level, size):
+    def read_level(location, level, size):
         calls.append((location, level, size))
         return inner(location, level, size)
 
-    slide._backend.read = read
+    slide._backend.read_level = read_level
     return calls
+
+
+def _window(whole: np.ndarray, x: int, y: int, w: int, h: int) -> np.ndarray:
+    """``whole[y:y+h, x:x+w]``, padded with white where the window leaves the image."""
+    out = np.full((h, w, 3), 255, dtype=np.uint8)
+    part = whole[y : y + h, x : x + w]
+    out[: part.shape[0], : part.shape[1]] = part
+    return out
 
 
 OPENSLIDE_FILES = {
@@ -64,7 +72,8 @@ def test_facts_and_pyramid_match_openslide(shared_data, name):
             w, h = slide.level_dimensions[level]
             assert pyramid[level].shape == (h, w, 3)
             # OpenSlide's whole level read from its origin: exact level pixels (a read starting elsewhere on a
-            # level with a fractional downsample, like boxes.tiff's 4.016, is resampled by OpenSlide)
+            # level with a fractional downsample, like boxes.tiff's 4.016, is resampled by OpenSlide, which
+            # the pyramid and read_region must not be)
             whole = _openslide_rgb(path, (0, 0), level, (w, h))
             # windows inside one chunk, across chunk borders, and the far corner
             for x, y, ww, hh in [
@@ -76,9 +85,15 @@ def test_facts_and_pyramid_match_openslide(shared_data, name):
                 np.testing.assert_array_equal(
                     got, whole[y : y + hh, x : x + ww], err_msg=f"{name} L{level} ({x},{y})"
                 )
-                loc = (round(x * slide.level_downsamples[level]), round(y * slide.level_downsamples[level]))
-                want = _openslide_rgb(path, loc, level, (ww, hh))
-                np.testing.assert_array_equal(slide.read_region(loc, level, (ww, hh)), want)
+                np.testing.assert_array_equal(
+                    slide.read_level_region((x, y), level, (ww, hh)), _window(whole, x, y, ww, hh)
+                )
+                # a level-0 location reads the level's own pixels from the nearest level position
+                ds = slide.level_downsamples[level]
+                loc = (round(x * ds) + 1, round(y * ds) - 1 if y else 0)
+                at = (round(loc[0] / ds), round(loc[1] / ds))
+                got = slide.read_region(loc, level, (ww, hh))
+                np.testing.assert_array_equal(got, _window(whole, *at, ww, hh))
 
 
 def test_cmu_pyramid_is_padded_by_coarsening(cmu_slide):
@@ -291,3 +306,107 @@ def test_info_cli(cmu_slide, shared_data, tmp_path, capsys):
     assert cli.main(["info", str(tmp_path / "nope.svs")]) == 2
     err = capsys.readouterr().err
     assert "No such file" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------ odd-sized pyramids (non-integer downsample)
+ODD_SIZE = (4443, 3567)  # a real TCGA frozen section's level 0; level 1 is 2221 x 1783, downsample 2.0005
+APERIO_DESCRIPTION = (
+    "Aperio Image Library v10.0.0\r\n4443x3567 [0,0 4443x3567] (240x240) {codec}|AppMag = 20|MPP = 0.499"
+)
+
+
+def _odd_pyramid(path: Path, cmu_slide: Path, compression, description: str | None = None) -> Path:
+    """A two-level tiled TIFF of real H&E (mirror-tiled CMU region) with odd level sizes, 240 px tiles."""
+    with openslide.OpenSlide(str(cmu_slide)) as src:
+        patch = np.asarray(src.read_region((0, 0), 0, src.dimensions).convert("RGB"))
+    block = np.concatenate([patch, patch[:, ::-1]], axis=1)
+    block = np.concatenate([block, block[::-1]], axis=0)
+    width, height = ODD_SIZE
+    level0 = np.ascontiguousarray(np.tile(block, (2, 2, 1))[:height, :width])
+    level1 = np.asarray(Image.fromarray(level0).resize((2221, 1783), Image.Resampling.BILINEAR))
+    with tifffile.TiffWriter(path) as tw:
+        for i, image in enumerate((level0, level1)):
+            tw.write(
+                image,
+                tile=(240, 240),
+                photometric="rgb",
+                compression=compression,
+                subfiletype=0 if i == 0 else 1,
+                description=(description if i == 0 else "Aperio Image Library v10.0.0")
+                if description
+                else None,
+                resolution=(20040, 20040),
+                resolutionunit="CENTIMETER",
+                metadata=None,
+            )
+    return path
+
+
+@pytest.fixture(scope="module")
+def odd_slides(tmp_path_factory, shared_data) -> dict[str, Path]:
+    cmu = shared_data / "slides" / "cmu-1-small-region.svs"
+    root = tmp_path_factory.mktemp("odd")
+    return {
+        "generic-tiff": _odd_pyramid(root / "odd.tiff", cmu, "jpeg"),
+        "aperio-jpeg": _odd_pyramid(
+            root / "odd.svs", cmu, "jpeg", APERIO_DESCRIPTION.format(codec="JPEG/RGB Q=90")
+        ),
+        "aperio-jp2k": _odd_pyramid(
+            root / "odd-jp2k.svs", cmu, 33005, APERIO_DESCRIPTION.format(codec="J2K/KDU Q=70")
+        ),
+    }
+
+
+@pytest.mark.parametrize("kind", ["generic-tiff", "aperio-jpeg", "aperio-jp2k"])
+def test_odd_sized_levels_are_the_levels_own_pixels(odd_slides, kind):
+    path = odd_slides[kind]
+    with openslide.OpenSlide(str(path)) as ref:
+        assert ref.level_dimensions == (ODD_SIZE, (2221, 1783))
+        ds = ref.level_downsamples[1]
+        assert ds == pytest.approx(2.0005, abs=1e-4)
+        whole = np.asarray(ref.read_region((0, 0), 1, ref.level_dimensions[1]).convert("RGB")).astype(
+            np.int16
+        )
+        # the flaw being fixed: OpenSlide's read of a chunk through level-0 coordinates is resampled
+        shifted = np.asarray(ref.read_region((round(480 * ds), round(480 * ds)), 1, (96, 96)).convert("RGB"))
+        assert np.abs(shifted.astype(np.int16) - whole[480:576, 480:576]).max() > 2
+    with open_slide(path) as slide:
+        assert slide.vendor == ("aperio" if kind.startswith("aperio") else kind)
+        level = slide.pyramid()[1]
+        assert level.shape == (1783, 2221, 3)
+        worst = 0
+        for i in range(level.numblocks[0]):
+            for j in range(level.numblocks[1]):
+                y0, x0 = sum(level.chunks[0][:i]), sum(level.chunks[1][:j])
+                block = level.blocks[i, j].compute().astype(np.int16)
+                want = whole[y0 : y0 + block.shape[0], x0 : x0 + block.shape[1]]
+                worst = max(worst, int(np.abs(block - want).max()))
+        assert worst <= 2, f"level 1 chunks differ from the level's pixels by up to {worst}"
+        threaded = level.compute(scheduler="threads", num_workers=4).astype(np.int16)  # concurrent reads
+        assert np.abs(threaded - whole).max() <= 2
+        # a tile read at level-0 coordinates lands on the nearest level pixel, not between two
+        loc = (2003, 1555)  # level positions 1001.25 and 777.30
+        x, y = round(loc[0] / ds), round(loc[1] / ds)
+        assert (x, y) == (1001, 777)
+        tile = slide.read_region(loc, 1, (112, 112)).astype(np.int16)
+        assert np.abs(tile - whole[y : y + 112, x : x + 112]).max() <= 2
+
+
+def test_damaged_tile_is_named_not_black(odd_slides, tmp_path):
+    path = tmp_path / "damaged.tiff"
+    shutil.copy(odd_slides["generic-tiff"], path)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[1]
+        across = -(-page.imagewidth // 240)
+        index = 3 * across + 4  # the tile at (960, 720) px of level 1
+        offset = page.dataoffsets[index]
+    with open(path, "r+b") as fh:
+        fh.seek(offset)
+        fh.write(b"\x00" * 64)  # its JPEG header is gone
+    with open_slide(path) as slide:
+        assert slide.read_level_region((0, 0), 1, (240, 240)).shape == (240, 240, 3)  # other tiles still read
+        with pytest.raises(SlideError) as err:
+            slide.pyramid()[1][700:800, 950:1000].compute()
+    message = str(err.value)
+    assert "level 1" in message and "(960, 720)" in message
+    assert message.endswith(".") and "\n" not in message

@@ -37,6 +37,7 @@ from torch import nn
 from . import __version__, settings
 from .errors import CacheError, He2rnaError, WeightsError
 from .jobs import CancelToken, ProgressCallback, check_cancel, report
+from .precision import cpu_prefers_bf16
 from .tiling import TileGrid, read_tiles, tile_grid
 
 __all__ = [
@@ -47,6 +48,9 @@ __all__ = [
     "backbone_info",
     "resolve_device",
     "resolve_precision",
+    "precision_name",
+    "effective_precision",
+    "BatchRunner",
     "iter_features",
     "extract_features",
     "load_or_extract",
@@ -66,8 +70,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # torchvision.models.ResNet50_Weights.IMAGENET1K_V1.url (checked against torchvision 0.29's source).
 RESNET50_URL = "https://download.pytorch.org/models/resnet50-0676ba61.pth"
 RESNET50_FILE = "resnet50-0676ba61.pth"
-# Measured on the 2-core development machine (benchmarks/bench_extract.py): ResNet50 in bf16 autocast on a
-# CPU without AMX/AVX512-BF16 was slower than fp32, so fp32 is the CPU default; "bf16" stays a flag.
+# The CPU precision of "auto" where bf16 hardware is absent (benchmarks/bench_extract.py: ResNet50 in bf16
+# on an AMD EPYC without AVX512-BF16 was 6x slower than fp32; on a Xeon with AMX 4.5x faster). Whether the
+# hardware is there is decided per machine by precision.cpu_prefers_bf16.
 DEFAULT_CPU_PRECISION = "fp32"
 CACHE_FORMAT = "napari-he2rna-features"
 CACHE_FORMAT_VERSION = 1
@@ -570,13 +575,17 @@ def get_backbone(
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype for ``precision`` on ``device`` (None: plain fp32).
 
-    ``"auto"``: bf16 on CUDA when supported else fp16; fp32 on CPU (:data:`DEFAULT_CPU_PRECISION`).
+    ``"auto"``: bf16 on CUDA when supported else fp16; on CPU bf16 where it runs faster than fp32 (AMX or
+    AVX512-BF16, :func:`~.precision.cpu_prefers_bf16`), else fp32 (:data:`DEFAULT_CPU_PRECISION`).
     """
     precision = (precision or "auto").lower()
     if precision == "auto":
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        precision = DEFAULT_CPU_PRECISION if device.type == "cpu" else "fp32"
+        if device.type == "cpu":
+            precision = "bf16" if cpu_prefers_bf16() else DEFAULT_CPU_PRECISION
+        else:
+            precision = "fp32"
     table = {
         "fp32": None,
         "float32": None,
@@ -592,7 +601,17 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return table[precision]
 
 
-class _Runner:
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"`` for an autocast dtype from :func:`resolve_precision`."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def effective_precision(backbone: Backbone, precision: str = "auto") -> str:
+    """The precision ``backbone`` runs in for ``precision`` (fp32 for backbones that never autocast)."""
+    return precision_name(resolve_precision(precision, backbone.device) if backbone.autocast else None)
+
+
+class BatchRunner:
     """Runs the backbone on uint8 batches, autocast + channels_last on GPU, halving the batch on OOM."""
 
     def __init__(self, backbone: Backbone, batch_size: int, precision: str) -> None:
@@ -657,7 +676,7 @@ def iter_features(
     """
     rows = np.arange(len(grid.table)) if indices is None else np.asarray(indices, dtype=np.int64)
     total = len(rows)
-    run = _Runner(backbone, batch_size, precision)
+    run = BatchRunner(backbone, batch_size, precision)
     batches = [rows[i : i + run.batch_size] for i in range(0, total, run.batch_size)]
     if total == 0:
         return
@@ -787,7 +806,13 @@ def cache_path(
 
 
 def _provenance(
-    slide, backbone: Backbone, tile_um: float, min_tissue: float, max_tiles: int | None, seed: int
+    slide,
+    backbone: Backbone,
+    tile_um: float,
+    min_tissue: float,
+    max_tiles: int | None,
+    seed: int,
+    precision: str = "auto",
 ) -> dict[str, Any]:
     return {
         "format": CACHE_FORMAT,
@@ -797,6 +822,8 @@ def _provenance(
         "backbone": backbone.name,
         "weights_hash": backbone.weights_hash,
         "feature_dim": int(backbone.dim),
+        # bf16 features differ from fp32 ones (cosine >= 0.999): a store of one is not reused as the other
+        "precision": effective_precision(backbone, precision),
         "tile_um": float(tile_um),
         "mpp": float(slide.require_mpp()),
         "min_tissue": float(min_tissue),
@@ -814,6 +841,7 @@ _MUST_MATCH = [
     "backbone",
     "weights_hash",
     "feature_dim",
+    "precision",
     "tile_um",
     "mpp",
     "min_tissue",
@@ -931,9 +959,10 @@ def is_cached(
     min_tissue: float = 0.5,
     max_tiles: int | None = 8000,
     seed: int = 0,
+    precision: str = "auto",
 ) -> bool:
     """Whether a complete, matching store exists for these settings (read, so a corrupt one is not)."""
-    expected = _provenance(slide, backbone, tile_um, min_tissue, max_tiles, seed)
+    expected = _provenance(slide, backbone, tile_um, min_tissue, max_tiles, seed, precision)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return _validate_complete(cache_path(slide, backbone, tile_um, cache_dir), expected) is not None
@@ -1026,7 +1055,8 @@ def load_or_extract(
     The store ``cache_path(slide, backbone, tile_um, cache_dir)`` holds the grid table columns
     (``grid/<column>``), ``features`` (N, dim) float32, ``done`` (N,) bool, ``supertiles/features`` (k, dim)
     and ``supertiles/labels`` (N,), and provenance attributes (slide fingerprint and path, backbone name and
-    weights hash, tile µm, mpp, tiling parameters, library version, ``complete``). It is written batch by
+    weights hash, precision, tile µm, mpp, tiling parameters, library version, ``complete``). It is written
+    batch by
     batch into ``<name>.partial`` and renamed when complete, so a killed or cancelled run resumes from the
     rows already done; a stale (other weights, pixel size or tiling parameters) or corrupt store is
     recomputed with a warning.
@@ -1068,7 +1098,7 @@ def load_or_extract(
     final = cache_path(slide, backbone, tile_um, cache_dir)
     partial = final.with_name(final.name + ".partial")
     final.parent.mkdir(parents=True, exist_ok=True)
-    expected = _provenance(slide, backbone, tile_um, min_tissue, max_tiles, seed)
+    expected = _provenance(slide, backbone, tile_um, min_tissue, max_tiles, seed, precision)
 
     cached = _validate_complete(final, expected)
     if cached is not None:
@@ -1181,7 +1211,7 @@ def extract_slide_task(
         backbone = _cached_backbone(backbone_name, weights, device)
         with open_slide(path, mpp=mpp) as slide:
             store = cache_path(slide, backbone, tile_um, out_dir)
-            cached = is_cached(slide, backbone, tile_um, out_dir, min_tissue, max_tiles, seed)
+            cached = is_cached(slide, backbone, tile_um, out_dir, min_tissue, max_tiles, seed, precision)
             grid, _ = load_or_extract(
                 slide,
                 backbone,

@@ -4,7 +4,9 @@ Three backends sit behind one :class:`Slide`:
 
 - **OpenSlide** (openslide-python with the openslide-bin wheel) for everything OpenSlide reads: Aperio .svs,
   Hamamatsu .ndpi/.vms/.vmu, MIRAX .mrxs, Leica .scn, Ventana .bif, Philips TIFF, DICOM WSI, generic tiled
-  TIFF.
+  TIFF. For Aperio and generic TIFF the pixels come from the TIFF tiles themselves (:class:`NativeTiles`,
+  tifffile + imagecodecs): OpenSlide reads through level-0 coordinates and resamples a level whose downsample
+  is not an integer (Aperio writes 2.0005, 4.0002, ...), shifting every chunk off the level's origin.
 - **tifffile** (+ its zarr store) for OME-TIFF (whose reduced levels live in SubIFDs, which OpenSlide ignores)
   and for TIFFs OpenSlide refuses (e.g. striped, not tiled).
 - **Pillow** for small plain images (PNG, JPEG), as a single level.
@@ -23,6 +25,7 @@ import logging
 import math
 import os
 import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -164,7 +167,12 @@ def _halve(block: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------------- backends
 class _Backend:
-    """What a backend tells :class:`Slide`; ``read(level, x, y, w, h)`` takes level pixel coordinates."""
+    """What a backend tells :class:`Slide`.
+
+    ``read(location, level, size)`` takes ``location`` in level-0 pixels (OpenSlide's convention);
+    ``read_level(location, level, size)`` takes it in pixels *of that level* and returns the level's stored
+    pixels there, never resampled.
+    """
 
     vendor: str
     level_dimensions: list[tuple[int, int]]
@@ -176,6 +184,10 @@ class _Backend:
     background: tuple[int, int, int] = (255, 255, 255)
 
     def read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        ds = self.level_downsamples[level]
+        return self.read_level((round(location[0] / ds), round(location[1] / ds)), level, size)
+
+    def read_level(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -206,18 +218,205 @@ class _OpenSlideBackend(_Backend):
         self.mpp = _plausible(mpp)
         self.objective_power = _float(props.get(openslide.PROPERTY_NAME_OBJECTIVE_POWER))
         self.background = _parse_background(props)
+        self.name = path.name
+        self.native: NativeTiles | None = None
+        if self.vendor in NATIVE_VENDORS:
+            try:
+                self.native = NativeTiles(path, self.level_dimensions, self.background)
+            except Exception as exc:  # not parseable by tifffile: OpenSlide alone reads it
+                _log.info("%s: reading through OpenSlide only (%s)", path.name, exc)
+        # Per level: True once a native read was checked against OpenSlide's (exact) read at the level's
+        # origin, False when it did not match (then OpenSlide reads that level), None before the check.
+        self._native_ok: list[bool | None] = [None] * len(self.level_dimensions)
+        self._check_lock = threading.Lock()
 
-    def read(self, location, level, size):
+    def _use_native(self, level: int) -> bool:
+        if self.native is None or not self.native.has(level):
+            return False
+        with self._check_lock:
+            if self._native_ok[level] is None:
+                self._native_ok[level] = self._native_matches(level)
+        return bool(self._native_ok[level])
+
+    def _native_matches(self, level: int) -> bool:
+        """Whether tifffile's decode of the level's first tile equals OpenSlide's (within JPEG rounding)."""
+        w, h = self.level_dimensions[level]
+        side = self.native.tile_shape(level)
+        size = (min(side[1], w), min(side[0], h))
+        try:
+            mine = self.native.read(level, (0, 0), size)
+        except SlideError:
+            return True  # a damaged first tile: the native reader names it; OpenSlide could only fail too
+        theirs = self._openslide_read((0, 0), level, size)  # the origin: no fractional offset, no resampling
+        diff = int(np.abs(mine.astype(np.int16) - theirs.astype(np.int16)).max())
+        if diff > NATIVE_TOLERANCE:
+            _log.warning(
+                "%s level %d: tifffile's pixels differ from OpenSlide's by %d; reading it through OpenSlide",
+                self.name,
+                level,
+                diff,
+            )
+        return diff <= NATIVE_TOLERANCE
+
+    def _openslide_read(self, location, level, size):
         try:
             image = self.handle.read_region(location, level, size)
         except self._openslide.OpenSlideError as exc:
+            ds = self.level_downsamples[level]
             raise SlideError(
-                f"OpenSlide could not read a region of the slide (damaged file?): {exc}"
+                f"{self.name} cannot be read at level {level} near ({round(location[0] / ds)}, "
+                f"{round(location[1] / ds)}) px of that level, the file is damaged there ({exc})."
             ) from exc
         return _composite(np.asarray(image), self.background)
 
+    def read(self, location, level, size):
+        if self._use_native(level):
+            return super().read(location, level, size)
+        return self._openslide_read(location, level, size)
+
+    def read_level(self, location, level, size):
+        if self._use_native(level):
+            return self.native.read(level, location, size)
+        # OpenSlide takes level-0 coordinates: exact when the downsample is an integer, resampled by a
+        # fraction of a pixel otherwise (formats whose tiles it alone can read).
+        ds = self.level_downsamples[level]
+        return self._openslide_read((round(location[0] * ds), round(location[1] * ds)), level, size)
+
     def close(self) -> None:
         self.handle.close()
+        if self.native is not None:
+            self.native.close()
+
+
+# OpenSlide vendors whose levels are plain TIFF tile grids, read natively by tifffile + imagecodecs so that a
+# level's pixels are its own at every position (OpenSlide reads through level-0 coordinates and resamples a
+# level whose downsample is not an integer, e.g. Aperio's 2.0005). Other vendors stitch, overlap or offset
+# their tiles (Ventana, Leica, Philips sparse tiles, Hamamatsu), which only OpenSlide knows how to do.
+NATIVE_VENDORS = ("aperio", "generic-tiff")
+# Largest difference (grey levels) between two JPEG decoders' pixels that still counts as the same pixels.
+NATIVE_TOLERANCE = 2
+# Decoded tiles kept per slide (bytes): neighbouring tile reads share native tiles.
+NATIVE_CACHE_BYTES = 64 * 2**20
+
+
+class NativeTiles:
+    """A slide's tile grids read straight from its TIFF pages with tifffile + imagecodecs.
+
+    Each OpenSlide level is matched to the tiled 8-bit RGB(A) page of the same size. Tiles are read under
+    a lock on the file handle, decoded outside it (imagecodecs releases the GIL) and kept in a small LRU
+    cache.
+
+    Parameters
+    ----------
+    path : Path
+    level_dimensions : list of (width, height)
+        The levels to serve, as OpenSlide lists them.
+    background : (r, g, b)
+        Colour of missing (sparse) tiles, of what lies outside the level, and under transparent pixels.
+    """
+
+    def __init__(
+        self, path: Path, level_dimensions: list[tuple[int, int]], background: tuple[int, int, int]
+    ) -> None:
+        import tifffile
+
+        self.name = path.name
+        self.background = background
+        self.level_dimensions = list(level_dimensions)
+        self.tif = tifffile.TiffFile(str(path))
+        self.pages: list[Any] = []
+        try:
+            candidates = [
+                page
+                for page in self.tif.pages
+                if page.is_tiled
+                and page.dtype == np.uint8
+                and page.samplesperpixel in (3, 4)
+                and page.planarconfig == 1
+                and page.imagedepth == 1
+            ]
+            for w, h in self.level_dimensions:
+                self.pages.append(
+                    next((p for p in candidates if (p.imagewidth, p.imagelength) == (w, h)), None)
+                )
+        except Exception:
+            self.tif.close()
+            raise
+        self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cache_bytes = 0
+        self._cache_lock = threading.Lock()
+        self._file_lock = threading.Lock()
+
+    def has(self, level: int) -> bool:
+        return self.pages[level] is not None
+
+    def tile_shape(self, level: int) -> tuple[int, int]:
+        page = self.pages[level]
+        return int(page.tilelength), int(page.tilewidth)
+
+    def _tile(self, level: int, index: int) -> np.ndarray | None:
+        """Decoded tile ``index`` of ``level`` as (th, tw, samples) uint8, None for a missing tile."""
+        key = (level, index)
+        with self._cache_lock:
+            if key in self._cache:
+                self._cache.move_to_end(key)
+                return self._cache[key]
+        page = self.pages[level]
+        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+        if count == 0 or offset == 0:
+            return None
+        fh = self.tif.filehandle
+        with self._file_lock:  # tifffile's own handle lock is a no-op unless asked for
+            fh.seek(offset)
+            data = fh.read(count)
+        th, tw = self.tile_shape(level)
+        try:
+            if len(data) != count:
+                raise ValueError(f"{count - len(data)} bytes missing at the end of the file")
+            tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
+            tile = np.asarray(tile).reshape(th, tw, page.samplesperpixel)
+        except Exception as exc:  # imagecodecs raises its own error types per codec
+            across = math.ceil(page.imagewidth / tw)
+            row, col = divmod(index, across)
+            raise SlideError(
+                f"{self.name} cannot be read at level {level}, tile ({col * tw}, {row * th}) px of that "
+                f"level: its data is damaged ({type(exc).__name__}: {exc})."
+            ) from exc
+        with self._cache_lock:
+            if key not in self._cache:
+                self._cache[key] = tile
+                self._cache_bytes += tile.nbytes
+                while self._cache_bytes > NATIVE_CACHE_BYTES and len(self._cache) > 1:
+                    self._cache_bytes -= self._cache.popitem(last=False)[1].nbytes
+        return tile
+
+    def read(self, level: int, location: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+        """The level's own pixels: ``size`` (w, h) from ``location`` (x, y) in level pixels, as RGB."""
+        x, y = int(location[0]), int(location[1])
+        w, h = int(size[0]), int(size[1])
+        lw, lh = self.level_dimensions[level]
+        th, tw = self.tile_shape(level)
+        across = math.ceil(lw / tw)
+        samples = self.pages[level].samplesperpixel
+        out = np.empty((h, w, samples), dtype=np.uint8)
+        out[..., :3] = self.background
+        if samples == 4:
+            out[..., 3] = 255
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        for row in range(y0 // th, (y1 - 1) // th + 1 if y1 > y0 else 0):
+            for col in range(x0 // tw, (x1 - 1) // tw + 1 if x1 > x0 else 0):
+                tile = self._tile(level, row * across + col)
+                if tile is None:
+                    continue
+                ty0, tx0 = max(y0, row * th), max(x0, col * tw)
+                ty1, tx1 = min(y1, (row + 1) * th), min(x1, (col + 1) * tw)
+                out[ty0 - y : ty1 - y, tx0 - x : tx1 - x] = tile[
+                    ty0 - row * th : ty1 - row * th, tx0 - col * tw : tx1 - col * tw
+                ]
+        return _composite(out, self.background) if samples == 4 else out
+
+    def close(self) -> None:
+        self.tif.close()
 
 
 class _TiffBackend(_Backend):
@@ -290,9 +489,8 @@ class _TiffBackend(_Backend):
                 power = _float(el.get("NominalMagnification"))
         return mpp, power
 
-    def read(self, location, level, size):
-        ds = self.level_downsamples[level]
-        x, y = round(location[0] / ds), round(location[1] / ds)
+    def read_level(self, location, level, size):
+        x, y = location
         w, h = size
         lw, lh = self.level_dimensions[level]
         out = np.empty((h, w, 3), dtype=np.uint8)
@@ -310,7 +508,10 @@ class _TiffBackend(_Backend):
             if kept != ["Y", "X", "S"][: len(kept)]:  # planar RGB (SYX): samples first on disk
                 part = np.transpose(part, [kept.index(a) for a in "YXS" if a in kept])
         except Exception as exc:  # tifffile/zarr raise many types for damaged tiles
-            raise SlideError(f"tifffile could not read a region of the slide (damaged file?): {exc}") from exc
+            raise SlideError(
+                f"{self.tif.filename} cannot be read at level {level}, region ({x0}, {y0}) px of that level: "
+                f"its data is damaged ({type(exc).__name__}: {exc})."
+            ) from exc
         if part.ndim == 2:  # greyscale
             part = np.repeat(part[..., None], 3, axis=2)
         if part.dtype != np.uint8:
@@ -368,7 +569,7 @@ class _ImageBackend(_Backend):
         self.mpp = _plausible(self.raw_mpp)
         self.objective_power = None
 
-    def read(self, location, level, size):
+    def read_level(self, location, level, size):
         x, y = location
         w, h = size
         lw, lh = self.level_dimensions[0]
@@ -559,7 +760,9 @@ class Slide:
         )
 
     # -------------------------------------------------------------- reading
-    def _read(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+    def _read(
+        self, location: tuple[int, int], level: int, size: tuple[int, int], in_level: bool = False
+    ) -> np.ndarray:
         # Reads run concurrently (OpenSlide and tifffile are thread safe); close() waits for them to finish so
         # a napari render thread never touches a freed OpenSlide handle.
         with self._state:
@@ -567,11 +770,16 @@ class Slide:
                 raise SlideError(f"{self.path.name} was closed; open it again to read it.")
             self._active_reads += 1
         try:
+            if in_level:
+                return self._backend.read_level(location, level, size)
             return self._backend.read(location, level, size)
         finally:
             with self._state:
                 self._active_reads -= 1
                 self._state.notify_all()
+
+    def _read_level(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        return self._read(location, level, size, in_level=True)
 
     def read_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         """Read a region as RGB.
@@ -590,6 +798,12 @@ class Slide:
         np.ndarray
             ``(height, width, 3)`` uint8; outside the slide is the background colour (white).
         """
+        w, h = self._checked_size(level, size)
+        if w == 0 or h == 0:
+            return np.empty((h, w, 3), dtype=np.uint8)
+        return self._read((int(location[0]), int(location[1])), level, (w, h))
+
+    def _checked_size(self, level: int, size: tuple[int, int]) -> tuple[int, int]:
         if not 0 <= level < self.level_count:
             raise SlideError(
                 f"Level {level} does not exist: {self.path.name} has levels 0 to {self.level_count - 1}."
@@ -597,9 +811,29 @@ class Slide:
         w, h = int(size[0]), int(size[1])
         if w < 0 or h < 0:
             raise SlideError(f"A region size must not be negative, got {w}x{h}.")
+        return w, h
+
+    def read_level_region(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
+        """Read a region of one level in that level's own pixel coordinates: its stored pixels, not resampled.
+
+        Parameters
+        ----------
+        location : (x, y)
+            Top-left corner in pixels *of that level*.
+        level : int
+            Native level, ``0 <= level < level_count``.
+        size : (width, height)
+            Size in pixels of that level.
+
+        Returns
+        -------
+        np.ndarray
+            ``(height, width, 3)`` uint8; outside the level is the background colour (white).
+        """
+        w, h = self._checked_size(level, size)
         if w == 0 or h == 0:
             return np.empty((h, w, 3), dtype=np.uint8)
-        return self._read((int(location[0]), int(location[1])), level, (w, h))
+        return self._read_level((int(location[0]), int(location[1])), level, (w, h))
 
     def get_best_level_for_downsample(self, downsample: float) -> int:
         """The coarsest native level whose downsample is at most ``downsample`` (level 0 if none)."""
@@ -614,7 +848,6 @@ class Slide:
         width, height = self.level_dimensions[level]
         side = _chunk_for_tile(self._tile_sizes[level], chunk)
         chunks = (_chunks_1d(height, side), _chunks_1d(width, side), (3,))
-        ds = self.level_downsamples[level]
         # One task per chunk, written out directly: cheaper to build than map_blocks (which prepares
         # block_info for every block), and the name must be explicit anyway, since dask would otherwise try
         # to hash the OpenSlide handle behind self._read.
@@ -622,7 +855,7 @@ class Slide:
         row0 = np.cumsum((0,) + chunks[0][:-1])
         col0 = np.cumsum((0,) + chunks[1][:-1])
         tasks = {
-            (name, i, j, 0): (self._read, (round(int(c0) * ds), round(int(r0) * ds)), level, (cw, rh))
+            (name, i, j, 0): (self._read_level, (int(c0), int(r0)), level, (cw, rh))
             for i, (r0, rh) in enumerate(zip(row0, chunks[0], strict=True))
             for j, (c0, cw) in enumerate(zip(col0, chunks[1], strict=True))
         }
@@ -633,8 +866,9 @@ class Slide:
         """The slide as a lazy multiscale pyramid for napari.
 
         One dask array per native level, chunked along the slide's own tile grid (a multiple of its tile side
-        near ``chunk``), each chunk read on demand through the one shared handle; then 2x-coarsened levels
-        until the smallest fits :data:`PYRAMID_MIN_SIDE` px. Building it reads no pixels.
+        near ``chunk``), each chunk read on demand through the one shared handle in the level's own pixel
+        coordinates (:meth:`read_level_region`, so chunks hold the stored pixels at any downsample); then
+        2x-coarsened levels until the smallest fits :data:`PYRAMID_MIN_SIDE` px. Building it reads no pixels.
 
         Parameters
         ----------

@@ -94,7 +94,10 @@ def register(subparsers) -> None:
         "--precision",
         default="auto",
         choices=["auto", "fp32", "bf16", "fp16"],
-        help="autocast precision (default: bf16/fp16 on GPU, fp32 on CPU)",
+        help=(
+            "autocast precision (default: bf16/fp16 on GPU; on CPU bf16 where it has AMX or AVX512-BF16, "
+            "else fp32)"
+        ),
     )
     parser.add_argument("--batch-size", type=int, default=32, help="tiles per batch (halved on GPU OOM)")
     parser.add_argument("--workers", type=int, default=2, help="tile reader threads per slide (default 2)")
