@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 from . import jobs, ood, progressive, readout, spatial
+from .progressive import spread_order
 from .errors import GeneError, ModelError
 from .jobs import CancelToken, ProgressCallback
 
@@ -192,7 +193,7 @@ class SlideSession:
                 if batch_ready is not None and live is not None:
                     batch_ready(live.n_done, len(live.done))
 
-            extra = {"order": progressive.spread_order, "batch_ready": on_batch, "grid_ready": on_grid}
+            extra = {"order": spread_order, "batch_ready": on_batch, "grid_ready": on_grid}
         grid, features = load_or_extract(
             self.slide,
             backbone,
