@@ -23,9 +23,9 @@ import numpy as np
 import pandas as pd
 
 from . import jobs, ood, progressive, readout, spatial
-from .progressive import spread_order
 from .errors import GeneError, ModelError
 from .jobs import CancelToken, ProgressCallback
+from .progressive import spread_order
 
 if TYPE_CHECKING:
     from .model import ModelBundle

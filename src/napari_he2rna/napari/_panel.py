@@ -1,4 +1,4 @@
-"""The "HE2RNA" dock widget: the plugin's four widgets in one dock, as tabs (Slide · Model · Compare · Export).
+"""The "HE2RNA" dock widget: the plugin's four widgets in one dock, as tabs (Slide, Model, Compare, Export).
 
 One dock instead of four stacked ones: the window fits a 1080-px-high screen with the canvas taking most of
 it. Each tab scrolls when its content is taller than the dock. Only wiring: the tabs are the usual widgets
