@@ -166,7 +166,9 @@ def test_pin_uncertainty_units_r_and_hover(make_napari_viewer, qtbot, sample_sli
     truth = np.arange(len(grid.table), dtype=float)
     state.extra["truth"] = ("cells", "CD3+ cells", truth)
     text = layer.get_status(pos, world=True)["value"]
-    assert f"MKI67 {session.scores('MKI67')[i]:.3g}" in text and f"CD3D {session.scores('CD3D')[i]:.3g}" in text
+    assert (
+        f"MKI67 {session.scores('MKI67')[i]:.3g}" in text and f"CD3D {session.scores('CD3D')[i]:.3g}" in text
+    )
     assert "truth CD3+ cells: 5" in text
 
     # a 3-fold bundle with its own unit and validation R
@@ -193,7 +195,12 @@ def test_panel_tabs_and_slide_tab_follows_viewer_open(make_napari_viewer, qtbot,
     viewer = make_napari_viewer(show=True)
     panel = HE2RNAPanel(viewer, model_path=one_fold)
     viewer.window.add_dock_widget(panel, name="HE2RNA")
-    assert [panel.tabs.tabText(i) for i in range(panel.tabs.count())] == ["Slide", "Model", "Compare", "Export"]
+    assert [panel.tabs.tabText(i) for i in range(panel.tabs.count())] == [
+        "Slide",
+        "Model",
+        "Compare",
+        "Export",
+    ]
     assert panel.slide.facts.value == "No slide open."
     slide_layer = viewer.open(str(sample_slide), plugin="napari-he2rna")[0]
     facts = panel.slide.facts.value

@@ -59,8 +59,12 @@ class HE2RNAPanel(QWidget):
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
         layout.addWidget(self.tabs)
-        self.setMinimumWidth(360)
-        self.setMaximumWidth(PANEL_WIDTH + 200)
+        # As wide as the widest tab needs (nothing clipped; the tabs scroll vertically only).
+        need = max(
+            w.minimumSizeHint().width() for w in (self.slide.native, self.model, self.compare, self.export)
+        )
+        self.setMinimumWidth(max(360, need + 24))
+        self.setMaximumWidth(max(PANEL_WIDTH, need + 24) + 200)
 
     def show_tab(self, title: str) -> None:
         """Bring a tab to the front by its title."""
