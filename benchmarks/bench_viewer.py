@@ -161,7 +161,6 @@ def progressive_figures(app, viewer, tmp: Path, side_px: int) -> dict:
     from napari_he2rna.features import RESNET50_FILE
     from napari_he2rna.napari._model_widget import ModelWidget
     from napari_he2rna.napari._state import get_registry
-    from napari_he2rna.synthetic import make_slide
 
     weights = tmp / "weights"
     weights.mkdir()
@@ -170,7 +169,11 @@ def progressive_figures(app, viewer, tmp: Path, side_px: int) -> dict:
     os.environ["HE2RNA_WEIGHTS"] = str(weights)
     os.environ["HE2RNA_CACHE"] = str(tmp / "cache-resnet")  # an empty cache: a real extraction
     slide_path = tmp / "big_slide.tiff"
-    make_slide(slide_path, seed=3, size_px=(side_px, side_px), write_truth=False)
+    # drawn by another process: the generator's big float arrays must not count in this process's peak
+    subprocess.run(
+        [sys.executable, __file__, "--make-slide", str(slide_path), "--progressive-px", str(side_px)],
+        check=True,
+    )
     model = tmp / "resnet_model.safetensors"
     make_resnet_model(model)
     layer = viewer.open(str(slide_path), plugin="napari-he2rna")[0]
@@ -223,7 +226,13 @@ def main() -> None:
     ap.add_argument("--progressive-px", type=int, default=7400, help="side of the generated ResNet50 slide")
     ap.add_argument("--skip-progressive", action="store_true", help="no ResNet50 progressive figures")
     ap.add_argument("--make-model", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--make-slide", type=Path, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.make_slide is not None:
+        from napari_he2rna.synthetic import make_slide
+
+        make_slide(args.make_slide, seed=3, size_px=(args.progressive_px,) * 2, write_truth=False)
+        return
     if args.make_model is not None:
         make_model(args.make_model, args.genes)
         return
@@ -300,6 +309,7 @@ def main() -> None:
         res["of_which_scores_and_new_layer_s"] = round(float(np.median(paint_only[1:])), 3)
         res["of_which_canvas_draw_s"] = round(float(np.median(draw[1:])), 3)
         res["peak_rss_mb"] = round(_mem_mb("VmHWM"))
+        res["peak_rss_before_progressive_mb"] = res["peak_rss_mb"]
         if not args.skip_progressive:
             # the big model goes first: the progressive run has its own small ResNet50-input model
             for ly in list(viewer.layers):
