@@ -51,17 +51,19 @@ def session(cmu_slide, cmu_grid, tmp_path):
 def test_session_scores_are_per_name_cached_and_droppable(session):
     bundle = session.bundle
     asked = []
-    original = bundle.tile_scores
+    expected = bundle.tile_scores(session.features, ["MKI67"])[:, 0]
+    original = bundle.scores_from_hidden
 
-    def spy(features, genes=None):
+    def spy(hidden, genes=None):
         asked.append(list(genes))
-        return original(features, genes)
+        return original(hidden, genes)
 
-    bundle.tile_scores = spy
+    # the session scores from its own cached hidden layers: one last-layer product per name
+    bundle.scores_from_hidden = spy
     a = session.scores("mki67")
     b = session.scores("MKI67")
     assert a is b and asked == [["MKI67"]]  # computed once, for that gene only
-    np.testing.assert_allclose(a, original(session.features, ["MKI67"])[:, 0], rtol=1e-6)
+    np.testing.assert_allclose(a, expected, rtol=1e-5)
     with pytest.warns(spatial.PartialGeneSetWarning):  # the model lacks nothing here but B cells' MS4A1
         session.scores("B cells")
     assert sorted(session.cached_names()) == ["B cells", "MKI67"]

@@ -1049,6 +1049,8 @@ def load_or_extract(
     supertile_k: int = 100,
     weights: str | Path | None = None,
     grid_ready: Callable[[TileGrid], None] | None = None,
+    order: Callable[[TileGrid, np.ndarray], np.ndarray] | None = None,
+    batch_ready: Callable[[np.ndarray, np.ndarray], None] | None = None,
 ) -> tuple[TileGrid, np.ndarray]:
     """Cached features of a slide: read them if a sound store exists, else compute (resuming) and store.
 
@@ -1077,6 +1079,12 @@ def load_or_extract(
     grid_ready : callable, optional
         Called with the tile grid as soon as it is known, before the long extraction (the viewer draws the
         tile outline with it).
+    order : callable, optional
+        ``order(grid, rows) -> rows``: the order in which the rows still to do are extracted (the viewer
+        extracts a coarse lattice of tiles first, see :func:`napari_he2rna.progressive.spread_order`).
+    batch_ready : callable, optional
+        ``batch_ready(rows, features)`` after each batch is stored (and once, first, with the rows a resumed
+        store already had), so a caller can use features as they arrive (the viewer paints them).
 
     Returns
     -------
@@ -1111,8 +1119,13 @@ def load_or_extract(
     if grid_ready is not None:
         grid_ready(grid)
     todo = np.flatnonzero(~done)
+    if order is not None:
+        todo = np.asarray(order(grid, todo), dtype=np.int64)
     features_arr, done_arr = group["features"], group["done"]
     n_done = int(done.sum())
+    if batch_ready is not None and n_done:
+        have = np.flatnonzero(done)
+        batch_ready(have, np.asarray(features_arr.oindex[have], dtype=np.float32))
 
     def progress_with_offset(d: int, total: int, message: str) -> None:
         report(progress, n_done + d, n_done + total, message)
@@ -1128,15 +1141,17 @@ def load_or_extract(
         progress_with_offset if progress else None,
         cancel,
     ):
-        # Rows come in increasing order and mostly contiguous: write the span, then mark it done.
+        # In grid order rows are mostly contiguous: write the span, then mark it done; a spread order
+        # writes the batch's rows at once (each chunk touched once per batch).
         lo, hi = int(rows[0]), int(rows[-1]) + 1
-        if hi - lo == len(rows):
+        if hi - lo == len(rows) and np.array_equal(rows, np.arange(lo, hi)):
             features_arr[lo:hi] = feats
             done_arr[lo:hi] = True
         else:
-            for r, f in zip(rows, feats, strict=True):
-                features_arr[int(r)] = f
-                done_arr[int(r)] = True
+            features_arr.oindex[rows] = feats
+            done_arr.oindex[rows] = True
+        if batch_ready is not None:
+            batch_ready(rows, feats)
 
     features = np.asarray(features_arr[:], dtype=np.float32)
     if not np.asarray(done_arr[:], dtype=bool).all() or not np.isfinite(features).all():

@@ -434,15 +434,12 @@ class ModelBundle:
             )
         return x
 
-    def _hidden(self, x: torch.Tensor, chunk: int) -> list[torch.Tensor]:
-        """Last hidden activations ``(N, h)`` per fold, cached for the last feature matrix seen.
-
-        The hidden layers do not depend on the gene; caching them makes picking genes one after the other
-        in the viewer cost one small matrix product each.
-        """
-        key = (tuple(x.shape), hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest())
-        if self._hidden_cache is not None and self._hidden_cache[0] == key:
-            return self._hidden_cache[1]
+    def hidden_activations(
+        self, features: np.ndarray | torch.Tensor, chunk: int = 4096
+    ) -> list[torch.Tensor]:
+        """Last hidden activations ``(N, h)`` per fold, not cached (callers that keep them, like the viewer's
+        :class:`~napari_he2rna.pipeline.SlideSession`, own their cache)."""
+        x = self._as_tensor(features)
         outs = []
         with torch.no_grad():
             for fold in self.layers:
@@ -453,24 +450,42 @@ class ModelBundle:
                         h = torch.relu(torch.addmm(b, h, w.T))
                     parts.append(h)
                 outs.append(torch.cat(parts) if parts else x.new_zeros((0, fold[-1][0].shape[1])))
-        self._hidden_cache = (key, outs)
         return outs
 
-    def _fold_scores(self, features, genes) -> tuple[list[torch.Tensor], list[int]]:
-        idx = self.gene_index(genes)
-        x = self._as_tensor(features)
-        hidden = self._hidden(x, chunk=4096)
-        sel = torch.as_tensor(idx, dtype=torch.long)
+    def scores_from_hidden(
+        self, hidden: Sequence[torch.Tensor], genes: Sequence[str] | str | None = None
+    ) -> list[torch.Tensor]:
+        """Per-fold tile scores ``(N, len(genes))`` from :meth:`hidden_activations` (one small product)."""
+        sel = torch.as_tensor(self.gene_index(genes), dtype=torch.long)
         scores = []
         with torch.no_grad():
             for fold, h in zip(self.layers, hidden, strict=False):
                 w, b = fold[-1]
                 # Only the requested output rows: one gene for 8,000 tiles is one (N, h) x (h,) product.
                 scores.append(torch.addmm(b[sel], h, w[sel].T))  # (N, len(genes))
-        return scores, idx
+        return scores
+
+    def _hidden(self, x: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+        """:meth:`hidden_activations`, cached for the last feature matrix seen.
+
+        The hidden layers do not depend on the gene; caching them makes picking genes one after the other
+        cost one small matrix product each.
+        """
+        key = (tuple(x.shape), hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest())
+        if self._hidden_cache is not None and self._hidden_cache[0] == key:
+            return self._hidden_cache[1]
+        outs = self.hidden_activations(x, chunk)
+        self._hidden_cache = (key, outs)
+        return outs
+
+    def _fold_scores(self, features, genes) -> tuple[list[torch.Tensor], list[int]]:
+        idx = self.gene_index(genes)
+        hidden = self._hidden(self._as_tensor(features), chunk=4096)
+        return self.scores_from_hidden(hidden, genes), idx
 
     def tile_scores(self, features: np.ndarray, genes: Sequence[str] | str | None = None) -> np.ndarray:
-        """Per-tile predicted expression (log10(1 + FPKM-UQ) scale), averaged over the folds.
+        """Per-tile predicted expression (the bundle's output unit, ``log10(1 + FPKM-UQ)`` for gene
+        models), averaged over the folds.
 
         Parameters
         ----------
@@ -492,6 +507,10 @@ class ModelBundle:
         the tile scores (``aggregation == "topk"``) or the mean of all tile scores (``"mean"``, the linear
         baseline), then averaged over folds (each fold model was trained with its own aggregation)."""
         scores, _ = self._fold_scores(features, genes)
+        return self.aggregate_fold_scores(scores)
+
+    def aggregate_fold_scores(self, scores: Sequence[torch.Tensor]) -> np.ndarray:
+        """Slide-level prediction from per-fold tile scores ``(N, G)`` (see :meth:`slide_prediction`)."""
         preds = []
         for s in scores:
             if self.aggregation == "mean":

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from . import jobs, ood, spatial
+from . import jobs, ood, progressive, readout, spatial
 from .errors import GeneError, ModelError
 from .jobs import CancelToken, ProgressCallback
+from .progressive import spread_order
 
 if TYPE_CHECKING:
     from .model import ModelBundle
@@ -56,6 +57,21 @@ def load_model(path: str | Path | None = None) -> ModelBundle:
 DISTANCE_NAME = "feature distance (to training data)"
 
 
+@dataclass
+class LiveFeatures:
+    """Features arriving during a run (progressive painting): rows done so far and their hidden layers."""
+
+    grid: TileGrid
+    bundle: ModelBundle
+    features: np.ndarray  # (N, dim) float32, valid where ``done``
+    hidden: list  # per fold (N, h) torch tensors, valid where ``done``
+    done: np.ndarray  # (N,) bool
+
+    @property
+    def n_done(self) -> int:
+        return int(self.done.sum())
+
+
 def safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "score"
 
@@ -85,6 +101,12 @@ class SlideSession:
         self._resolved: dict[str, list[str]] = {}
         self._alias: dict[str, str] = {}
         self._assessment: ood.OODAssessment | None = None
+        # The last hidden layer's activations per fold, for ``_hidden_of`` (the features object they were
+        # computed from: the session's own feature identity, no hashing): a gene costs one dot product.
+        self._hidden: list | None = None
+        self._hidden_of: np.ndarray | None = None
+        self._spread: dict[str, np.ndarray] = {}
+        self.live: LiveFeatures | None = None  # a run's features so far (progressive painting)
         self._lock = threading.RLock()
         if bundle is not None:
             self.set_model(bundle)
@@ -106,8 +128,10 @@ class SlideSession:
             self.bundle = bundle
             self._assessment = None
             self._scores.clear()
+            self._spread.clear()
             self._resolved.clear()
             self._alias.clear()
+            self._hidden, self._hidden_of, self.live = None, None, None
             want = (bundle.backbone, int(bundle.feature_dim), float(bundle.tile_um))
             if self._feature_key is not None and self._feature_key != want:
                 self.grid, self.features, self._feature_key = None, None, None
@@ -130,10 +154,19 @@ class SlideSession:
         progress: ProgressCallback | None = None,
         cancel: CancelToken | None = None,
         grid_ready: Callable[[TileGrid], None] | None = None,
+        batch_ready: Callable[[int, int], None] | None = None,
+        progressive: bool = False,
+        batch_size: int = 32,
     ) -> TileGrid:
         """Tile the slide and extract (or load from the cache) the features the model expects.
 
         ``grid_ready(grid)`` is called as soon as the tile grid is known, before the long extraction.
+
+        ``progressive=True`` extracts the tiles in a spatially spread order
+        (:func:`progressive.spread_order`: a coarse lattice first) and keeps each batch in :attr:`live`, so
+        that :meth:`scores` / :meth:`raster` work on the tiles done so far while the run goes on;
+        ``batch_ready(n_done, n_total)`` is called (in the worker thread) after each batch. The features
+        still go to the cache (resumable); a cancelled run keeps :attr:`live`.
 
         Returns the tile grid. Raises ``ModelError`` when the backbone does not produce what the model
         expects, ``TissueError`` for a slide without tissue, ``Cancelled`` when ``cancel`` is set (the
@@ -147,6 +180,20 @@ class SlideSession:
         # Fail before the long extraction when the backbone cannot feed this model.
         bundle.check_features(backbone.name, backbone.dim)
         jobs.check_cancel(cancel)
+        extra: dict[str, Any] = {}
+        if progressive:
+
+            def on_grid(grid: TileGrid) -> None:
+                self._start_live(grid, bundle, backbone.dim)
+                if grid_ready is not None:
+                    grid_ready(grid)
+
+            def on_batch(rows: np.ndarray, feats: np.ndarray) -> None:
+                live = self._take_batch(bundle, rows, feats)
+                if batch_ready is not None and live is not None:
+                    batch_ready(live.n_done, len(live.done))
+
+            extra = {"order": spread_order, "batch_ready": on_batch, "grid_ready": on_grid}
         grid, features = load_or_extract(
             self.slide,
             backbone,
@@ -155,11 +202,44 @@ class SlideSession:
             device=device,
             progress=progress,
             cancel=cancel,
-            grid_ready=grid_ready,
+            batch_size=batch_size,
+            **{"grid_ready": grid_ready, **extra},
         )
         jobs.check_cancel(cancel)
         self.set_features(grid, features, backbone.name, bundle=bundle)
         return grid
+
+    def _start_live(self, grid: TileGrid, bundle: ModelBundle, dim: int) -> None:
+        import torch
+
+        n = len(grid.table)
+        width = int(bundle.layers[0][-1][0].shape[1]) if bundle.layers else 0
+        live = LiveFeatures(
+            grid=grid,
+            bundle=bundle,
+            features=np.zeros((n, int(dim)), dtype=np.float32),
+            hidden=[torch.zeros((n, width)) for _ in range(bundle.n_folds)],
+            done=np.zeros(n, dtype=bool),
+        )
+        with self._lock:
+            if self.bundle is bundle:
+                self.live = live
+
+    def _take_batch(self, bundle: ModelBundle, rows: np.ndarray, feats: np.ndarray) -> LiveFeatures | None:
+        """Keep one batch of a progressive run: its features, hidden activations and done flags."""
+        import torch
+
+        live = self.live
+        if live is None or live.bundle is not bundle:
+            return None
+        hidden = bundle.hidden_activations(feats)
+        idx = torch.as_tensor(np.asarray(rows, dtype=np.int64))
+        with self._lock:
+            live.features[rows] = feats
+            for buf, h in zip(live.hidden, hidden, strict=True):
+                buf[idx] = h
+            live.done[rows] = True  # last: a reader only uses rows marked done
+        return live
 
     def set_features(self, grid: TileGrid, features: np.ndarray, backbone: str, bundle=None) -> None:
         """Use a tile grid and its (N, dim) features computed elsewhere (checked against the model)."""
@@ -173,12 +253,25 @@ class SlideSession:
         with self._lock:
             if self.bundle is not bundle:  # the model changed while we worked: these features may not fit
                 raise ModelError("the model was changed while it ran; press Run again.")
+            live, self.live = self.live, None
             self.grid, self.features = grid, features
             self._feature_key = (bundle.backbone, int(bundle.feature_dim), float(bundle.tile_um))
             self._assessment = None
             self._scores.clear()
+            self._spread.clear()
             self._resolved.clear()
             self._alias.clear()
+            self._hidden, self._hidden_of = None, None
+            # A progressive run computed the hidden layers already, batch by batch: keep them when they are
+            # of these very features (the cache returns what the run wrote).
+            if (
+                live is not None
+                and live.bundle is bundle
+                and live.done.all()
+                and live.features.shape == features.shape
+                and np.array_equal(live.features, features)
+            ):
+                self._hidden, self._hidden_of = live.hidden, features
 
     def _require_ready(self) -> tuple[ModelBundle, TileGrid, np.ndarray]:
         bundle = self._require_bundle()
@@ -215,14 +308,75 @@ class SlideSession:
         return spatial.resolve_names(bundle.genes, names, self.gene_sets)
 
     # ------------------------------------------------------------------------------------------ scores
+    @property
+    def painted(self) -> bool:
+        """True when names can be scored: after a run, or during / after a cancelled progressive run."""
+        live = self.live
+        return self.ready or (live is not None and live.bundle is self.bundle and bool(live.done.any()))
+
+    def hidden(self) -> list:
+        """The last hidden layer's activations per fold for the session's features (computed once per run).
+
+        Cached on the features object itself (the session's feature identity), so a gene costs one dot
+        product per fold; call it in a worker after a run so that the first pick is instant too.
+        """
+        bundle, _, features = self._require_ready()
+        with self._lock:
+            if self._hidden is not None and self._hidden_of is features:
+                return self._hidden
+        hidden = bundle.hidden_activations(features)
+        with self._lock:
+            if self.bundle is bundle and self.features is features:
+                self._hidden, self._hidden_of = hidden, features
+        return hidden
+
+    def _scoring(self) -> tuple[ModelBundle, TileGrid, list, np.ndarray | None]:
+        """(bundle, grid, hidden per fold, rows done or None when all are): what scores are computed from."""
+        if self.ready:
+            bundle, grid, _ = self._require_ready()
+            return bundle, grid, self.hidden(), None
+        live = self.live
+        if live is not None and live.bundle is self.bundle and self.bundle is not None:
+            with self._lock:
+                known = np.flatnonzero(live.done)
+            return live.bundle, live.grid, live.hidden, known
+        self._require_ready()  # raises the "press Run first" error
+        raise AssertionError("unreachable")
+
+    def fold_scores(self, name: str) -> np.ndarray:
+        """(n_folds, N) float32 tile scores of a gene or set by each fold model (NaN: not extracted yet).
+
+        A set's fold score is the mean of its genes' fold scores.
+        """
+        import torch
+
+        bundle, grid, hidden, known = self._scoring()
+        canonical, genes = next(iter(self.resolve(name).items()))
+        n = len(grid.table)
+        if known is not None:
+            idx = torch.as_tensor(known)
+            hidden = [h.index_select(0, idx) for h in hidden]
+        per_fold = bundle.scores_from_hidden(hidden, list(dict.fromkeys(genes)))
+        col = {g: i for i, g in enumerate(dict.fromkeys(genes))}
+        cols = [col[g] for g in genes]
+        vals = torch.stack(per_fold)[:, :, cols].mean(dim=2).numpy().astype(np.float32)  # (F, n_known)
+        if known is None:
+            return vals
+        out = np.full((vals.shape[0], n), np.nan, dtype=np.float32)
+        out[:, known] = vals
+        return out
+
     def scores(self, name: str) -> np.ndarray:
         """(N,) float32 tile scores of one gene or set, computed on first use and cached.
 
-        Only that name's genes go through the model's last layer (a few ms for 8,000 tiles). A name is
-        cached under its canonical spelling (``"mki67"`` and ``"MKI67"`` share one entry).
+        Only that name's genes go through the model's last layer, from the cached hidden activations (one
+        dot product per fold). A name is cached under its canonical spelling (``"mki67"`` and ``"MKI67"``
+        share one entry). During a progressive run the tiles not extracted yet are NaN (not cached).
         """
         if is_distance_name(name):
             return self.tile_distances()
+        if not self.ready:
+            return self.fold_scores(name).mean(axis=0)
         bundle, _, features = self._require_ready()
         with self._lock:
             key = self._alias.get(name, name)
@@ -233,13 +387,29 @@ class SlideSession:
         with self._lock:
             hit = self._scores.get(canonical)
         if hit is None:
-            hit = spatial.score_resolved(bundle, features, {canonical: genes})[canonical].to_numpy()
+            hit = self.fold_scores(canonical).mean(axis=0)
         with self._lock:
             if self.bundle is bundle and self.features is features:  # not stale (model/features unchanged)
                 self._scores[canonical] = hit
                 self._resolved[canonical] = list(genes)
                 self._alias[name] = canonical
         return hit
+
+    def uncertainty(self, name: str) -> np.ndarray:
+        """(N,) float32 spread of the fold models' tile scores (standard deviation across folds, ddof 0):
+        zero everywhere for a one-fold bundle; NaN for tiles not extracted yet."""
+        if is_distance_name(name):
+            raise GeneError("the feature distance has no fold models; pick a gene or a gene set.")
+        canonical = self.canonical(name)
+        with self._lock:
+            hit = self._spread.get(canonical) if self.ready else None
+        if hit is not None:
+            return hit
+        spread = self.fold_scores(canonical).std(axis=0).astype(np.float32)
+        if self.ready:
+            with self._lock:
+                self._spread[canonical] = spread
+        return spread
 
     def canonical(self, name: str) -> str:
         """The name a layer should carry (the model's spelling of a gene, the set's own name)."""
@@ -257,13 +427,31 @@ class SlideSession:
 
     def slide_predictions(self, names: Iterable[str]) -> pd.Series:
         """Slide-level predictions (top-k aggregation) of genes/sets (the feature distance is skipped)."""
-        bundle, _, features = self._require_ready()
         names = [n for n in names if not is_distance_name(n)]
-        return spatial.predict_resolved(bundle, features, self.resolve(names))
+        resolved = self.resolve(names)
+        needed = list(dict.fromkeys(g for genes in resolved.values() for g in genes))
+        raw = self.gene_slide_predictions(needed)
+        return pd.Series(
+            {name: float(np.mean([raw[g] for g in genes])) for name, genes in resolved.items()},
+            name="slide_prediction",
+            dtype=np.float64,
+        )
+
+    def gene_slide_predictions(self, genes: Sequence[str], chunk: int = 512) -> dict[str, float]:
+        """``{gene: slide prediction}`` from the cached hidden layers (bounded memory: genes in chunks)."""
+        bundle, _, _ = self._require_ready()
+        hidden = self.hidden()
+        out: dict[str, float] = {}
+        genes = list(genes)
+        for start in range(0, len(genes), chunk):
+            part = genes[start : start + chunk]
+            values = bundle.aggregate_fold_scores(bundle.scores_from_hidden(hidden, part))
+            out.update(zip(part, (float(v) for v in np.asarray(values).reshape(-1)), strict=True))
+        return out
 
     def units(self, name: str) -> str:
-        """Units of a name's tile values (:data:`spatial.SCORE_UNITS`, or the distance's)."""
-        return ood.DISTANCE_UNITS if is_distance_name(name) else spatial.SCORE_UNITS
+        """Units of a name's tile values (the bundle's ``output_unit``, or the distance's)."""
+        return ood.DISTANCE_UNITS if is_distance_name(name) else readout.output_unit(self.bundle)
 
     # ------------------------------------------------------------------------------------------ training data
     def assessment(self, predictions: Mapping[str, float] | None = None) -> ood.OODAssessment:
@@ -277,6 +465,11 @@ class SlideSession:
         with self._lock:
             if predictions is None and self._assessment is not None:
                 return self._assessment
+        if predictions is None:
+            # The training-range check of every gene, from the session's hidden layers (no re-hashing).
+            ranges = ood.bundle_target_range(bundle) or {}
+            genes = [g for g in bundle.genes if g in ranges]
+            predictions = self.gene_slide_predictions(genes) if genes and len(features) else {}
         result = ood.assess(bundle, features, predictions)
         with self._lock:
             if self.bundle is bundle and self.features is features:
@@ -328,25 +521,63 @@ class SlideSession:
     def clear_scores(self) -> None:
         with self._lock:
             self._scores.clear()
+            self._spread.clear()
             self._resolved.clear()
             self._alias.clear()
 
+    def release(self) -> None:
+        """Free the scores, features and hidden activations (keep the slide open)."""
+        with self._lock:
+            self.clear_scores()
+            self.features, self.grid, self.live = None, None, None
+            self._hidden, self._hidden_of = None, None
+            self._assessment = None
+
     # ------------------------------------------------------------------------------------------ heatmaps
-    def raster(self, name: str) -> np.ndarray:
-        """(n_rows, n_cols) float32 heatmap of a name, NaN off tissue."""
-        _, grid, _ = self._require_ready()
-        return spatial.heatmap_raster(grid, self.scores(name))
+    def current_grid(self) -> TileGrid:
+        """The tile grid of the last run, or of the run in flight (progressive)."""
+        if self.grid is not None and self.ready:
+            return self.grid
+        live = self.live
+        if live is not None and live.bundle is self.bundle:
+            return live.grid
+        return self._require_ready()[1]
+
+    def n_scored(self) -> tuple[int, int]:
+        """(tiles with features, tiles of the grid): equal after a run; during a progressive run, so far."""
+        if self.ready:
+            n = len(self.grid.table)
+            return n, n
+        live = self.live
+        if live is not None and live.bundle is self.bundle:
+            return live.n_done, len(live.done)
+        return 0, 0
+
+    def raster(self, name: str, kind: str = "score") -> np.ndarray:
+        """(n_rows, n_cols) float32 heatmap of a name (``kind`` ``"score"`` or ``"uncertainty"``), NaN off
+        tissue. During a progressive run the tiles not extracted yet take the value of their nearest
+        extracted tile (:func:`progressive.nearest_fill`): a coarse map of the whole slide."""
+        values = self.uncertainty(name) if kind == "uncertainty" else self.scores(name)
+        grid = self.current_grid()
+        if not self.ready:
+            live = self.live
+            known = live.done.copy() if live is not None else np.isfinite(values)
+            values = progressive.nearest_fill(grid, values, known & np.isfinite(values))
+        return spatial.heatmap_raster(grid, values)
 
     def heatmap_transform(self) -> tuple[tuple[float, float], tuple[float, float]]:
         """(scale, translate) in µm for a heatmap layer over the slide layer (``scale = mpp``)."""
-        _, grid, _ = self._require_ready()
-        return spatial.heatmap_transform(grid)
+        return spatial.heatmap_transform(self.current_grid())
 
     def contrast_limits(
-        self, name: str, percentiles: tuple[float, float] = (1.0, 99.0)
+        self, name: str, percentiles: tuple[float, float] = (1.0, 99.0), kind: str = "score"
     ) -> tuple[float, float]:
         """Robust colour limits; the feature distance runs from 0 to at least the tile threshold, so that
-        a slide like the training slides looks dark and one outside them bright."""
+        a slide like the training slides looks dark and one outside them bright; the fold spread from 0."""
+        if kind == "uncertainty":
+            spread = self.uncertainty(name)
+            hi = float(np.nanmax(spread)) if np.isfinite(spread).any() else 0.0
+            return 0.0, max(hi, 1e-6)
         lo, hi = spatial.robust_limits(self.scores(name), percentiles)
         if is_distance_name(name):
             ref = ood.bundle_reference(self._require_bundle()) or {}
@@ -355,7 +586,7 @@ class SlideSession:
 
     def tile_at(self, x_um: float, y_um: float) -> int | None:
         """Row of ``grid.table`` under a point in µm (world coordinates), or None off the kept tiles."""
-        _, grid, _ = self._require_ready()
+        grid = self.current_grid()
         size = spatial.tile_size_um(grid)
         row, col = int(np.floor(y_um / size)), int(np.floor(x_um / size))
         hit = np.flatnonzero((grid.table["row"].to_numpy() == row) & (grid.table["col"].to_numpy() == col))
@@ -405,7 +636,13 @@ class SlideSession:
         self.assessment()  # its summary goes in the header
         scores = self.scores_with_distance(self.scores_frame(names))
         return spatial.write_tile_scores_csv(
-            path, grid, scores, self.slide_info(), self.slide_predictions(names), overwrite
+            path,
+            grid,
+            scores,
+            self.slide_info(),
+            self.slide_predictions(names),
+            overwrite,
+            units=readout.output_unit(self.bundle),
         )
 
     def export_geojson(self, path: str | Path, names: Iterable[str], overwrite: bool = False) -> Path:
@@ -415,7 +652,9 @@ class SlideSession:
 
     def export_heatmap_tiff(self, path: str | Path, name: str, overwrite: bool = False) -> Path:
         _, grid, _ = self._require_ready()
-        return spatial.write_heatmap_tiff(path, self.raster(name), grid, self.canonical(name), overwrite)
+        return spatial.write_heatmap_tiff(
+            path, self.raster(name), grid, self.canonical(name), overwrite, units=self.units(name)
+        )
 
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, tuple[float, float]]:
         """The slide thumbnail and its level-0 downsample (x, y)."""
@@ -451,13 +690,7 @@ class SlideSession:
     # ------------------------------------------------------------------------------------------ lifetime
     def close(self) -> None:
         """Free the scores and features and close the slide."""
-        with self._lock:
-            self._scores.clear()
-            self._resolved.clear()
-            self._alias.clear()
-            self.features = None
-            self.grid = None
-            self._assessment = None
+        self.release()
         self.slide.close()
 
     def __enter__(self) -> SlideSession:
@@ -617,13 +850,18 @@ def spatialize(
             predictions = session.slide_predictions(canonical)
             # Every gene scored (also those inside sets) is checked against the training targets' range.
             needed = list(dict.fromkeys(g for genes in resolved.values() for g in genes))
-            values = bundle.slide_prediction(session.features, needed)
-            gene_preds = dict(zip(needed, (float(v) for v in values), strict=True))
+            gene_preds = session.gene_slide_predictions(needed)
             assessment = session.assessment(gene_preds)
             jobs.check_cancel(cancel)
             exported = session.scores_with_distance(scores)
             csv_path, slide_csv = spatial.write_tile_scores_csv(
-                paths["csv"], grid, exported, session.slide_info(), predictions, overwrite=overwrite
+                paths["csv"],
+                grid,
+                exported,
+                session.slide_info(),
+                predictions,
+                overwrite=overwrite,
+                units=readout.output_unit(bundle),
             )
             geo = None
             if paths["geojson"] is not None:

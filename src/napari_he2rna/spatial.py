@@ -491,13 +491,15 @@ def tile_table(grid: TileGrid, scores: pd.DataFrame | None = None) -> pd.DataFra
     return out
 
 
-def _header_line(slide_info: Mapping[str, Any] | None, extra: Mapping[str, Any] | None = None) -> str:
+def _header_line(
+    slide_info: Mapping[str, Any] | None, extra: Mapping[str, Any] | None = None, units: str = SCORE_UNITS
+) -> str:
     items = {**(dict(slide_info) if slide_info else {}), **(dict(extra) if extra else {})}
     body = "; ".join(f"{k}={v}" for k, v in items.items()).replace("\n", " ")
     return (
-        f"# napari-he2rna tile scores ({SCORE_UNITS}); {body}\n"
+        f"# napari-he2rna tile scores ({units}); {body}\n"
         if body
-        else (f"# napari-he2rna tile scores ({SCORE_UNITS})\n")
+        else (f"# napari-he2rna tile scores ({units})\n")
     )
 
 
@@ -508,6 +510,7 @@ def write_tile_scores_csv(
     slide_info: Mapping[str, Any] | None = None,
     predictions: Mapping[str, float] | pd.Series | None = None,
     overwrite: bool = False,
+    units: str = SCORE_UNITS,
 ) -> tuple[Path, Path | None]:
     """Write one row per tile with its position and scores, plus a side file of slide-level predictions.
 
@@ -531,6 +534,8 @@ def write_tile_scores_csv(
         Slide-level prediction per name; ``None`` writes no side file.
     overwrite
         Replace existing files.
+    units
+        What the scores are in (the bundle's output unit; default :data:`SCORE_UNITS`).
 
     Returns
     -------
@@ -547,7 +552,7 @@ def write_tile_scores_csv(
         if preds is not None
         else {}
     )
-    header = _header_line(slide_info, extra)
+    header = _header_line(slide_info, extra, units)
 
     def write_tiles(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:
@@ -561,7 +566,7 @@ def write_tile_scores_csv(
                 "slide": slide_name,
                 "name": list(preds.index),
                 "slide_prediction": preds.to_numpy(),
-                "units": SCORE_UNITS,
+                "units": units,
             }
         )
         atomic_write(side, lambda tmp: side_df.to_csv(tmp, index=False, float_format="%.6g"), overwrite)
@@ -628,6 +633,7 @@ def write_heatmap_tiff(
     grid: TileGrid,
     name: str | None = None,
     overwrite: bool = False,
+    units: str = SCORE_UNITS,
 ) -> Path:
     """Write a heatmap raster as a georeferenced float32 TIFF.
 
@@ -646,7 +652,7 @@ def write_heatmap_tiff(
     scale, translate = heatmap_transform(grid)
     meta = {
         "name": name or "",
-        "units": SCORE_UNITS,
+        "units": units,
         "pixel_size_um": px_um,
         "origin_um": [0.0, 0.0],
         "origin_px": [0, 0],

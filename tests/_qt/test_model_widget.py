@@ -128,14 +128,19 @@ def test_run_then_paint_gene_and_set(make_napari_viewer, qtbot, sample_slide, mo
     assert session.tile_at(x_um, y_um) == i
     status = layer.get_status((y_um, x_um), world=True)
     assert status["layer_name"] == "CD3D"
-    assert float(status["value"]) == pytest.approx(float(session.scores("CD3D")[i]), rel=1e-2, abs=1e-3)
+    # the readout: the tile, every painted name's score of that tile, the units
+    assert f"CD3D {float(session.scores('CD3D')[i]):.3g}" in status["value"]
+    assert status["value"].startswith(f"tile {int(grid.table['tile_id'].iloc[i])}")
+    assert spatial.SCORE_UNITS in status["value"]
 
-    # a gene set: the mean of its genes
+    # a gene set: the mean of its genes, in the same layer (its data updated in place)
     t_layer = widget.paint("T cells")
-    assert t_layer is not None and t_layer.name == "T cells"
+    assert t_layer is layer and t_layer.name == "T cells"
+    assert len(get_registry(viewer).layers_of(state, "heatmap")) == 1
+    assert "CD3D" not in session.cached_names()  # the gene no layer shows any more is dropped
     expect = np.mean([session.scores(g) for g in ["CD3D", "CD3E", "CD3G", "CD247"]], axis=0)
     np.testing.assert_allclose(t_layer.data[rows, cols], expect, rtol=1e-5)
-    assert not layer.colorbar.visible and t_layer.colorbar.visible  # one legend at a time
+    assert t_layer.colorbar.visible
 
     # painting the same name again replaces the layer rather than adding one
     n_layers = len(viewer.layers)
@@ -175,9 +180,9 @@ def test_run_then_paint_gene_and_set(make_napari_viewer, qtbot, sample_slide, mo
     assert any("NOPE" in m for _, m in notifications)  # partial set: a warning naming the missing gene
 
     # removing a heatmap layer drops its cached scores
-    assert "CD3D" in session.cached_names()
+    assert "Bmix" in session.cached_names()
     viewer.layers.remove(layer)
-    assert "CD3D" not in session.cached_names()
+    assert "Bmix" not in session.cached_names()
 
     # removing the slide layer frees its session and takes its heatmaps along
     viewer.layers.remove(slide_layer)

@@ -8,8 +8,8 @@ from napari_he2rna.commands.view import manifest_widgets, open_viewer
 from napari_he2rna.errors import SlideError
 
 
-def test_manifest_declares_the_four_widgets():
-    assert manifest_widgets() == ["Slide", "Model", "Export", "Compare"]
+def test_manifest_declares_the_panel_and_the_four_widgets():
+    assert manifest_widgets() == ["HE2RNA", "Slide", "Model", "Export", "Compare"]
 
 
 def test_view_opens_slide_and_docks_every_widget(cmu_slide, qtbot):
@@ -19,9 +19,11 @@ def test_view_opens_slide_and_docks_every_widget(cmu_slide, qtbot):
         layer = viewer.layers[0]
         assert layer.multiscale
         assert tuple(layer.scale) == pytest.approx((0.499, 0.499))
-        docked = set(viewer.window.dock_widgets.keys())
-        for name in ["Slide", "Model", "Export", "Compare"]:
-            assert any(name in key for key in docked), (name, docked)
+        docked = dict(viewer.window.dock_widgets)
+        assert len(docked) == 1, docked  # one dock, the widgets as its tabs
+        panel = next(iter(docked.values()))
+        tabs = [panel.tabs.tabText(i) for i in range(panel.tabs.count())]
+        assert tabs == ["Slide", "Model", "Compare", "Export"]
     finally:
         viewer.close()
 

@@ -1,4 +1,4 @@
-"""``he2rna view``: open napari with a slide loaded and the plugin's widgets docked."""
+"""``he2rna view``: open napari with a slide loaded and the plugin's panel (its widgets as tabs) docked."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 PLUGIN = "napari-he2rna"
+#: The manifest widget holding the others as tabs (what ``he2rna view`` docks).
+PANEL = "HE2RNA"
 
 
 def register(subparsers) -> None:
@@ -69,7 +71,9 @@ def open_viewer(slide: str | None = None, mpp: float | None = None, show: bool =
 
         for data, kwargs, _kind in (d for d in open_slide_layer(slide, mpp=mpp) if d[0] is not None):
             viewer.add_image(data, **kwargs)
-    for name in manifest_widgets():
+    # One dock with the widgets as tabs (the separate widgets stay in the Plugins menu).
+    names = manifest_widgets()
+    for name in [PANEL] if PANEL in names else names:
         viewer.window.add_plugin_dock_widget(PLUGIN, name)
     return viewer
 

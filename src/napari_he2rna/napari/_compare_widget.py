@@ -1039,6 +1039,9 @@ class CompareWidget(QWidget):
                         scores, values, thresholds=self._threshold(), top_n=top_n
                     )
             self.truth_values = values
+            state = self.registry.get(self.slide_layer)
+            if state is not None:  # the Model dock's hover readout shows it
+                state.extra["truth"] = (self.truth_kind, self.ground_truth().label, values)
         except He2rnaError as exc:
             self._report(str(exc))
             self._render()
@@ -1050,7 +1053,8 @@ class CompareWidget(QWidget):
         self._last_error = ""
         self.metrics = compare.metrics_table(self.results, self.ground_truth().label)
         n = len(values)
-        self.status.setText(f"{n} tiles; truth: {self.ground_truth().label}.")
+        units = session.units(self.score_names()[0])
+        self.status.setText(f"{n} tiles; truth: {self.ground_truth().label}; scores in {units}.")
         self._render()
         return True
 

@@ -7,6 +7,19 @@ grid is drawn as a light outline layer as soon as it is known. A pick in the gen
 layer named after the gene/set: one pixel per tile, NaN off tissue, in µm over the slide layer. Errors a user
 can act on (:class:`~napari_he2rna.errors.He2rnaError`) become notifications, never tracebacks.
 
+**Progressive painting.** Run extracts the tiles in a spread order (a coarse lattice first,
+:mod:`napari_he2rna.progressive`) and the picked gene's heatmap fills in while the extraction goes on: tiles
+not extracted yet show their nearest extracted tile's value, so the whole slide has a coarse map after the
+first ~1/16 of the tiles. The picker works during the run; Cancel keeps what is painted (the features go to
+the cache as they arrive, so the next Run resumes).
+
+**One heatmap layer per slide.** Picking another gene updates that layer's data in place (one dot product
+per fold from the session's cached hidden layers); **Pin** keeps a copy of it as its own layer (for side by
+side or grid view). **Fold spread** adds a second layer, the standard deviation of the fold models' tile
+scores. The picker shows each gene's validation R from the bundle (per cancer type or averaged) and marks
+the reliable ones (:mod:`napari_he2rna.readout`); hovering a heatmap shows the tile's scores for every
+painted name and the Compare tab's truth value in the status bar.
+
 After a run the worker also compares the slide with the model's training data (:mod:`napari_he2rna.ood`):
 when it is outside (or predictions leave the training targets' range) a red label in the Run box says so,
 and the gene box offers "feature distance (to training data)", painted like a gene.
@@ -22,10 +35,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from magicgui.widgets import ComboBox
+from napari.layers import Image
 from napari.utils import cancelable_progress
 from napari.utils.notifications import show_error, show_info, show_warning
 from qtpy.QtCore import QObject, QStringListModel, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QCompleter,
     QFileDialog,
@@ -40,7 +55,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .. import ood, spatial
+from .. import ood, readout, spatial
 from ..errors import Cancelled, He2rnaError
 from ..pipeline import DISTANCE_NAME, default_model_path
 from ._state import META_KEY, SlideState, get_registry, is_slide_layer, layer_info
@@ -58,6 +73,9 @@ OOD_STYLE = "color: #ff4040; font-weight: bold;"
 OOD_OK_STYLE = "color: #a0a0a0;"
 HEATMAP_COLORMAP = "magma"
 HEATMAP_OPACITY = 0.6
+UNCERTAINTY_COLORMAP = "viridis"
+#: Least time between two live repaints during a run (ms): batches can come faster than a redraw.
+LIVE_REPAINT_MS = 150
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -117,6 +135,30 @@ def tile_outline(grid: TileGrid, max_px: int = 2048) -> tuple[np.ndarray, tuple,
     return raster, (s, s), (t, t)
 
 
+class HeatmapImage(Image):
+    """A heatmap Image layer whose status-bar text is the tile's readout (scores of every painted name and
+    the truth value), from ``readout_provider(world_position) -> str`` (see ``ModelWidget.hover_text``)."""
+
+    readout_provider = None
+
+    def get_status(self, position=None, *, view_direction=None, dims_displayed=None, world=False, value=None):
+        status = super().get_status(
+            position, view_direction=view_direction, dims_displayed=dims_displayed, world=world, value=value
+        )
+        provider = self.readout_provider
+        if provider is not None and position is not None:
+            try:
+                pos = np.asarray(position, dtype=float)
+                if not world:
+                    pos = np.asarray(self.data_to_world(pos), dtype=float)
+                text = provider(pos)
+            except Exception:  # noqa: BLE001 - a readout must never break the status bar
+                text = ""
+            if text:
+                status["value"] = text
+        return status
+
+
 class _RunProgress(cancelable_progress):
     """napari activity-dock progress whose Cancel button also cancels the run."""
 
@@ -138,6 +180,7 @@ class _Bridge(QObject):
 
     progressed = Signal(int, int, str)
     grid_ready = Signal(object)
+    batch_done = Signal(int, int)
 
 
 def _compute_job(
@@ -150,19 +193,27 @@ def _compute_job(
     (see ``ModelWidget._on_errored``).
     """
     from .. import jobs
+    from ..features import resolve_device
 
     session = state.session
     try:
         session.slide.require_mpp()
         jobs.check_cancel(cancel)
+        # Small batches on a CPU: the first tiles are painted within seconds (a CPU is no faster per tile
+        # with bigger batches); a GPU keeps the usual 32.
+        batch = 8 if resolve_device(device).type == "cpu" else 32
         grid = session.compute_features(
             device=device,
             progress=lambda d, t, m="": bridge.progressed.emit(int(d), int(t), str(m)),
             cancel=cancel,
             # The outline appears as soon as the grid is known, before the long extraction.
             grid_ready=bridge.grid_ready.emit,
+            batch_ready=lambda d, t: bridge.batch_done.emit(int(d), int(t)),
+            progressive=True,
+            batch_size=batch,
         )
         jobs.check_cancel(cancel)
+        session.hidden()  # the hidden layers once, here: then every gene pick is one dot product
         # The training-data check (tile distances, every gene's slide prediction vs the training range)
         # runs here too, off the GUI thread; the widget reads the cached assessment.
         session.assessment()
@@ -196,6 +247,11 @@ class ModelWidget(QWidget):
         self._bridge = _Bridge(self)  # a child: deleted (and silenced) with the widget
         self._bridge.progressed.connect(self._on_progress)
         self._bridge.grid_ready.connect(self._on_grid_ready)
+        self._bridge.batch_done.connect(self._on_batch_done)
+        self._label_to_name: dict[str, str] = {}
+        self._live_timer = QTimer(self)
+        self._live_timer.setSingleShot(True)
+        self._live_timer.timeout.connect(self._live_repaint)
 
         # --- slide and model
         self.slide_picker = SlideLayerPicker(napari_viewer)
@@ -247,6 +303,21 @@ class ModelWidget(QWidget):
         self.gene_combo.setCompleter(self.completer)
         self.gene_combo.lineEdit().setPlaceholderText("Type a gene or gene set, Enter to paint")
         self.paint_button = QPushButton("Paint")
+        self.pin_button = QPushButton("Pin")
+        self.pin_button.setToolTip(
+            "Keep a copy of the heatmap as its own layer (it stays when the gene changes)"
+        )
+        self.spread_check = QCheckBox("fold spread")
+        self.spread_check.setToolTip(
+            "Also paint the uncertainty layer: the standard deviation of the fold models' tile scores"
+        )
+        self.type_combo = QComboBox()
+        self.type_combo.setToolTip("Validation R shown for this cancer type (or averaged over the types)")
+        self.sort_check = QCheckBox("best R first")
+        self.reliable_check = QCheckBox(f"only {readout.MARK}")
+        self.r_label = QLabel("")
+        self.r_label.setWordWrap(True)
+        self.r_label.setStyleSheet(OOD_OK_STYLE)
         self.set_edit = QLineEdit()
         self.set_edit.setPlaceholderText("Add gene set…  name=G1+G2+G3")
         self.add_set_button = QPushButton("Add set")
@@ -287,7 +358,17 @@ class ModelWidget(QWidget):
         pick = QHBoxLayout()
         pick.addWidget(self.gene_combo, 1)
         pick.addWidget(self.paint_button)
+        pick.addWidget(self.pin_button)
         gene_layout.addLayout(pick)
+        # Two short rows rather than one wide one: the dock stays narrow and the canvas wide.
+        gene_layout.addWidget(self.type_combo)
+        opts = QHBoxLayout()
+        opts.addWidget(self.sort_check)
+        opts.addWidget(self.reliable_check)
+        opts.addWidget(self.spread_check)
+        opts.addStretch(1)
+        gene_layout.addLayout(opts)
+        gene_layout.addWidget(self.r_label)
         sets = QHBoxLayout()
         sets.addWidget(self.set_edit, 1)
         sets.addWidget(self.add_set_button)
@@ -313,6 +394,11 @@ class ModelWidget(QWidget):
         )
         self.gene_combo.activated.connect(lambda i: self._request_paint(self.gene_combo.itemText(i)))
         self.completer.activated.connect(self._request_paint)
+        self.pin_button.clicked.connect(lambda: self.pin())
+        self.spread_check.toggled.connect(self._spread_toggled)
+        self.type_combo.currentIndexChanged.connect(lambda *_: self._gene_display_changed())
+        self.sort_check.toggled.connect(lambda *_: self.refresh_genes())
+        self.reliable_check.toggled.connect(lambda *_: self.refresh_genes())
         self.add_set_button.clicked.connect(lambda: self.add_gene_set(self.set_edit.text()))
         self.set_edit.returnPressed.connect(lambda: self.add_gene_set(self.set_edit.text()))
         self.registry.changed.connect(self._registry_changed)
@@ -364,6 +450,18 @@ class ModelWidget(QWidget):
         # The red label says "demo" more visibly than describe()'s own sentence about it.
         self.model_label.setText(bundle.describe().split(" DEMO MODEL:")[0])
         self.demo_label.setVisible(bool(bundle.demo))
+        self.type_combo.blockSignals(True)
+        self.type_combo.clear()
+        self.type_combo.addItems(readout.cancer_types(bundle))
+        self.type_combo.blockSignals(False)
+        has_r = self.type_combo.count() > 0
+        for w in (self.type_combo, self.sort_check, self.reliable_check):
+            w.setVisible(has_r)
+        _, how = readout.reliable_threshold(bundle, self.cancer_type)
+        self.r_label.setText(
+            f"R: cross-validated correlation per gene; {readout.MARK} = {how}." if has_r else ""
+        )
+        self.r_label.setVisible(has_r)
         self.refresh_genes()
         self.update_assessment()
         return bundle
@@ -524,6 +622,32 @@ class ModelWidget(QWidget):
         self._show_tiles(state, grid)
         self.status_label.setText(f"{len(grid.table)} tissue tiles; computing features…")
 
+    def _on_batch_done(self, done: int, total: int) -> None:
+        """A batch of features arrived (from the worker): repaint soon, at most every LIVE_REPAINT_MS."""
+        if not self._live_timer.isActive():
+            self._live_timer.start(LIVE_REPAINT_MS)
+
+    def _live_repaint(self) -> None:
+        state = self._run_state
+        if state is None or state.freed or not state.session.painted:
+            return
+        name = state.extra.get("gene")
+        if name and self.active_layer(state) is None:
+            self.paint(name, state)
+            return
+        self.refresh_live(state)
+
+    def refresh_live(self, state: SlideState) -> None:
+        """Repaint a slide's heatmap layers from the tiles extracted so far (the data is updated in place)."""
+        for layer in [
+            *self.registry.layers_of(state, "heatmap"),
+            *self.registry.layers_of(state, "uncertainty"),
+        ]:
+            info = layer_info(layer) or {}
+            name = info.get("name")
+            if name:
+                self._update_layer(state, layer, name, info.get("kind", "heatmap"))
+
     def _on_returned(self, state: SlideState, result: TileGrid | _Failed) -> None:
         if isinstance(result, _Failed):
             self._on_errored(state, result.exc)
@@ -531,6 +655,7 @@ class ModelWidget(QWidget):
         grid = result
         if state.freed:
             return
+        self._live_timer.stop()
         self._show_tiles(state, grid)
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(1)
@@ -540,12 +665,21 @@ class ModelWidget(QWidget):
         self._repaint(state)
 
     def _on_errored(self, state: SlideState, exc: BaseException) -> None:
-        if not state.freed:
+        self._live_timer.stop()
+        kept = not state.freed and state.session.painted
+        if not state.freed and not kept:
             self._remove_tiles_if_not_ready(state)
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(0)
         if isinstance(exc, Cancelled):
-            self.status_label.setText("Cancelled; nothing was changed.")
+            if kept:
+                self.refresh_live(state)  # the last batches, then it stays as painted
+                done, total = state.session.n_scored()
+                self.status_label.setText(
+                    f"Cancelled: {done} of {total} tiles painted are kept; Run again to finish (it resumes)."
+                )
+            else:
+                self.status_label.setText("Cancelled; nothing was changed.")
             if not state.freed:
                 show_info(f"{state.layer.name}: run cancelled.")
         elif isinstance(exc, He2rnaError):
@@ -596,12 +730,18 @@ class ModelWidget(QWidget):
         for layer in self.registry.layers_of(state, "tiles"):
             self.viewer.layers.remove(layer)
 
-    def heatmap_layer(self, state: SlideState, name: str):
-        """The heatmap layer of ``name`` for a slide, or None."""
-        for layer in self.registry.layers_of(state, "heatmap"):
-            if layer_info(layer).get("name") == name:
+    def active_layer(self, state: SlideState, kind: str = "heatmap"):
+        """The slide's one active layer of ``kind`` (``"heatmap"`` or ``"uncertainty"``), or None."""
+        for layer in self.registry.layers_of(state, kind):
+            if (layer_info(layer) or {}).get("role") == "active":
                 return layer
         return None
+
+    def heatmap_layer(self, state: SlideState, name: str):
+        """The heatmap layer showing ``name`` for a slide (the active one first, then pinned), or None."""
+        found = [ly for ly in self.registry.layers_of(state, "heatmap") if layer_info(ly).get("name") == name]
+        found.sort(key=lambda ly: (layer_info(ly) or {}).get("role") != "active")
+        return found[0] if found else None
 
     def _request_paint(self, name: str) -> None:
         # One Enter can fire returnPressed, the combo's activated and the completer's activated: paint once.
@@ -613,12 +753,103 @@ class ModelWidget(QWidget):
             QTimer.singleShot(0, self._flush_paint)
 
     def _flush_paint(self) -> None:
-        name, self._pending_paint = self._pending_paint, None
-        if name:
-            self.paint(name)
+        label, self._pending_paint = self._pending_paint, None
+        if label:
+            self.paint(self._label_to_name.get(label, readout.name_from_label(label)))
+
+    @property
+    def cancer_type(self) -> str | None:
+        text = self.type_combo.currentText()
+        return text or None
+
+    def layer_title(self, state: SlideState, name: str, kind: str = "heatmap") -> str:
+        """A layer's name: the gene, its validation R (when the bundle has one) and, while running, the share
+        of tiles painted."""
+        session = state.session
+        caption = readout.r_caption(session.bundle, name, self.cancer_type)
+        title = name if kind == "heatmap" else f"{name} fold spread"
+        if caption:
+            title += f" · {caption}"
+        done, total = session.n_scored()
+        if not session.ready and total:
+            title += f" · {100 * done // total}% of tiles"
+        return title
+
+    def _layer_content(self, state: SlideState, name: str, kind: str):
+        session = state.session
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always", spatial.PartialGeneSetWarning)
+            raster = session.raster(name, kind=kind)
+            limits = session.contrast_limits(name, kind=kind)
+            scale, translate = session.heatmap_transform()
+        units = session.units(name) if kind == "heatmap" else readout.uncertainty_unit(session.bundle)
+        return raster, limits, scale, translate, units, seen
+
+    def _update_layer(self, state: SlideState, layer, name: str, kind: str = "heatmap") -> bool:
+        """Put ``name``'s current raster into an existing layer (in place). False after an error message."""
+        try:
+            raster, limits, scale, translate, units, _ = self._layer_content(state, name, kind)
+        except He2rnaError as exc:
+            show_error(str(exc))
+            return False
+        if layer.data.shape == raster.shape:
+            layer.data[...] = raster
+            layer.refresh()
+        else:
+            layer.data = raster
+        layer.contrast_limits_range = limits
+        layer.contrast_limits = limits
+        if tuple(layer.scale) != tuple(scale) or tuple(layer.translate) != tuple(translate):
+            layer.scale, layer.translate = scale, translate
+        info = layer_info(layer)
+        if info.get("role") == "active":
+            old, info["name"] = info.get("name"), name
+            if kind == "heatmap" and old and old != name and self.heatmap_layer(state, old) is None:
+                state.session.drop(old)  # as when its layer is closed: no layer shows it any more
+            layer.metadata["units"] = units
+            title = self.layer_title(state, name, kind)
+            if layer.name != title:
+                layer.name = title
+        return True
+
+    def _add_layer(
+        self,
+        state: SlideState,
+        name: str,
+        kind: str,
+        role: str,
+        raster,
+        limits,
+        scale,
+        translate,
+        units,
+        title: str,
+    ):
+        layer = HeatmapImage(
+            raster,
+            name=title,
+            colormap=HEATMAP_COLORMAP if kind == "heatmap" else UNCERTAINTY_COLORMAP,
+            contrast_limits=limits,
+            opacity=HEATMAP_OPACITY,
+            blending="translucent",
+            interpolation2d="nearest",
+            scale=scale,
+            translate=translate,
+            units=("µm", "µm"),
+            metadata={
+                META_KEY: {"kind": kind, "session_key": state.key, "name": name, "role": role},
+                "session": state.session,
+                "units": units,
+            },
+        )
+        layer.readout_provider = lambda pos, st=state: self.hover_text(st, pos)
+        self.viewer.add_layer(layer)
+        return layer
 
     def paint(self, name: str, state: SlideState | None = None):
-        """Paint (add or replace) the heatmap layer of a gene or gene set on the picked slide.
+        """Paint a gene or gene set on the picked slide: the slide's one heatmap layer shows it (its data is
+        updated in place; the first pick adds it). During a run, before the first tiles, the pick is kept and
+        painted as they arrive.
 
         Returns the layer, or None after an error notification (unknown gene, not run yet, ...).
         """
@@ -627,67 +858,183 @@ class ModelWidget(QWidget):
             show_error("Open a slide first, then press Run.")
             return None
         session = state.session
-        if not session.ready:
+        if not session.painted:
+            if state.running and session.bundle is not None:
+                try:
+                    state.extra["gene"] = session.canonical(name)
+                except He2rnaError as exc:
+                    show_error(str(exc))
+                    return None
+                self.status_label.setText(
+                    f"{state.extra['gene']} is painted as soon as the first tiles arrive."
+                )
+                return None
             show_error(f"Press Run on {state.layer.name} first: heatmaps need its tile features.")
             return None
         try:
-            with warnings.catch_warnings(record=True) as seen:
-                warnings.simplefilter("always", spatial.PartialGeneSetWarning)
-                canonical = session.canonical(name)
-                raster = session.raster(canonical)
-                limits = session.contrast_limits(canonical)
-                scale, translate = session.heatmap_transform()
+            canonical = session.canonical(name)
+            raster, limits, scale, translate, units, seen = self._layer_content(state, canonical, "heatmap")
         except He2rnaError as exc:
             show_error(str(exc))
             return None
         for w in seen:
             if issubclass(w.category, spatial.PartialGeneSetWarning):
                 show_warning(str(w.message))
-        layer = self.heatmap_layer(state, canonical)
-        if layer is not None:
-            layer.data = raster
-            layer.contrast_limits_range = limits
-            layer.contrast_limits = limits
-            layer.scale, layer.translate = scale, translate
-        else:
-            layer = self.viewer.add_image(
+        state.extra["gene"] = canonical
+        layer = self.active_layer(state)
+        created = layer is None
+        if created:
+            layer = self._add_layer(
+                state,
+                canonical,
+                "heatmap",
+                "active",
                 raster,
-                name=canonical,
-                colormap=HEATMAP_COLORMAP,
-                contrast_limits=limits,
-                opacity=HEATMAP_OPACITY,
-                blending="translucent",
-                interpolation2d="nearest",
-                scale=scale,
-                translate=translate,
-                units=("µm", "µm"),
-                metadata={
-                    META_KEY: {"kind": "heatmap", "session_key": state.key, "name": canonical},
-                    "session": session,
-                    "units": session.units(canonical),
-                },
+                limits,
+                scale,
+                translate,
+                units,
+                self.layer_title(state, canonical),
             )
+        else:
+            self._update_layer(state, layer, canonical, "heatmap")
+        if self.spread_check.isChecked():
+            self._paint_spread(state, canonical)
         self._show_colorbar(layer)
-        self.viewer.layers.selection.active = layer
-        self.status_label.setText(f"Painted {canonical} ({session.units(canonical)}).")
+        if self.viewer.layers.selection.active is not layer:
+            self.viewer.layers.selection.active = layer
+        self.status_label.setText(f"Painted {canonical} ({units}).")
         self.registry.changed.emit()
         return layer
+
+    def _paint_spread(self, state: SlideState, name: str):
+        """Add or update the slide's uncertainty layer (std of the fold models' tile scores) for ``name``."""
+        if state.session.bundle is None or name == DISTANCE_NAME:
+            return None
+        layer = self.active_layer(state, "uncertainty")
+        if layer is not None:
+            return layer if self._update_layer(state, layer, name, "uncertainty") else None
+        try:
+            raster, limits, scale, translate, units, _ = self._layer_content(state, name, "uncertainty")
+        except He2rnaError as exc:
+            show_error(str(exc))
+            return None
+        layer = self._add_layer(
+            state,
+            name,
+            "uncertainty",
+            "active",
+            raster,
+            limits,
+            scale,
+            translate,
+            units,
+            self.layer_title(state, name, "uncertainty"),
+        )
+        layer.visible = True
+        return layer
+
+    def paint_uncertainty(self, name: str | None = None, state: SlideState | None = None):
+        """Paint the fold spread of ``name`` (default: the picked gene) on the slide; returns the layer."""
+        state = state if state is not None else self.current_state()
+        if state is None or not state.session.painted:
+            show_error("Press Run first: the fold spread needs the slide's tile features.")
+            return None
+        name = name or state.extra.get("gene")
+        if not name:
+            show_error("Pick a gene first, then its fold spread can be painted.")
+            return None
+        try:
+            name = state.session.canonical(name)
+        except He2rnaError as exc:
+            show_error(str(exc))
+            return None
+        return self._paint_spread(state, name)
+
+    def _spread_toggled(self, on: bool) -> None:
+        state = self.current_state()
+        if state is None:
+            return
+        if on:
+            if state.session.painted and state.extra.get("gene"):
+                self.paint_uncertainty(state=state)
+        else:
+            for layer in self.registry.layers_of(state, "uncertainty"):
+                self.viewer.layers.remove(layer)
+
+    def pin(self, state: SlideState | None = None):
+        """Keep a copy of the slide's active heatmap as its own layer; returns it (None with a message)."""
+        state = state if state is not None else self.current_state()
+        layer = self.active_layer(state) if state is not None else None
+        if layer is None:
+            show_error("Paint a gene first; Pin keeps a copy of its heatmap.")
+            return None
+        info = layer_info(layer)
+        name = info["name"]
+        units = layer.metadata.get("units", "")
+        copy = self._add_layer(
+            state,
+            name,
+            "heatmap",
+            "pinned",
+            np.array(layer.data, copy=True),
+            tuple(layer.contrast_limits),
+            tuple(layer.scale),
+            tuple(layer.translate),
+            units,
+            f"{name} (pinned)",
+        )
+        copy.visible = True
+        copy.colorbar.visible = False
+        self.viewer.layers.selection.active = layer
+        self.registry.changed.emit()
+        return copy
+
+    def hover_text(self, state: SlideState, world_pos) -> str:
+        """Status-bar text for a point (world µm, (..., y, x)): the tile's scores of every painted name (the
+        slide's heatmap layers) and the Compare tab's truth value for it."""
+        session = state.session
+        if state.freed or not session.painted:
+            return ""
+        y, x = float(world_pos[-2]), float(world_pos[-1])
+        tile = session.tile_at(x, y)
+        if tile is None:
+            return ""
+        names = []
+        for layer in self.registry.layers_of(state, "heatmap"):
+            n = (layer_info(layer) or {}).get("name")
+            if n and n not in names:
+                names.append(n)
+        scores = {n: session.scores(n) for n in names}
+        truth_info = state.extra.get("truth")
+        grid = session.current_grid()
+        tile_id = grid.table["tile_id"].iloc[tile] if "tile_id" in grid.table else tile
+        unit = session.units(names[0]) if names else ""
+        return readout.hover_text(tile, scores, unit, truth_info, tile_id=tile_id)
 
     def _show_colorbar(self, layer) -> None:
         # One legend at a time: the newest heatmap's (colorbars of several layers would overlap).
         for other in self.viewer.layers:
             info = layer_info(other)
-            if info and info.get("kind") == "heatmap" and other is not layer and hasattr(other, "colorbar"):
-                other.colorbar.visible = False
-        if hasattr(layer, "colorbar"):
+            if info and info.get("kind") in ("heatmap", "uncertainty") and other is not layer:
+                if hasattr(other, "colorbar") and other.colorbar.visible:
+                    other.colorbar.visible = False
+        if hasattr(layer, "colorbar") and not layer.colorbar.visible:
             layer.colorbar.visible = True
 
     def _repaint(self, state: SlideState) -> None:
-        """Recompute a slide's heatmaps after a new run (the model may have changed)."""
-        for layer in self.registry.layers_of(state, "heatmap"):
-            name = layer_info(layer).get("name")
-            if name and self.paint(name, state) is None:
+        """Recompute a slide's heatmaps after a run (the model may have changed); pinned copies too."""
+        for layer in [
+            *self.registry.layers_of(state, "heatmap"),
+            *self.registry.layers_of(state, "uncertainty"),
+        ]:
+            info = layer_info(layer) or {}
+            name = info.get("name")
+            if name and not self._update_layer(state, layer, name, info.get("kind", "heatmap")):
                 self.viewer.layers.remove(layer)
+        name = state.extra.get("gene")
+        if name and self.active_layer(state) is None:
+            self.paint(name, state)
 
     # ------------------------------------------------------------------ genes
     def choices(self) -> list[str]:
@@ -704,11 +1051,34 @@ class ModelWidget(QWidget):
         return [*first, *sets, *self.bundle.genes]
 
     def refresh_genes(self) -> None:
-        """Refill the gene box (keeps what is typed)."""
+        """Refill the gene box (keeps what is typed): each gene with its validation R and mark, sorted or
+        filtered by R when asked."""
         text = self.gene_combo.currentText()
-        self.gene_model.setStringList(self.choices())
+        bundle = self.bundle
+        thr, _ = readout.reliable_threshold(bundle, self.cancer_type)
+        entries = readout.picker_entries(
+            bundle,
+            self.choices(),
+            self.cancer_type,
+            sort_by_r=self.sort_check.isChecked(),
+            min_r=thr if self.reliable_check.isChecked() else None,
+        )
+        self._label_to_name = {label: name for label, name in entries}
+        self.gene_model.setStringList([label for label, _ in entries])
         self.gene_combo.setCurrentIndex(-1)
         self.gene_combo.setEditText(text)
+
+    def _gene_display_changed(self) -> None:
+        """Another cancer type: the picker's R and the painted layers' names follow."""
+        if self.bundle is not None:
+            _, how = readout.reliable_threshold(self.bundle, self.cancer_type)
+            self.r_label.setText(f"R: cross-validated correlation per gene; {readout.MARK} = {how}.")
+        self.refresh_genes()
+        for state in self.registry.states():
+            for kind in ("heatmap", "uncertainty"):
+                layer = self.active_layer(state, kind)
+                if layer is not None:
+                    layer.name = self.layer_title(state, layer_info(layer)["name"], kind)
 
     def add_gene_set(self, spec: str) -> list[str]:
         """Add user gene sets from ``"name=G1+G2+G3"`` (several with ``;``) and paint them if possible.
@@ -728,7 +1098,7 @@ class ModelWidget(QWidget):
         self.set_edit.clear()
         self.refresh_genes()
         state = self.current_state()
-        if state is not None and state.session.ready:
+        if state is not None and state.session.painted:
             for name in parsed:
                 self.paint(name, state)
         return list(parsed)

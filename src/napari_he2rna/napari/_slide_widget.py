@@ -15,6 +15,7 @@ from napari.utils.notifications import show_error, show_info
 from ..errors import SlideError
 from ..slide import SLIDE_SUFFIXES, Slide, validate_mpp
 from ._reader import open_slide_layer
+from ._state import get_registry, is_slide_layer
 
 if TYPE_CHECKING:
     import napari
@@ -25,7 +26,9 @@ _FILTER = "Slides (" + " ".join(f"*{s}" for s in SLIDE_SUFFIXES) + ");;All files
 class SlideWidget(Container):
     """Pick a slide file, show vendor / dimensions / levels / µm/px / objective, set the µm/px.
 
-    The facts shown are the active layer's when it shows a slide, else those of the last slide opened here.
+    The facts shown follow the active layer like the other widgets: a slide layer's own, a heatmap's or tile
+    outline's slide, else the last slide opened here, else the top slide layer of the viewer (one opened with
+    ``viewer.open`` or File > Open).
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -43,6 +46,8 @@ class SlideWidget(Container):
         self.mpp_button.changed.connect(self._set_mpp_clicked)
         self.mpp.native.returnPressed.connect(self._set_mpp_clicked)
         self.viewer.layers.selection.events.active.connect(self._active_changed)
+        for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            ev.connect(self._active_changed)
         self._active_changed()
 
     # ------------------------------------------------------------------ state
@@ -52,9 +57,14 @@ class SlideWidget(Container):
         active = self.viewer.layers.selection.active
         if active is not None and isinstance(active.metadata.get("slide"), Slide):
             return active
+        if active is not None:  # a heatmap or tile outline: its slide
+            state = get_registry(self.viewer).state_of_layer(active)
+            if state is not None and state.layer in self.viewer.layers:
+                return state.layer
         if self._layer is not None and self._layer in self.viewer.layers:
             return self._layer
-        return None
+        slides = [ly for ly in self.viewer.layers if is_slide_layer(ly)]
+        return slides[-1] if slides else None
 
     def _active_changed(self, event=None) -> None:
         self.refresh()
@@ -66,7 +76,7 @@ class SlideWidget(Container):
             self.facts.value = "No slide open."
             return
         slide: Slide = layer.metadata["slide"]
-        facts = slide.facts()
+        facts = {"layer": layer.name, **slide.facts()}
         facts.pop("file", None)
         self.facts.value = "\n".join(f"{key}: {value}" for key, value in facts.items())
         self.mpp.value = f"{slide.mpp:g}" if slide.mpp is not None else ""

@@ -149,9 +149,7 @@ class SessionRegistry:
         session = state.session
         others = [ly for ly in self.slide_layers() if ly.metadata.get("slide") is session.slide]
         if others:  # the same Slide is still shown by another layer: free memory, keep the handle
-            session.clear_scores()
-            session.features = None
-            session.grid = None
+            session.release()
         else:
             session.close()
 
