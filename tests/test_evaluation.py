@@ -180,3 +180,33 @@ def test_read_gmt(tmp_path):
     gmt.write_text("T_CELLS\tdesc\tCD3D\tCD3E\tCD3G\tCD247\nB_CELLS\thttp://x\tCD19\tMS4A1\n")
     assert read_gmt(gmt) == {"T_CELLS": ["CD3D", "CD3E", "CD3G", "CD247"], "B_CELLS": ["CD19", "MS4A1"]}
     assert math.isclose(len(read_gmt(gmt)["T_CELLS"]), 4)
+
+
+def test_summary_has_the_literature_figures_pooled_r_and_a_small_fold_warning(tmp_path):
+    from napari_he2rna.evaluation import comparison_table, small_fold_warning, write_report
+
+    rng = np.random.default_rng(3)
+    n, g = 48, 6
+    truth = pd.DataFrame(rng.normal(size=(n, g)), columns=[f"G{i}" for i in range(g)])
+    pred = truth + rng.normal(0, 0.5, size=(n, g))
+    pred["G5"] = rng.normal(size=n)  # one gene not predicted
+    types = np.array(["A"] * 24 + ["B"] * 24)
+    folds = np.tile(np.arange(8), 6)  # 3 samples of a type per fold: fold R is noise
+    null = rng.normal(0, 0.3, size=(20, n, g))
+    ev = evaluate(truth, pred, types, folds, null)
+    s = ev.summary.set_index("cancer_type")
+    for col in ("mean_r_pooled", "n_r_above_0.4", "n_significant_bh_pooled", "min_fold_n", "r_threshold_bh"):
+        assert col in s.columns
+    assert s.loc["A", "min_fold_n"] == 3
+    assert s.loc["A", "n_r_pooled_above_0.4"] == 5  # G5 is not above (pooled R is not fold noise)
+    pooled = ev.per_gene.set_index(["cancer_type", "gene"])
+    assert pooled.loc[("A", "G0"), "r_pooled_folds"] > 0.6 and pooled.loc[("A", "G0"), "significant_bh_pooled"]
+    assert not pooled.loc[("A", "G5"), "significant_bh_pooled"]
+    warning = small_fold_warning(ev)
+    assert "fewer than 5 samples" in warning and "A (3)" in warning
+    table = comparison_table({"HE2RNA": ev, "ridge baseline": ev})
+    assert list(table["model"].unique()) == ["HE2RNA", "ridge baseline"]
+    report = write_report(ev, tmp_path, baseline=ev)
+    text = report.read_text()
+    assert "**Warning:**" in text and "HE2RNA and the ridge baseline" in text
+    assert (tmp_path / "comparison.csv").is_file()

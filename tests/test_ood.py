@@ -210,14 +210,14 @@ def test_warning_is_drawn_on_the_heatmap_png(tmp_path):
 # ---------------------------------------------------------------------------------- CLI, real files
 @pytest.fixture(scope="module")
 def synthetic_bundle(tmp_path_factory) -> Path:
-    """A small hed-stats bundle whose reference is fitted on three generated synthetic slides."""
+    """A small hed-stats bundle whose reference is fitted on eight generated synthetic slides."""
     from napari_he2rna.features import load_or_extract
     from napari_he2rna.slide import open_slide
     from napari_he2rna.synthetic import make_slide
 
     root = tmp_path_factory.mktemp("synref")
     feats = []
-    for seed in (1, 2, 3):
+    for seed in range(1, 9):
         path = root / f"ref{seed}.tiff"
         make_slide(path, seed=seed, size_px=(1344, 1344), write_truth=False)
         with open_slide(path) as s:

@@ -554,7 +554,8 @@ def comparison_table(evaluations: Mapping[str, Evaluation]) -> pd.DataFrame:
 
 
 def small_fold_warning(ev: Evaluation, minimum: int = 5) -> str:
-    """A warning sentence when some fold holds fewer than ``minimum`` samples of a cancer type (else "")."""
+    """A warning (one sentence, no prefix) when some fold holds fewer than ``minimum`` samples of a cancer type
+    (else "")."""
     if "min_fold_n" not in ev.summary:
         return ""
     small = ev.summary[ev.summary["min_fold_n"] < minimum]
@@ -562,7 +563,7 @@ def small_fold_warning(ev: Evaluation, minimum: int = 5) -> str:
         return ""
     which = ", ".join(f"{r.cancer_type} ({int(r.min_fold_n)})" for r in small.itertuples())
     return (
-        f"Warning: some folds hold fewer than {minimum} samples of a cancer type (fewest per fold: {which}); "
+        f"some folds hold fewer than {minimum} samples of a cancer type (fewest per fold: {which}); "
         "R computed inside such a fold is mostly noise, so read the pooled out-of-fold R (`mean_r_pooled`, "
         "`r_pooled_folds`, `n_significant_bh_pooled`) beside the fold-averaged one."
     )
@@ -620,7 +621,7 @@ def write_report(
     )
     warning = small_fold_warning(ev)
     if warning:
-        lines += ["", f"> {warning}"]
+        lines += ["", f"> **Warning:** {warning}"]
     lines += [
         "",
         "## Summary per cancer type",
