@@ -1164,9 +1164,9 @@ def load_or_extract(
 
 def _writable_cache_folder(folder: Path) -> None:
     try:
-        prepare_folder(folder, "feature cache folder")
+        prepare_folder(folder, "feature cache folder", "choose another cache folder (--cache-dir)")
     except OutputError as exc:
-        raise CacheError(f"{str(exc).rstrip('.')}: choose another cache folder (--cache-dir).") from None
+        raise CacheError(str(exc)) from None
 
 
 def _extract_into_store(

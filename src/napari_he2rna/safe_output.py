@@ -86,28 +86,30 @@ def refuse_existing(paths: Iterable[str | os.PathLike | None], overwrite: bool) 
             raise OutputError(f"{p} exists; pass --overwrite to replace it (nothing was written).")
 
 
-def prepare_folder(path: str | os.PathLike, what: str = "output folder") -> Path:
+def prepare_folder(
+    path: str | os.PathLike, what: str = "output folder", advice: str = "choose another folder"
+) -> Path:
     """Create ``path`` (and its parents) and check that files can be written in it.
 
     Raises :class:`OutputError` with one sentence when it is a file, or cannot be created or written
     (read-only file system, no permission); ``what`` names it in that sentence ("output folder",
-    "feature cache folder", ...).
+    "feature cache folder", ...) and ``advice`` ends it.
     """
     path = Path(path).expanduser()
     if path.exists() and not path.is_dir():
-        raise OutputError(f"the {what} {path} is a file, not a folder; choose a folder.")
+        raise OutputError(f"the {what} {path} is a file, not a folder; {advice}.")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except FileExistsError:
-        raise OutputError(f"the {what} {path} cannot be created: a file is in the way.") from None
+        raise OutputError(f"the {what} {path} cannot be created: a file is in the way; {advice}.") from None
     except OSError as exc:
-        raise OutputError(f"the {what} {path} cannot be created ({_reason(exc)}).") from None
+        raise OutputError(f"the {what} {path} cannot be created ({_reason(exc)}); {advice}.") from None
     try:
         fd, probe = tempfile.mkstemp(prefix=".he2rna-probe-", dir=path)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
-        raise OutputError(f"the {what} {path} is not writable ({_reason(exc)}).") from None
+        raise OutputError(f"the {what} {path} is not writable ({_reason(exc)}); {advice}.") from None
     return path
 
 
