@@ -57,11 +57,11 @@ def run(args: argparse.Namespace) -> int:
     stem = Path(args.slide).stem
     slide_csv, tile_csv = out / f"{stem}_prediction.csv", out / f"{stem}_tile_scores.csv"
     refuse_existing([slide_csv, tile_csv], args.overwrite)  # before any work
-    prepare_folder(out)
     bundle = load_model(args.model)
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
     bundle.gene_index(genes)  # unknown genes fail before any feature extraction
     with open_slide(args.slide, mpp=args.mpp) as slide:
+        prepare_folder(out)  # a read-only folder or a file of that name: said before the features
         grid, feats = load_or_extract(
             slide,
             bundle.backbone,
