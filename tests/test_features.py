@@ -333,7 +333,7 @@ def test_corrupt_cache_is_detected_and_redone(cmu, tmp_path):
         if chunk.is_file():
             chunk.unlink()  # lost chunks read back as NaN, never as plausible numbers
             break
-    with pytest.warns(UserWarning, match="missing or non-finite"):
+    with pytest.warns(UserWarning, match="changed on disk"):  # its checksum says so
         _, redone = load_or_extract(cmu, net, cache_dir=tmp_path, max_tiles=12, batch_size=8)
     assert net.seen == 2 * len(grid.table)
     np.testing.assert_array_equal(redone, feats)

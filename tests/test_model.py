@@ -394,5 +394,8 @@ def test_predict_command_on_a_real_slide(cmu_slide, tmp_path, capsys):
     s = torch.tensor(tiles[["CD3D", "MKI67"]].to_numpy().T[None], dtype=torch.float32)
     expected = topk_mean_multi(s, None, SUPERTILE_KS)[0].numpy()
     np.testing.assert_allclose(slide_csv["prediction"], expected, atol=2e-5)
-    assert main(["predict", str(cmu_slide), "--model", str(model), "--genes", "NOPE", "--out", str(out)]) == 2
+    again = ["predict", str(cmu_slide), "--model", str(model), "--genes", "CD3D", "--out", str(out)]
+    assert main(again) == 2  # the earlier outputs are there: refused, not replaced
+    assert "--overwrite" in capsys.readouterr().err
+    assert main([*again[:5], "NOPE", *again[6:], "--overwrite"]) == 2
     assert "does not predict NOPE" in capsys.readouterr().err

@@ -213,7 +213,8 @@ def test_pixels_mistaken_for_microns_are_detected(synthetic_slide, tmp_path):
 
 def test_empty_class_lists_classes_present(synthetic_slide):
     s = synthetic_slide
-    with pytest.raises(DataError, match=r"'CD8\+'.*classes present are: (Negative \(\d+\), Positive|Positive \(\d+\), Negative) \(\d+\)"):
+    classes = r"(Negative \(\d+\), Positive|Positive \(\d+\), Negative) \(\d+\)"
+    with pytest.raises(DataError, match=r"'CD8\+'.*classes present are: " + classes):
         truth.read_qupath_detections(s["dir"] / "s1_CD3.tsv", s["mpp"], classes="CD8+")
     cells = truth.read_qupath_detections(s["dir"] / "s1_CD3.tsv", s["mpp"], classes="positive")
     assert len(cells) == s["tiles"]["t_cells"].sum()  # case-insensitive fallback

@@ -10,9 +10,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
+from pathlib import Path
 
 from . import __version__
-from .errors import Cancelled, He2rnaError
+from .errors import Cancelled, He2rnaError, He2rnaWarning
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent)
 
 # Order is the order of `he2rna --help`.
 COMMAND_MODULES = [
@@ -52,7 +56,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_warning_line(message, category, filename) -> str | None:
+    """The ``he2rna: warning: ...`` line of a warning meant for the user, None for others.
+
+    Meant for the user: :class:`He2rnaWarning` and the user warnings this package raises itself.
+    """
+    ours = issubclass(category, He2rnaWarning) or (
+        issubclass(category, UserWarning) and str(Path(filename).resolve()).startswith(_PACKAGE_DIR)
+    )
+    return f"he2rna: warning: {message}" if ours else None
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    text = user_warning_line(message, category, filename)
+    if text is None:
+        _default_show_warning(message, category, filename, lineno, file, line)
+    else:
+        print(text, file=sys.stderr if file is None else file, flush=True)
+
+
+_default_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _show_warning  # the package's warnings are one line each, no source excerpt
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):

@@ -101,6 +101,11 @@ def load_expression(
         df = df.set_index(df.columns[0])
     if genes_as_rows:
         df = df.T
+    elif _lists_genes(df):
+        raise DataError(
+            f"{name} looks like genes x samples (its first column, {df.index.name!r}, lists genes): "
+            "pass --genes-as-rows."
+        )
     df.index = df.index.astype(str)
     df.columns = df.columns.astype(str)
     if df.shape[0] == 0 or df.shape[1] == 0:
@@ -150,6 +155,32 @@ def load_expression(
         dropped_genes=dropped,
     )
     return out
+
+
+# First-column headers of a genes x samples table, and how Ensembl gene ids begin.
+_GENE_HEADERS = {"gene", "genes", "gene_id", "gene_ids", "gene_name", "gene_symbol", "symbol", "hugo_symbol"}
+_GENE_ID_PREFIXES = ("ENSG", "ENSMUSG")
+
+
+def _lists_genes(df: pd.DataFrame) -> bool:
+    """Whether the row labels of a samples x genes table are in fact genes (a transposed table)."""
+    if str(df.index.name).strip().lower() in _GENE_HEADERS:
+        return True
+    labels = df.index.astype(str)
+    return len(labels) > 0 and float(np.mean([s.startswith(_GENE_ID_PREFIXES) for s in labels])) > 0.5
+
+
+def genes_as_rows_hint(expression: pd.DataFrame, sample_ids: Sequence[str]) -> str:
+    """A hint (starting with a space) when the expression table's *columns* are the sample ids, else ''."""
+    ids = set(map(str, sample_ids))
+    in_columns = sum(str(c) in ids for c in expression.columns)
+    in_rows = sum(str(i) in ids for i in expression.index)
+    if in_columns > in_rows:
+        return (
+            f" {in_columns} sample ids are column names of the expression table: it is genes x samples, "
+            "pass --genes-as-rows."
+        )
+    return ""
 
 
 def load_samples(path: str | Path | pd.DataFrame) -> pd.DataFrame:
@@ -338,6 +369,7 @@ def match_cohort(
         raise DataError(
             "No sample is in the expression table, the sample sheet and the features at once; "
             f"check the sample ids ({rep.summary().splitlines()[-1]})."
+            + genes_as_rows_hint(expression, sheet_ids)
         )
     expr = expression.loc[with_feat]
     if genes is not None:

@@ -21,6 +21,10 @@ class TissueError(He2rnaError):
     """No tissue was found where tissue was expected."""
 
 
+class TileSizeError(He2rnaError):
+    """A tile size is not plausible (not a size, under a few pixels, or larger than the slide)."""
+
+
 class CacheError(He2rnaError):
     """A feature cache is unreadable, stale or belongs to another slide/backbone."""
 
@@ -54,3 +58,11 @@ class AlignmentError(He2rnaError):
     def __init__(self, message: str, result=None) -> None:
         super().__init__(message)
         self.result = result
+
+
+class He2rnaWarning(UserWarning):
+    """Base class of the warnings meant for a person (the CLI prints each as one ``he2rna: warning:``)."""
+
+
+class CacheWarning(He2rnaWarning):
+    """A feature cache was unsound (corrupt, stale, unfinished) and is being recomputed."""

@@ -554,8 +554,8 @@ def comparison_table(evaluations: Mapping[str, Evaluation]) -> pd.DataFrame:
 
 
 def small_fold_warning(ev: Evaluation, minimum: int = 5) -> str:
-    """A warning (one sentence, no prefix) when some fold holds fewer than ``minimum`` samples of a cancer type
-    (else "")."""
+    """A warning (one sentence, no prefix) when some fold holds fewer than ``minimum`` samples of a cancer
+    type (else "")."""
     if "min_fold_n" not in ev.summary:
         return ""
     small = ev.summary[ev.summary["min_fold_n"] < minimum]

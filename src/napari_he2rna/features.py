@@ -9,7 +9,10 @@ A slide becomes an ``(n_tiles, dim)`` float32 matrix aligned to the rows of its 
 * :func:`extract_features` reads tiles in a thread pool while the model runs on the previous batch
   (OpenSlide releases the GIL while decoding), autocasts on GPU and halves the batch on out-of-memory.
 * :func:`load_or_extract` keeps features in one zarr store per (slide, backbone, tile size), written batch by
-  batch into ``<name>.partial`` so an interrupted run resumes, then renamed when complete.
+  batch into ``<name>.partial`` so an interrupted run resumes, then renamed when complete. A lock file
+  ``<name>.lock`` beside it keeps two processes from writing one store at once (the second waits), and a
+  sha256 of every array, kept in the provenance, is checked on each read: a store that changed on disk is
+  recomputed with one warning naming it.
 * :func:`extract_cohort` runs one task per slide, locally or on a dask.distributed cluster.
 """
 
@@ -35,10 +38,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import __version__, settings
-from .errors import CacheError, He2rnaError, WeightsError
+from .errors import CacheError, CacheWarning, He2rnaError, WeightsError
 from .jobs import CancelToken, ProgressCallback, check_cancel, report
 from .precision import cpu_prefers_bf16
-from .tiling import TileGrid, mask_method, read_tiles, tile_grid
+from .safe_output import OutputError, exclusive_lock, prepare_folder
+from .tiling import TileGrid, check_tile_size, mask_method, read_tiles, tile_grid
 
 __all__ = [
     "Backbone",
@@ -882,13 +886,48 @@ def _grid_from_group(group, attrs: dict[str, Any]) -> TileGrid:
     )
 
 
+def _digest(array: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes (what was decoded, so any corrupt chunk changes it)."""
+    array = np.ascontiguousarray(array)
+    h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    h.update(array.tobytes())
+    return h.hexdigest()
+
+
+def _grid_arrays(grid: TileGrid) -> dict[str, np.ndarray]:
+    arrays = {f"grid/{c}": grid.table[c].to_numpy(dtype=np.int64) for c in _GRID_INT_COLUMNS}
+    arrays["grid/tissue_fraction"] = grid.table["tissue_fraction"].to_numpy(dtype=np.float64)
+    return arrays
+
+
+def _verify_checksums(path: Path, attrs: dict[str, Any], arrays: dict[str, np.ndarray]) -> None:
+    """CacheError naming the arrays of ``arrays`` whose digest differs from the one stored at completion.
+
+    Stores written before checksums were kept (no ``checksums`` attribute) are read unverified.
+    """
+    stored = attrs.get("checksums")
+    if stored is None:
+        return
+    if not isinstance(stored, dict):
+        raise CacheError(f"the feature cache {path.name} has an unreadable checksum list.")
+    bad = [name for name, arr in arrays.items() if stored.get(name) != _digest(arr)]
+    if bad:
+        which = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise CacheError(
+            f"the feature cache {path.name} changed on disk since it was written "
+            f"(checksum of {which} differs)."
+        )
+
+
 def read_cache(path: str | Path) -> tuple[TileGrid, np.ndarray, dict[str, Any]]:
     """Grid, features and provenance of a complete store (no checks against a slide).
 
     Raises
     ------
     CacheError
-        Unreadable, incomplete or inconsistent store (missing chunks show up as NaN features).
+        Unreadable, incomplete or inconsistent store (missing chunks show up as NaN features), or one whose
+        arrays no longer match the checksums stored when it was completed (a flipped bit, a chunk copied
+        from another store).
     """
     import zarr
 
@@ -909,6 +948,7 @@ def read_cache(path: str | Path) -> tuple[TileGrid, np.ndarray, dict[str, Any]]:
         raise CacheError(f"the feature cache {path} is unreadable ({type(exc).__name__}: {exc}).") from exc
     if features.shape != (len(grid.table), int(attrs["feature_dim"])) or not done.all():
         raise CacheError(f"the feature cache {path} is incomplete (shape {features.shape}).")
+    _verify_checksums(path, attrs, {"features": features, "done": done, **_grid_arrays(grid)})
     if not np.isfinite(features).all():
         raise CacheError(f"the feature cache {path} holds missing or non-finite features.")
     return grid, features, attrs
@@ -918,11 +958,17 @@ def read_supertiles(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The supertiles stored beside the features: ``(k, dim)`` mean features and ``(N,)`` labels."""
     import zarr
 
-    group = zarr.open_group(str(path), mode="r")
-    return (
-        np.asarray(group["supertiles/features"][:], dtype=np.float32),
-        np.asarray(group["supertiles/labels"][:], dtype=np.int64),
+    path = Path(path)
+    try:
+        group = zarr.open_group(str(path), mode="r")
+        centroids = np.asarray(group["supertiles/features"][:], dtype=np.float32)
+        labels = np.asarray(group["supertiles/labels"][:], dtype=np.int64)
+    except Exception as exc:
+        raise CacheError(f"the supertiles of {path} are unreadable ({type(exc).__name__}: {exc}).") from exc
+    _verify_checksums(
+        path, dict(group.attrs), {"supertiles/features": centroids, "supertiles/labels": labels}
     )
+    return centroids, labels
 
 
 def _remove_store(path: Path) -> None:
@@ -944,11 +990,13 @@ def _validate_complete(path: Path, expected: dict[str, Any]) -> tuple[TileGrid, 
     try:
         grid, features, attrs = read_cache(path)
     except CacheError as exc:
-        warnings.warn(f"{exc} Recomputing it.", stacklevel=3)
+        warnings.warn(f"{str(exc).rstrip('.')}; recomputing it.", CacheWarning, stacklevel=3)
         return None
     reason = _mismatch(attrs, expected)
     if reason:
-        warnings.warn(f"the feature cache {path.name} is stale ({reason}); recomputing it.", stacklevel=3)
+        warnings.warn(
+            f"the feature cache {path.name} is stale ({reason}); recomputing it.", CacheWarning, stacklevel=3
+        )
         return None
     return grid, features
 
@@ -990,7 +1038,9 @@ def _open_partial(partial: Path, expected: dict[str, Any]):
             reason = "its arrays do not match its grid"
     except Exception as exc:
         reason = f"unreadable ({type(exc).__name__}: {exc})"
-    warnings.warn(f"discarding the unfinished feature cache {partial.name}: {reason}.", stacklevel=3)
+    warnings.warn(
+        f"discarding the unfinished feature cache {partial.name}: {reason}.", CacheWarning, stacklevel=3
+    )
     _remove_store(partial)
     return None
 
@@ -1093,22 +1143,48 @@ def load_or_extract(
     """
     import zarr  # noqa: F401  (fail early with ImportError rather than after extracting)
 
+    check_tile_size(tile_um, slide.require_mpp(), slide.dimensions)  # before any store is named or made
     if isinstance(backbone, str):
         backbone = get_backbone(backbone, weights=weights, device=device)
     elif device not in (None, "auto"):
         backbone.to(resolve_device(device))
     final = cache_path(slide, backbone, tile_um, cache_dir)
-    partial = final.with_name(final.name + ".partial")
-    final.parent.mkdir(parents=True, exist_ok=True)
+    if not final.parent.is_dir():
+        _writable_cache_folder(final.parent)
     expected = _provenance(slide, backbone, tile_um, min_tissue, max_tiles, seed, precision)
+    # One writer per store across processes (CLI runs, widgets, dask workers); a read-only cache has no
+    # lock file, and needs none: nothing can be written there.
+    with exclusive_lock(
+        final.with_name(final.name + ".lock"),
+        what=f"the feature cache {final.name}",
+        cancelled=lambda: check_cancel(cancel),
+    ):
+        cached = _validate_complete(final, expected)
+        if cached is not None:
+            if grid_ready is not None:
+                grid_ready(cached[0])
+            report(progress, len(cached[0].table), len(cached[0].table), "cached")
+            return cached
+        _writable_cache_folder(final.parent)
+        return _extract_into_store(
+            slide, backbone, final, expected, tile_um, min_tissue, max_tiles, seed, batch_size, precision,
+            num_workers, progress, cancel, supertile_k, grid_ready, order, batch_ready,
+        )  # fmt: skip
 
-    cached = _validate_complete(final, expected)
-    if cached is not None:
-        if grid_ready is not None:
-            grid_ready(cached[0])
-        report(progress, len(cached[0].table), len(cached[0].table), "cached")
-        return cached
 
+def _writable_cache_folder(folder: Path) -> None:
+    try:
+        prepare_folder(folder, "feature cache folder", "choose another cache folder (--cache-dir)")
+    except OutputError as exc:
+        raise CacheError(str(exc)) from None
+
+
+def _extract_into_store(
+    slide, backbone, final, expected, tile_um, min_tissue, max_tiles, seed, batch_size, precision,
+    num_workers, progress, cancel, supertile_k, grid_ready, order=None, batch_ready=None,
+) -> tuple[TileGrid, np.ndarray]:  # fmt: skip
+    """Compute the features of ``final`` into its ``.partial`` store (resuming it), then rename it."""
+    partial = final.with_name(final.name + ".partial")
     opened = _open_partial(partial, expected)
     if opened is None:
         grid = tile_grid(slide, tile_um=tile_um, min_tissue=min_tissue, max_tiles=max_tiles, seed=seed)
@@ -1154,15 +1230,28 @@ def load_or_extract(
             batch_ready(rows, feats)
 
     features = np.asarray(features_arr[:], dtype=np.float32)
-    if not np.asarray(done_arr[:], dtype=bool).all() or not np.isfinite(features).all():
+    done_all = np.asarray(done_arr[:], dtype=bool)
+    if not done_all.all() or not np.isfinite(features).all():
         raise CacheError(
             f"the feature cache {partial} lost rows while being written; run again to redo them."
         )
     centroids, labels = supertiles(grid, features, k=supertile_k, seed=seed)
     group.create_array("supertiles/features", data=centroids, overwrite=True)
     group.create_array("supertiles/labels", data=labels, overwrite=True)
+    arrays = {
+        "features": features,
+        "done": done_all,
+        **_grid_arrays(grid),
+        "supertiles/features": centroids,
+        "supertiles/labels": labels,
+    }
     group.attrs.update(
-        {"complete": True, "supertile_k": int(len(centroids)), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        {
+            "complete": True,
+            "supertile_k": int(len(centroids)),
+            "checksums": {name: _digest(arr) for name, arr in arrays.items()},
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
     )
     _remove_store(final)  # a stale or corrupt store of ours
     os.replace(partial, final)
@@ -1255,6 +1344,7 @@ def extract_cohort(
     mpp: float | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Features of many slides, one task per slide; a failing slide is reported and the others go on.
 
@@ -1270,6 +1360,9 @@ def extract_cohort(
         ``distributed.Client`` submits one task per slide (workers re-open the slides by path).
     progress : callable, optional
         ``progress(slides_done, n_slides, last_slide_status)``.
+    on_result : callable, optional
+        Called with each slide's result as soon as that slide is done (in completion order), so a log
+        shows every finished slide even when the run is killed later.
 
     Returns
     -------
@@ -1295,6 +1388,8 @@ def extract_cohort(
         for i, path in enumerate(paths):
             check_cancel(cancel)
             results[i] = extract_slide_task(path, cancel=cancel, **kwargs)
+            if on_result is not None:
+                on_result(results[i])
             report(progress, i + 1, len(paths), f"{Path(path).name}: {results[i]['status']}")
         return results  # type: ignore[return-value]
 
@@ -1320,6 +1415,8 @@ def extract_cohort(
                     "n_tiles": 0,
                     "store": "",
                 }
+            if on_result is not None:
+                on_result(results[i])
             report(progress, n, len(paths), f"{Path(paths[i]).name}: {results[i]['status']}")
     finally:
         if own_client:

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,18 +201,15 @@ def _tensor_digest(tensors: Mapping[str, torch.Tensor], metadata_json: str) -> s
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary file beside it and a rename (never half a file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` through a temporary file beside it and a rename (never half a file).
+
+    The file gets the user's umask mode (:func:`napari_he2rna.safe_output.atomic_write_bytes`).
+    """
+    from .safe_output import atomic_write_bytes as write_bytes
+    from .safe_output import prepare_folder
+
+    prepare_folder(Path(path).parent, "model's folder")
+    write_bytes(path, data)
 
 
 def json_default(obj: Any):

@@ -141,6 +141,11 @@ def validate_mpp(mpp: Any) -> float:
     value = _float(mpp)
     if value is None:
         raise SlideError(f"The pixel size must be a positive number of µm per pixel, not {mpp!r}.")
+    if _plausible(value) is None:
+        raise SlideError(
+            f"The pixel size {value:g} µm/px is outside what a microscope produces: give one between "
+            f"{PLAUSIBLE_MPP[0]:g} and {PLAUSIBLE_MPP[1]:g} µm/px (0.25 at 40x, 0.5 at 20x)."
+        )
     return value
 
 

@@ -38,8 +38,6 @@ one-sided Mann–Whitney p (AUC > 0.5).
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +54,7 @@ from .folds import group_folds
 from .folds import patient_auc as patient_auc
 from .jobs import CancelToken, ProgressCallback, check_cancel, report
 from .model import HE2RNA, SUPERTILE_KS, json_default, save_bundle
+from .safe_output import atomic_write_text, prepare_folder
 from .scaling import FeatureScaler, ScaledFeatures
 from .training import (
     SlideBatches,
@@ -1040,15 +1039,9 @@ def _safe_stem(name: str) -> str:
 
 
 def _write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Atomically, with the user's umask mode (see :mod:`napari_he2rna.safe_output`)."""
+    prepare_folder(path.parent)
+    atomic_write_text(path, text)
 
 
 def _write_csv(path: Path, df: pd.DataFrame, index: bool = False) -> None:

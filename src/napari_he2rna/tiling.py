@@ -19,7 +19,7 @@ from PIL import Image
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
-from .errors import TissueError
+from .errors import TileSizeError, TissueError
 from .ink import INK_METHOD, ink_mask, optical_density, pen_mask
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "mask_method",
     "pen_mask",
     "tile_grid",
+    "check_tile_size",
     "read_tile",
     "read_tiles",
 ]
@@ -42,6 +43,42 @@ SATURATION_CAP = 0.3
 MIN_OPTICAL_DENSITY = 0.04
 
 GRID_COLUMNS = ["tile_id", "row", "col", "x", "y", "size", "tissue_fraction"]
+# A tile is at least this many pixels a side (smaller holds no tissue structure to describe) ...
+MIN_TILE_PX = 8
+# ... and its side, in µm, within what a tiling of tissue can mean (a cell, 10 µm, to a 1 cm field).
+PLAUSIBLE_TILE_UM = (10.0, 10_000.0)
+
+
+def check_tile_size(
+    tile_um: float, mpp: float | None = None, dimensions: Sequence[int] | None = None
+) -> int | None:
+    """The tile side in level-0 pixels, or :class:`~.errors.TileSizeError` when the size is not plausible.
+
+    Without ``mpp`` only the µm range (:data:`PLAUSIBLE_TILE_UM`) is checked and None returned; with it the
+    tile must also be at least :data:`MIN_TILE_PX` pixels and, with ``dimensions`` (the slide's level-0
+    width, height), no larger than the slide.
+    """
+    lo, hi = PLAUSIBLE_TILE_UM
+    if mpp is not None:
+        lo = max(lo, MIN_TILE_PX * float(mpp))
+        if dimensions is not None:
+            hi = min(hi, min(int(v) for v in dimensions) * float(mpp))
+    try:
+        value = float(tile_um)
+    except (TypeError, ValueError):
+        value = math.nan
+    shown = f"{value:g}" if math.isfinite(value) else repr(tile_um)
+    where = f" for this slide ({mpp:g} µm/px, {MIN_TILE_PX} px to the slide's shorter side)" if mpp else ""
+    if not (math.isfinite(value) and lo <= value <= hi):
+        if lo > hi:
+            raise TileSizeError(
+                f"The tile size {shown} µm cannot be used: the slide is smaller than the smallest "
+                f"plausible tile ({lo:g} µm)."
+            )
+        raise TileSizeError(
+            f"The tile size {shown} µm is not plausible: give one between {lo:g} and {hi:g} µm{where}."
+        )
+    return None if mpp is None else max(int(round(value / float(mpp))), 1)
 
 
 def mask_method(remove_ink: bool = True) -> str:
@@ -248,7 +285,7 @@ def tile_grid(
     """
     mpp = float(slide.require_mpp())
     dimensions = tuple(int(v) for v in slide.dimensions)
-    tile_px = max(int(round(tile_um / mpp)), 1)
+    tile_px = check_tile_size(tile_um, mpp, dimensions)
     if mask is None:
         mask = tissue_mask(slide.thumbnail(_mask_size_for(dimensions, tile_px)), remove_ink=remove_ink)
     fractions = tile_fractions(np.asarray(mask, dtype=bool), dimensions, tile_px)

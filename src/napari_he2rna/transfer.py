@@ -41,6 +41,7 @@ from .errors import DataError, ModelError
 from .folds import patient_auc as patient_auc  # one definition, re-exported for the transfer experiment
 from .jobs import CancelToken, ProgressCallback, check_cancel, report
 from .model import json_default  # the bundle writer's JSON encoder (numpy scalars and arrays, paths)
+from .safe_output import atomic_write_text, prepare_folder
 from .scaling import FeatureScaler
 
 #: The paper's A:B splits, as the fraction of patients in hospital A (5/6-1/6 ... 0-1).
@@ -946,9 +947,9 @@ def load_transfer_results(out_dir: str | Path) -> TransferResult:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    """Atomically, with the user's umask mode (see :mod:`napari_he2rna.safe_output`)."""
+    prepare_folder(path.parent)
+    atomic_write_text(path, text)
 
 
 # ----------------------------------------------------------------------------- representation files

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+# Shared by every command that writes (one message, one check, before any work).
+from ..safe_output import refuse_existing
+
+__all__ = ["add_expression_format_arguments", "add_overwrite_argument", "refuse_existing"]
+
 
 def add_expression_format_arguments(p: argparse.ArgumentParser) -> None:
     """``--expression-scale`` and ``--genes-as-rows``: how to read an expression table."""
@@ -18,21 +23,3 @@ def add_expression_format_arguments(p: argparse.ArgumentParser) -> None:
 
 def add_overwrite_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs (refused otherwise)")
-
-
-def refuse_existing(paths, overwrite: bool) -> None:
-    """Stop before any work when an output a command would write is already there, unless ``overwrite``.
-
-    ``paths``: the files the command writes (a folder's outputs are named by their key files, so that an
-    existing folder with other content is fine). Raises :class:`~napari_he2rna.errors.DataError` naming
-    the first one found.
-    """
-    from pathlib import Path
-
-    from ..errors import DataError
-
-    if overwrite:
-        return
-    for p in paths:
-        if p is not None and Path(p).exists():
-            raise DataError(f"{p} exists; pass --overwrite to replace it (nothing was written).")

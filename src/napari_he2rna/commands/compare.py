@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
+from ..safe_output import atomic_write_text, prepare_folder
 
 
 def register(subparsers) -> None:
@@ -111,17 +110,8 @@ def register(subparsers) -> None:
 
 
 def _atomic_csv(df: pd.DataFrame, path: Path, overwrite: bool) -> None:
-    if path.exists() and not overwrite:
-        raise DataError(f"{path} exists; pass --overwrite to replace it")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            df.to_csv(fh, index=False, float_format="%.6g")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    prepare_folder(path.parent)
+    atomic_write_text(path, df.to_csv(index=False, float_format="%.6g"), overwrite=overwrite)
 
 
 def _slide_facts(

@@ -161,14 +161,30 @@ def expand_slides(items: list[str]) -> list[Path]:
     return unique
 
 
+def _print_result(r: dict) -> None:
+    if r["status"] == "failed":
+        print(f"he2rna: {r['slide']}: failed: {r['reason']}", file=sys.stderr, flush=True)
+    else:
+        print(f"{r['status']:>6}  {r['n_tiles']:>5} tiles  {r['slide']}  ->  {r['store']}", flush=True)
+
+
 def run(args: argparse.Namespace) -> int:
+    from .. import settings
     from ..features import backbone_info, extract_cohort, get_backbone
     from ..jobs import TextProgress
+    from ..safe_output import prepare_folder
+    from ..slide import validate_mpp
+    from ..tiling import check_tile_size
 
     slides = expand_slides(args.slides)
     if not slides:
         raise DataError(f"no slides found in {' '.join(args.slides)}.")
     backbone_info(args.backbone)  # an unknown name fails before any slide is opened
+    check_tile_size(args.tile_um)  # absurd sizes fail once, here, rather than once per slide
+    if args.mpp is not None:
+        validate_mpp(args.mpp)
+    if args.scheduler is None:  # on a cluster the folder is the workers' to make
+        prepare_folder(args.out if args.out is not None else settings.cache_dir(), "feature store folder")
     if args.scheduler is None:
         # Fail once, clearly, when the weights are missing rather than once per slide.
         get_backbone(args.backbone, weights=args.weights, device=args.device)
@@ -188,14 +204,9 @@ def run(args: argparse.Namespace) -> int:
         num_workers=args.workers,
         mpp=args.mpp,
         progress=progress,
+        on_result=_print_result,  # each slide's line as it finishes: a killed run's log is not empty
     )
-    failed = 0
-    for r in results:
-        if r["status"] == "failed":
-            failed += 1
-            print(f"he2rna: {r['slide']}: failed: {r['reason']}", file=sys.stderr)
-        else:
-            print(f"{r['status']:>6}  {r['n_tiles']:>5} tiles  {r['slide']}  ->  {r['store']}")
+    failed = sum(r["status"] == "failed" for r in results)
     ok = len(results) - failed
     print(f"{ok} of {len(results)} slides have features" + (f"; {failed} failed" if failed else "") + ".")
     return 1 if failed else 0

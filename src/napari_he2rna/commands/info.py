@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import MissingMPPError, TissueError
+from ..safe_output import atomic_write, prepare_folder, refuse_existing
 from ..slide import Slide, open_slide
+from ._common import add_overwrite_argument
 
 
 def register(subparsers) -> None:
@@ -32,10 +32,14 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--size", type=int, default=1024, help="the thumbnail's longer side in px (default 1024)"
     )
+    add_overwrite_argument(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.thumbnail is not None:  # before the slide is read
+        refuse_existing([args.thumbnail], args.overwrite)
+        prepare_folder(Path(args.thumbnail).parent, "thumbnail's folder")
     with open_slide(args.slide, mpp=args.mpp) as slide:
         for key, value in slide.facts().items():
             print(f"{key:>11}: {value}")
@@ -44,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
         except MissingMPPError as exc:
             print(f"he2rna: warning: {exc}", file=sys.stderr)
         if args.thumbnail is not None:
-            tissue = write_thumbnail(slide, args.thumbnail, max_size=args.size)
+            tissue = write_thumbnail(slide, args.thumbnail, max_size=args.size, overwrite=args.overwrite)
             print(f"  thumbnail: {args.thumbnail} ({tissue:.0%} tissue)")
     return 0
 
@@ -68,8 +72,10 @@ def _tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
         return np.zeros(thumbnail.shape[:2], dtype=bool)
 
 
-def write_thumbnail(slide: Slide, out: Path, max_size: int = 1024) -> float:
+def write_thumbnail(slide: Slide, out: Path, max_size: int = 1024, overwrite: bool = False) -> float:
     """Write the slide's thumbnail as PNG with the tissue outline in green, atomically.
+
+    An existing ``out`` is replaced only with ``overwrite``; the file gets the user's umask mode.
 
     Returns
     -------
@@ -84,14 +90,6 @@ def write_thumbnail(slide: Slide, out: Path, max_size: int = 1024) -> float:
     drawn = thumbnail.copy()
     outline = find_boundaries(mask, mode="thick")
     drawn[outline] = (0, 200, 0)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=out.parent)
-    os.close(fd)
-    try:
-        Image.fromarray(drawn).save(tmp, format="PNG")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    out = prepare_folder(Path(out).parent, "thumbnail's folder") / Path(out).name
+    atomic_write(out, lambda tmp: Image.fromarray(drawn).save(tmp, format="PNG"), overwrite=overwrite)
     return float(mask.mean())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ._common import add_overwrite_argument
+
 # Above this many genes, per-tile scores are written only for the genes asked for with --genes.
 MAX_TILE_GENES_BY_DEFAULT = 100
 
@@ -35,6 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--mpp", type=float, default=None, help="µm per level-0 pixel, if the slide does not say")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--cache-dir", default=None, help="feature cache folder ($HE2RNA_CACHE when not given)")
+    add_overwrite_argument(p)
     p.set_defaults(func=run)
 
 
@@ -47,16 +50,18 @@ def run(args: argparse.Namespace) -> int:
     from ..features import load_or_extract
     from ..jobs import TextProgress
     from ..pipeline import load_model
+    from ..safe_output import atomic_write_text, prepare_folder, refuse_existing, staged_folder
     from ..slide import open_slide
-    from ..spatial import atomic_write
 
-    def write_text(path: Path, text: str) -> None:
-        atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite=True)
-
+    out = Path(args.out)
+    stem = Path(args.slide).stem
+    slide_csv, tile_csv = out / f"{stem}_prediction.csv", out / f"{stem}_tile_scores.csv"
+    refuse_existing([slide_csv, tile_csv], args.overwrite)  # before any work
     bundle = load_model(args.model)
     genes = [g.strip() for g in args.genes.split(",") if g.strip()] if args.genes else None
     bundle.gene_index(genes)  # unknown genes fail before any feature extraction
     with open_slide(args.slide, mpp=args.mpp) as slide:
+        prepare_folder(out)  # a read-only folder or a file of that name: said before the features
         grid, feats = load_or_extract(
             slide,
             bundle.backbone,
@@ -67,12 +72,7 @@ def run(args: argparse.Namespace) -> int:
         )
     bundle.check_features(bundle.backbone, feats.shape[1], grid.tile_um)
     names = genes or bundle.genes
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = Path(args.slide).stem
     slide_pred = pd.DataFrame({"gene": names, "prediction": bundle.slide_prediction(feats, names)})
-    slide_csv = out / f"{stem}_prediction.csv"
-    write_text(slide_csv, slide_pred.to_csv(index=False, float_format="%.5f"))
     if bundle.demo:
         print(
             "he2rna: warning: DEMO model trained on synthetic slides; its predictions mean nothing "
@@ -83,16 +83,20 @@ def run(args: argparse.Namespace) -> int:
     if assessment.outside:
         print(f"he2rna: warning: {assessment.message}", file=sys.stderr)
     tile_genes = names if (genes or len(names) <= MAX_TILE_GENES_BY_DEFAULT) else None
+    # Both files are committed together: an interrupted run leaves the earlier pair or the new one.
+    with staged_folder(out, overwrite=args.overwrite) as stage:
+        atomic_write_text(stage / slide_csv.name, slide_pred.to_csv(index=False, float_format="%.5f"))
+        if tile_genes is not None:
+            table = grid.table[["tile_id", "row", "col", "x", "y"]].reset_index(drop=True)
+            scores = pd.DataFrame(bundle.tile_scores(feats, tile_genes), columns=tile_genes)
+            if assessment.tile_distances is not None and ood.DISTANCE_COLUMN not in scores.columns:
+                scores[ood.DISTANCE_COLUMN] = assessment.tile_distances
+            tiles = pd.concat([table, scores], axis=1)
+            atomic_write_text(stage / tile_csv.name, tiles.to_csv(index=False, float_format="%.5f"))
     print(f"{len(grid.table)} tiles; slide-level predictions: {slide_csv}")
     if tile_genes is None:
         print(f"per-tile scores not written for {len(names)} genes; choose some with --genes")
         return 0
-    table = grid.table[["tile_id", "row", "col", "x", "y"]].reset_index(drop=True)
-    scores = pd.DataFrame(bundle.tile_scores(feats, tile_genes), columns=tile_genes)
-    if assessment.tile_distances is not None and ood.DISTANCE_COLUMN not in scores.columns:
-        scores[ood.DISTANCE_COLUMN] = assessment.tile_distances
-    tile_csv = out / f"{stem}_tile_scores.csv"
-    write_text(tile_csv, pd.concat([table, scores], axis=1).to_csv(index=False, float_format="%.5f"))
     print(f"per-tile scores: {tile_csv}")
     if len(names) <= 20:
         print(slide_pred.to_string(index=False))

@@ -131,7 +131,7 @@ def default_output(args: argparse.Namespace, model_path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..cohort import load_expression, load_samples
+    from ..cohort import dropped_genes_summary, genes_as_rows_hint, load_expression, load_samples
     from ..errors import DataError
     from ..jobs import TextProgress
     from ..transfer import (
@@ -167,12 +167,15 @@ def run(args: argparse.Namespace) -> int:
             f"expression: {expression.shape[0]} samples x {expression.shape[1]} genes "
             f"(transform: {expression.attrs.get('transform')})"
         )
+        dropped = dropped_genes_summary(expression)
+        if dropped:
+            print(f"he2rna: warning: {dropped}", file=sys.stderr)
         means = mean_features(samples, args, args.backbone, args.tile_um)
         ids = [s for s in samples.index if s in expression.index and s in means.index]
         if not ids:
             raise DataError(
                 "No sample is in the sample sheet, the expression table and the features at once; "
-                "check the sample ids."
+                "check the sample ids." + genes_as_rows_hint(expression, list(samples.index))
             )
         print(f"{len(ids)} samples ({samples.loc[ids, 'patient_id'].nunique()} patients) to train on.")
         x = means.loc[ids].to_numpy(np.float32)

@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing([out / "summary.csv", out / "per_gene.csv", out / "models"], args.overwrite)
     import torch
 
-    from ..cohort import cohort_features, load_samples
+    from ..cohort import cohort_features, dropped_genes_summary, load_samples
     from ..errors import DataError
     from ..jobs import TextProgress
     from ..slide_ex import NestedCVConfig, load_deconvolved, read_responders, run_slide_ex, write_slide_ex
@@ -123,6 +123,9 @@ def run(args: argparse.Namespace) -> int:
     samples = load_samples(args.samples)
     for ct, tab in targets.expression.items():
         print(f"{ct}: {tab.shape[0]} samples x {tab.shape[1]} genes")
+        dropped = dropped_genes_summary(tab)
+        if dropped:
+            print(f"he2rna: warning: {ct}: {dropped}", file=sys.stderr)
     if targets.abundance is not None:
         print(f"abundance: {targets.abundance.shape[0]} samples x {targets.abundance.shape[1]} cell types")
     for note in targets.notes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from pathlib import Path
 
 
 def register(subparsers) -> None:
@@ -45,29 +46,59 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ..jobs import TextProgress
-    from ..pipeline import spatialize
+def planned_outputs(args: argparse.Namespace) -> list[Path]:
+    """The files ``spatialize`` will write into ``--out`` (known from the model's genes, before any work)."""
+    from ..pipeline import SlideSession, is_distance_name, load_model, output_paths
     from ..spatial import PartialGeneSetWarning, split_names
 
-    with warnings.catch_warnings(record=True) as seen:
+    names = split_names(args.genes)
+    with SlideSession.open(args.slide, mpp=args.mpp, model=load_model(args.model)) as session:
+        if args.gene_sets is not None:
+            session.add_gene_sets(args.gene_sets)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", PartialGeneSetWarning)  # the run itself reports them
+            pictured = list(session.resolve([n for n in names if not is_distance_name(n)]))
+    pictured += [n for n in names if is_distance_name(n)][:1]
+    paths = output_paths(args.slide, pictured, args.out, geojson=not args.no_geojson)
+    return [paths["csv"], paths["slide_csv"], *paths["png"].values(), paths["geojson"]]
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..cli import user_warning_line
+    from ..jobs import TextProgress
+    from ..pipeline import spatialize
+    from ..safe_output import refuse_existing, staged_folder
+    from ..spatial import PartialGeneSetWarning, split_names
+
+    refuse_existing(planned_outputs(args), args.overwrite)  # before any work
+    out = Path(args.out)
+    # The run writes into a staging folder; its files replace the old ones together at the end, so an
+    # interrupted run leaves the earlier set or the new one, never a mix.
+    with staged_folder(out, overwrite=args.overwrite) as stage, warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always", PartialGeneSetWarning)
         result = spatialize(
             args.slide,
             args.model,
             split_names(args.genes),
-            args.out,
+            stage,
             mpp=args.mpp,
             device=args.device,
             cache_dir=args.cache_dir,
             progress=TextProgress("features"),
-            overwrite=args.overwrite,
+            overwrite=True,  # the staging folder is new; --overwrite is checked when committing
             gene_sets=args.gene_sets,
             geojson=not args.no_geojson,
         )
-    for w in seen:
-        if issubclass(w.category, PartialGeneSetWarning):
-            print(f"he2rna: warning: {w.message}", file=sys.stderr)
+    for w in seen:  # cache repairs, partial gene sets, ...: one line each
+        line = user_warning_line(w.message, w.category, w.filename)
+        if line is not None:
+            print(line, file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+
+    def final(path: Path) -> Path:
+        return out / Path(path).relative_to(stage)
+
     if result.demo:
         print(
             "he2rna: warning: DEMO model trained on synthetic slides; its scores mean nothing on tissue.",
@@ -76,12 +107,12 @@ def run(args: argparse.Namespace) -> int:
     if result.assessment is not None and result.assessment.outside:
         print(f"he2rna: warning: {result.assessment.message}", file=sys.stderr)
     print(f"{result.n_tiles} tiles scored for {', '.join(result.scores.columns)} on {result.slide_path.name}")
-    print(f"tile scores:  {result.csv_path}")
-    print(f"slide-level:  {result.slide_csv_path}")
+    print(f"tile scores:  {final(result.csv_path)}")
+    print(f"slide-level:  {final(result.slide_csv_path)}")
     if result.geojson_path is not None:
-        print(f"QuPath tiles: {result.geojson_path}")
+        print(f"QuPath tiles: {final(result.geojson_path)}")
     for name, path in result.png_paths.items():
-        print(f"heatmap {name}: {path}")
+        print(f"heatmap {name}: {final(path)}")
     for name, value in result.predictions.items():
         print(f"slide prediction {name}: {value:.3f} (log10(1+FPKM-UQ))")
     return 0

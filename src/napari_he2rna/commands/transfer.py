@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing([Path(args.out) / "aucs.csv", Path(args.out) / "summary.md"], args.overwrite)
     import numpy as np
 
-    from ..cohort import load_expression, load_samples
+    from ..cohort import dropped_genes_summary, genes_as_rows_hint, load_expression, load_samples
     from ..errors import DataError
     from ..jobs import TextProgress
     from ..transfer import (
@@ -155,6 +155,9 @@ def run(args: argparse.Namespace) -> int:
     expression = load_expression(
         args.expression, transform=args.expression_scale, genes_as_rows=args.genes_as_rows
     )
+    dropped = dropped_genes_summary(expression)
+    if dropped:
+        print(f"he2rna: warning: {dropped}", file=sys.stderr)
     means = mean_features(kept, args, args.backbone, args.tile_um)
     ids = [s for s in kept.index if s in expression.index and s in means.index]
     lost = len(kept) - len(ids)
@@ -166,6 +169,7 @@ def run(args: argparse.Namespace) -> int:
     if not ids:
         raise DataError(
             "No labelled sample is in the expression table and the features at once; check the ids."
+            + genes_as_rows_hint(expression, list(kept.index))
         )
     patients = kept.loc[ids, "patient_id"].astype(str).to_numpy()
     y, conflicting = patient_labels(kept.loc[ids, "_label"].to_numpy(), patients)
