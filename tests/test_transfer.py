@@ -342,7 +342,7 @@ def test_cli_transfer_end_to_end_and_clear_errors(small_cohort, tmp_path, capsys
     rc = main([*args, "--ratios", "1/2", "0", "--bootstrap", "2", "--out", str(out), "--focus-ratio", "1/2"])
     text = capsys.readouterr().out
     assert rc == 0, text
-    assert "12 samples, 10 patients (5 positive, 5 negative)" in text
+    assert "12 samples, 11 patients (5 positive, 6 negative)" in text  # one label per patient
     assert "two-tailed Wilcoxon" in text
     res = T.load_transfer_results(out)
     assert sorted(res.aucs["ratio"].unique()) == [0.0, 0.5]
