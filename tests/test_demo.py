@@ -87,12 +87,14 @@ def test_committed_report_shows_planted_genes_significant_and_controls_not(bundl
     for ctype in holm:
         # No housekeeping control is called, by either correction.
         assert holm[ctype]["controls_significant"] == 0 and bh[ctype]["controls_significant"] == 0
-        # Benjamini-Hochberg: every planted gene but ADIPOQ (fat: the Otsu tissue mask drops fat tiles, so
-        # the model never sees its driver; see README "Demo model").
-        assert bh[ctype]["planted_significant"] == bh[ctype]["planted"] - 1
-        # Holm-Sidak is stricter: the untrained null reaches R ~0.6 on 33 colour features; the B- and T-cell
-        # genes (R 0.87-0.98) clear it in every type.
-        assert holm[ctype]["planted_significant"] >= 6
+        # Benjamini-Hochberg on the pooled out-of-fold R: every planted gene but ADIPOQ (fat: the Otsu tissue
+        # mask drops fat tiles, so the model never sees its driver; see README "Demo model").
+        pooled = significance_counts(per_gene, "significant_bh_pooled")[ctype]
+        assert pooled["planted_significant"] == pooled["planted"] - 1 and pooled["controls_significant"] == 0
+        # On the fold-averaged R, measured with the committed model: 16/16/14 (BH), 16/16/13 (Holm-Sidak);
+        # SYN-LUAD's proliferation genes (MKI67, TOP2A) fall just short.
+        assert bh[ctype]["planted_significant"] >= 14
+        assert holm[ctype]["planted_significant"] >= 13
     sig = per_gene.query("gene == 'ADIPOQ'")["significant_bh"]
     assert not sig.any()
     b_genes = per_gene[per_gene["gene"].isin(B_GENES)]
