@@ -150,8 +150,7 @@ def test_compare_models_and_tables():
 @pytest.fixture(scope="module")
 def scored_slide(tmp_path_factory):
     """A synthetic slide, its truth files and a tile-scores CSV where "T cells" tracks the CD3 truth."""
-    synthetic = pytest.importorskip("napari_he2rna.synthetic")
-    spatial = pytest.importorskip("napari_he2rna.spatial")
+    from napari_he2rna import spatial, synthetic
     out = tmp_path_factory.mktemp("scored")
     t = synthetic.make_slide(out / "s1.tiff", seed=11, size_px=(1120, 896))
     tiles = pd.read_csv(out / "s1_tiles.csv")

@@ -134,7 +134,7 @@ def test_output_paths_are_distinct_per_name():
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """A small synthetic sample slide and a random-weight demo bundle for the hed-stats backbone."""
-    features = pytest.importorskip("napari_he2rna.features")
+    from napari_he2rna import features
     from napari_he2rna.synthetic import make_slide
 
     root = tmp_path_factory.mktemp("syn")

@@ -318,3 +318,15 @@ def test_constant_gene_and_tiny_cancer_type_are_refused():
     c3, _ = match_cohort(cohort.expression, samples, cohort.features)
     with pytest.raises(DataError, match="RARE .1 sample"):
         cross_validate(c3, TrainConfig(max_epochs=1, **FAST))
+
+
+def test_features_of_another_backbone_are_refused_by_the_bundle(trained, tmp_path):
+    cohort, config, result = trained
+    path = save_bundle(
+        tmp_path / "m.safetensors", result.models, cohort.genes, "test-bb", 16, 112.0, config.k_list,
+        bundle_metadata(result, cohort),
+    )  # fmt: skip
+    narrow = {s: np.asarray(cohort.features[s])[:, :8] for s in cohort.sample_ids}
+    other, _ = match_cohort(cohort.expression, cohort.samples, narrow)
+    with pytest.raises(DataError, match="8 dimensions but the model takes 16"):
+        bundle_oof_predictions(load_bundle(path), other, device="cpu")
