@@ -64,7 +64,7 @@ def test_committed_sample_counts_equal_truth():
     tsv = REPO / "sample_data" / "sample_slide_CD3.tsv"
     tiles_csv = REPO / "sample_data" / "sample_slide_tiles.csv"
     side = REPO / "sample_data" / "sample_slide_epithelium_mask.json"
-    assert tsv.is_file() and tiles_csv.is_file() and side.is_file(), "the committed sample truth files are missing"
+    assert tsv.is_file() and tiles_csv.is_file() and side.is_file(), "committed sample truth files missing"
     meta = json.loads(side.read_text())
     tiles = pd.read_csv(tiles_csv)
     mpp = float(meta["mpp"]) / float(meta["downsample"])

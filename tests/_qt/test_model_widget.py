@@ -282,7 +282,7 @@ def test_demo_model_paints_the_planted_t_cell_tiles(make_napari_viewer, qtbot, s
     from napari_he2rna.pipeline import default_model_path
 
     truth_path = sample_slide.with_name("sample_slide_tiles.csv")
-    assert default_model_path().is_file() and truth_path.is_file(), "the committed demo model or truth is missing"
+    assert default_model_path().is_file() and truth_path.is_file(), "committed demo model or truth missing"
     import pandas as pd
 
     viewer = make_napari_viewer()
