@@ -206,7 +206,7 @@ def test_cli_spatialize(synthetic, tmp_path, capsys):
     assert (out / "sample_MKI67.png").is_file() and (out / "sample_B_cells.png").is_file()
     before = (out / "sample_tile_scores.csv").read_bytes()
     assert main(args) == 2  # refuses to overwrite
-    assert "already exists" in capsys.readouterr().err
+    assert "exists; pass --overwrite" in capsys.readouterr().err
     assert (out / "sample_tile_scores.csv").read_bytes() == before
     assert main(args + ["--overwrite"]) == 0
     capsys.readouterr()

@@ -431,20 +431,18 @@ def cohort_features(
     kept: dict[str, np.ndarray] = {}
     means: dict[str, np.ndarray] = {}
 
+    def extract(slide) -> tuple[Any, np.ndarray]:
+        return feat.load_or_extract(
+            slide, bb, tile_um=tile_um, cache_dir=cache_dir, device=device, supertile_k=supertile_k,
+            cancel=cancel,
+        )  # fmt: skip
+
     def read_tiles(sid: str) -> np.ndarray:
         try:
             return feat.read_cache(stores[sid])[1]
         except He2rnaError:  # the store went away or broke since: extract again
             with open_slide(samples.loc[sid, "slide"]) as slide:
-                return feat.load_or_extract(
-                    slide,
-                    bb,
-                    tile_um=tile_um,
-                    cache_dir=cache_dir,
-                    device=device,
-                    supertile_k=supertile_k,
-                    cancel=cancel,
-                )[1]
+                return extract(slide)[1]
 
     def read_train(sid: str) -> np.ndarray:
         return kept[sid] if supertiles else read_tiles(sid)
@@ -465,17 +463,7 @@ def cohort_features(
         else:
             try:
                 with open_slide(slide_path) as slide:
-                    grid, tiles = (
-                        feat.load_or_extract(  # in tile mode too: extract now, train reads the cache
-                            slide,
-                            bb,
-                            tile_um=tile_um,
-                            cache_dir=cache_dir,
-                            device=device,
-                            supertile_k=supertile_k,
-                            cancel=cancel,
-                        )
-                    )
+                    grid, tiles = extract(slide)  # in tile mode too: extract now, train reads the cache
                     stores[sid] = feat.cache_path(slide, bb, tile_um, cache_dir)
                 means[sid] = tiles.astype(np.float64).mean(axis=0)
                 if supertiles:

@@ -200,7 +200,7 @@ def _build(
 ):
 
     from .cohort import cohort_features, load_expression, load_samples, match_cohort
-    from .evaluation import write_report
+    from .evaluation import SUMMARY_COLUMNS, write_report
     from .fitting import evaluate_result, fit, null_predictions, save_result
     from .synthetic import is_control_gene, make_cohort
     from .training import TrainConfig
@@ -294,20 +294,7 @@ def _build(
     # 5. The bundle (demo flag + what it was trained on + how well it did) and its report.
     stage(4, "saving")
     controls = [g for g in cohort.genes if is_control_gene(g)]
-    summary_cols = [
-        c
-        for c in (
-            "cancer_type",
-            "n_samples",
-            "mean_r",
-            "mean_r_pooled",
-            "n_significant_holm_sidak",
-            "n_significant_bh",
-            "n_significant_bh_pooled",
-            "null_r_q99",
-        )
-        if c in ev.summary
-    ]
+    summary_cols = [c for c in SUMMARY_COLUMNS if c in ev.summary]
     extra = {
         "trained_on": (
             f"synthetic sample cohort (napari-he2rna make-sample, seed {seed}, {len(cohort.sample_ids)} "

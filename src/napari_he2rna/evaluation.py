@@ -523,6 +523,18 @@ def _plot_null(ev: Evaluation, path: Path) -> None:
     fig.savefig(path)
 
 
+#: The per-cancer-type figures printed by the CLI and stored in the demo bundle.
+SUMMARY_COLUMNS = (
+    "cancer_type",
+    "n_samples",
+    "mean_r",
+    "mean_r_pooled",
+    "n_significant_holm_sidak",
+    "n_significant_bh",
+    "n_significant_bh_pooled",
+    "null_r_q99",
+)
+
 #: The per-cancer-type figures compared side by side between a model and its baseline (in this order).
 COMPARISON_COLUMNS = (
     "n_significant_holm_sidak",

@@ -27,21 +27,6 @@ GENES = ["CD3D", "CD3E", "CD3G", "CD247", "CD19", "MS4A1", "MKI67"]
 
 
 @pytest.fixture
-def notifications():
-    """Every napari notification shown during the test, as (severity, message)."""
-    from napari.utils.notifications import notification_manager
-
-    seen: list[tuple[str, str]] = []
-
-    def record(notification) -> None:
-        seen.append((str(notification.severity), notification.message))
-
-    notification_manager.notification_ready.connect(record)
-    yield seen
-    notification_manager.notification_ready.disconnect(record)
-
-
-@pytest.fixture
 def bundle(tmp_path):
     torch.manual_seed(0)
     dim = len(HED_STATS_FEATURES)

@@ -242,24 +242,12 @@ def run(args: argparse.Namespace) -> int:
 
 def print_summary(ev, baseline=None) -> None:
     """The per-type figures on stdout (side by side with the baseline when there is one)."""
-    from ..evaluation import comparison_table, small_fold_warning
+    from ..evaluation import SUMMARY_COLUMNS, comparison_table, small_fold_warning
 
     if baseline is not None:
         print(comparison_table({"HE2RNA": ev, "ridge": baseline}).to_string(index=False))
     else:
-        cols = [
-            c
-            for c in (
-                "cancer_type",
-                "n_samples",
-                "mean_r",
-                "mean_r_pooled",
-                "n_significant_holm_sidak",
-                "n_significant_bh",
-                "n_significant_bh_pooled",
-            )
-            if c in ev.summary
-        ]
+        cols = [c for c in SUMMARY_COLUMNS if c in ev.summary]
         print(ev.summary[cols].to_string(index=False))
     warning = small_fold_warning(ev)
     if warning:
