@@ -181,6 +181,26 @@ def test_read_tile_scores_round_trip(scored_slide):
     np.testing.assert_array_equal(grid.table["x"], s["grid"].table["x"])
 
 
+def test_read_tile_scores_reads_the_old_commented_header_form(scored_slide, tmp_path):
+    s = scored_slide
+    table = pd.read_csv(s["csv"])
+    old = tmp_path / "old_tile_scores.csv"  # no sidecar: the facts are only in the first line
+    w, h = s["grid"].slide_dimensions
+    header = f"# napari-he2rna tile scores (x); slide=s1.tiff; mpp=0.25; slide_width={w}; slide_height={h}\n"
+    old.write_text(header + table.to_csv(index=False))
+    grid, scores = compare.read_tile_scores(old)
+    assert list(scores.columns) == ["T cells", "B cells"]
+    assert grid.mpp == pytest.approx(0.25) and grid.slide_dimensions == (w, h)
+
+
+def test_read_tile_scores_takes_facts_from_the_sidecar(scored_slide):
+    s = scored_slide
+    assert not s["csv"].read_text().startswith("#")
+    grid, _ = compare.read_tile_scores(s["csv"])  # no slide given: its size comes from the sidecar
+    assert grid.slide_dimensions == tuple(s["grid"].slide_dimensions)
+    assert grid.mpp == pytest.approx(s["grid"].mpp)
+
+
 def test_cli_compare_one_slide(scored_slide, tmp_path, capsys):
     s = scored_slide
     out = tmp_path / "out"

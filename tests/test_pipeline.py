@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import warnings
 from pathlib import Path
@@ -92,10 +93,11 @@ def test_session_raster_and_transform_match_the_grid(session):
 
 def test_session_exports_and_unknown_gene(session, tmp_path):
     csv, side = session.export_csv(tmp_path / "out.csv", ["MKI67", "T cells"])
-    df = pd.read_csv(csv, comment="#")
+    df = pd.read_csv(csv)
     assert list(df.columns[-2:]) == ["MKI67", "T cells"] and len(df) == len(session.grid.table)
     assert pd.read_csv(side)["name"].tolist() == ["MKI67", "T cells"]
-    assert "slide=cmu-1-small-region.svs" in csv.read_text().splitlines()[0]
+    meta = json.loads(spatial.tile_metadata_path(csv).read_text())
+    assert meta["slide"] == "cmu-1-small-region.svs" and meta["score_columns"][:2] == ["MKI67", "T cells"]
     tif = session.export_heatmap_tiff(tmp_path / "h.tif", "MKI67")
     geo = session.export_geojson(tmp_path / "t.geojson", ["MKI67"])
     assert tif.stat().st_size > 0 and geo.stat().st_size > 0
@@ -151,8 +153,14 @@ def test_spatialize_end_to_end(synthetic, tmp_path):
         warnings.simplefilter("ignore", spatial.PartialGeneSetWarning)
         res = pipeline.spatialize(slide, model, "CD3D, T cells,MKI67", tmp_path / "out", device="cpu")
     assert res.demo and list(res.scores.columns) == ["CD3D", "T cells", "MKI67"]
-    df = pd.read_csv(res.csv_path, comment="#")
+    df = pd.read_csv(res.csv_path)
     assert len(df) == res.n_tiles > 0
+    meta = json.loads(res.metadata_path.read_text())
+    assert meta["demo"] is True and meta["backbone"] == "hed-stats" and meta["tile_px"] == res.grid.tile_px
+    anndata = pytest.importorskip("anndata")
+    adata = anndata.read_h5ad(res.h5ad_path)
+    np.testing.assert_array_equal(adata.obsm["spatial"], df[["x_px", "y_px"]].to_numpy())
+    assert list(adata.var_names) == ["CD3D", "T cells", "MKI67"] and adata.uns["napari_he2rna"]["demo"]
     np.testing.assert_allclose(df["T cells"], res.scores["T cells"], rtol=1e-5)
     bundle = load_bundle(model)
     from napari_he2rna.features import get_backbone, load_or_extract

@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import napari_he2rna
 from napari_he2rna import spatial
 from napari_he2rna.errors import GeneError, He2rnaError
 from napari_he2rna.model import HE2RNA, load_bundle, save_bundle
@@ -204,9 +205,13 @@ def test_tile_csv_round_trip_and_side_file(tmp_path, scored):
         tmp_path / "s.csv", grid, scores, {"slide": "a.svs", "mpp": 0.5}, preds
     )
     assert side == tmp_path / "s_slide.csv"
-    first = path.read_text().splitlines()[0]
-    assert first.startswith("#") and "slide=a.svs" in first and "MKI67=" in first
-    df = pd.read_csv(path, comment="#")
+    assert path.read_text().splitlines()[0] == ",".join(spatial.TILE_CSV_COLUMNS + ["MKI67", "CD3D"])
+    meta = json.loads((tmp_path / "s.json").read_text())
+    assert meta["format"] == spatial.TILE_METADATA_FORMAT and meta["slide"] == "a.svs" and meta["mpp"] == 0.5
+    assert meta["units"] == spatial.SCORE_UNITS and meta["package_version"] == napari_he2rna.__version__
+    assert meta["score_columns"] == ["MKI67", "CD3D"]
+    assert meta["slide_predictions"]["MKI67"] == pytest.approx(float(preds["MKI67"]))
+    df = pd.read_csv(path)  # a plain table: no comment line, one header row
     assert list(df.columns) == spatial.TILE_CSV_COLUMNS + ["MKI67", "CD3D"]
     np.testing.assert_array_equal(df["tile_id"], grid.table["tile_id"])
     np.testing.assert_array_equal(df["x_px"], grid.table["x"])
@@ -216,7 +221,7 @@ def test_tile_csv_round_trip_and_side_file(tmp_path, scored):
     s = pd.read_csv(side)
     assert list(s["name"]) == ["MKI67", "CD3D"]
     np.testing.assert_allclose(s["slide_prediction"], preds.to_numpy(), rtol=1e-5)
-    assert sorted(os.listdir(tmp_path)) == ["s.csv", "s_slide.csv"]  # no temp files left
+    assert sorted(os.listdir(tmp_path)) == ["s.csv", "s.json", "s_slide.csv"]  # no temp files left
     assert path.stat().st_mode & 0o644 == 0o644  # readable by others, not the temp file's 0600
 
 
@@ -227,8 +232,9 @@ def test_tile_csv_refuses_to_overwrite_unless_asked(tmp_path, scored):
     with pytest.raises(spatial.OutputExistsError, match="already exists"):
         spatial.write_tile_scores_csv(target, grid, scores, None, preds)
     assert target.read_text() == "keep me" and not (tmp_path / "s_slide.csv").exists()
+    assert not (tmp_path / "s.json").exists()
     spatial.write_tile_scores_csv(target, grid, scores, None, preds, overwrite=True)
-    assert len(pd.read_csv(target, comment="#")) == len(TILES)
+    assert len(pd.read_csv(target)) == len(TILES)
 
 
 def test_unwritable_export_path_is_a_clear_error(tmp_path, scored):
@@ -272,6 +278,37 @@ def test_geojson_tiles_are_squares_with_measurements(tmp_path, scored):
         assert props["measurements"]["MKI67"] == pytest.approx(s["MKI67"], rel=1e-5)
     with pytest.raises(spatial.OutputExistsError):
         spatial.write_geojson_tiles(path, grid, scores)
+
+
+def test_anndata_round_trips_and_matches_the_csv(tmp_path, scored):
+    anndata = pytest.importorskip("anndata")
+    grid, scores, preds = scored
+    csv, _ = spatial.write_tile_scores_csv(tmp_path / "s.csv", grid, scores, {"slide": "a.svs"}, preds)
+    meta = spatial.tile_metadata(grid, list(scores.columns), {"slide": "a.svs", "model": None}, preds)
+    path = spatial.write_anndata(tmp_path / "s.h5ad", grid, scores, meta)
+    adata = anndata.read_h5ad(path)
+    table = pd.read_csv(csv)
+    assert adata.shape == (len(TILES), 2) and list(adata.var_names) == ["MKI67", "CD3D"]
+    np.testing.assert_allclose(adata.X, table[["MKI67", "CD3D"]].to_numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(adata.obsm["spatial"], table[["x_px", "y_px"]].to_numpy())
+    np.testing.assert_allclose(adata.obsm["spatial_um"], table[["x_um", "y_um"]].to_numpy(), rtol=1e-6)
+    np.testing.assert_array_equal(adata.obs["tile_id"], table["tile_id"])
+    assert list(adata.obs_names) == [str(i) for i in table["tile_id"]]
+    uns = adata.uns["napari_he2rna"]
+    assert uns["slide"] == "a.svs" and uns["model"] == "" and uns["mpp"] == pytest.approx(0.5)
+    assert uns["slide_predictions"]["CD3D"] == pytest.approx(float(preds["CD3D"]))
+    with pytest.raises(spatial.OutputExistsError):
+        spatial.write_anndata(path, grid, scores, meta)
+
+
+def test_geojson_carries_the_metadata_beside_the_features(tmp_path, scored):
+    grid, scores, preds = scored
+    meta = spatial.tile_metadata(grid, list(scores.columns), {"slide": "a.svs", "demo": True}, preds)
+    doc = json.loads(
+        spatial.write_geojson_tiles(tmp_path / "t.geojson", grid, scores, metadata=meta).read_text()
+    )
+    assert doc["napari_he2rna"]["slide"] == "a.svs" and doc["napari_he2rna"]["demo"] is True
+    assert len(doc["features"]) == len(TILES)
 
 
 def test_heatmap_tiff_is_georeferenced_float32(tmp_path, scored):

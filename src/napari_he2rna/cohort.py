@@ -11,7 +11,7 @@ slides; :func:`cohort_features` builds that mapping from the feature cache of
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,9 @@ FeatureSource = Mapping[str, np.ndarray] | Callable[[str], np.ndarray]
 RAW_THRESHOLD = 50.0
 
 SAMPLE_COLUMNS = ("sample_id", "patient_id", "cancer_type")
+
+#: Column names that hold slide paths in sheets of other tools (any case); one of them is taken as ``slide``.
+SLIDE_COLUMN_NAMES = ("slide", "slide_path", "path", "file", "file_name", "filename", "wsi", "image")
 
 # ------------------------------------------------------------------------------------------ cohort data
 
@@ -183,20 +186,78 @@ def genes_as_rows_hint(expression: pd.DataFrame, sample_ids: Sequence[str]) -> s
     return ""
 
 
-def load_samples(path: str | Path | pd.DataFrame) -> pd.DataFrame:
-    """Read a sample sheet: ``sample_id``, ``patient_id``, ``cancer_type`` and optionally ``slide``.
+def find_column(columns: Sequence[Any], wanted: str, sheet: str, what: str = "column") -> str:
+    """The column named ``wanted`` as written; else the one that matches it ignoring case and spaces.
 
-    Returns a DataFrame indexed by sample id (str). Relative slide paths are resolved against the sheet's
-    folder.
+    Raises :class:`DataError` naming the sheet's columns when none (or several ignoring case) match.
+    """
+    names = [str(c) for c in columns]
+    if wanted in names:
+        return wanted
+    folded = [c for c in names if c.strip().lower() == str(wanted).strip().lower()]
+    if len(folded) == 1:
+        return folded[0]
+    if folded:
+        raise DataError(f"{sheet} has several columns named {wanted!r} ({', '.join(folded)}); rename one.")
+    raise DataError(f"{sheet} has no {what} {wanted!r} (columns: {', '.join(names)}).")
+
+
+def slide_column(columns: Sequence[Any], sheet: str, chosen: str | None = None) -> str | None:
+    """The column of a sheet that holds the slide paths, or None when it has none.
+
+    ``chosen`` (``--slide-column``) names it; otherwise the one column of :data:`SLIDE_COLUMN_NAMES` (any
+    case) is taken. Raises :class:`DataError` when ``chosen`` is not a column, or when several candidate
+    columns are present (the sentence names them and ``--slide-column``).
+    """
+    if chosen:
+        return find_column(columns, chosen, sheet, "slide column")
+    found = [str(c) for c in columns if str(c).strip().lower() in SLIDE_COLUMN_NAMES]
+    if len(found) > 1:
+        raise DataError(
+            f"{sheet} has several columns that could hold the slides ({', '.join(found)}); "
+            "choose one with --slide-column NAME."
+        )
+    return found[0] if found else None
+
+
+def resolve_slide_paths(values: Iterable[Any], base: Path | None) -> list[Any]:
+    """Slide paths of a sheet, relative ones resolved against the sheet's folder ``base`` (``~`` expanded)."""
+    out = []
+    for v in values:
+        if isinstance(v, str) and v.strip():
+            p = Path(v.strip()).expanduser()
+            out.append(str(p if p.is_absolute() or base is None else base / p))
+        else:
+            out.append(v)
+    return out
+
+
+def load_samples(path: str | Path | pd.DataFrame, slide_column_name: str | None = None) -> pd.DataFrame:
+    """Read a sample sheet: ``sample_id``, ``patient_id``, ``cancer_type`` and optionally the slides.
+
+    The three required columns are matched ignoring case; the slide column is the one
+    :func:`slide_column` finds (``slide``, ``slide_path``, ``file_name`` ... or ``slide_column_name``) and
+    comes back as ``slide``. Other columns keep their names as written. Returns a DataFrame indexed by
+    sample id (str). Relative slide paths are resolved against the sheet's folder.
     """
     if isinstance(path, pd.DataFrame):
         df, name, base = path.copy(), "the sample sheet", None
     else:
         path = Path(path)
         df, name, base = read_table(path), path.name, path.parent
-    df.columns = [str(c).strip().lower() for c in df.columns]
-    if "sample_id" not in df.columns and df.index.name == "sample_id":
+    df.columns = [str(c).strip() for c in df.columns]
+    if (
+        df.index.name is not None
+        and str(df.index.name).lower() == "sample_id"
+        and not any(c.lower() == "sample_id" for c in df.columns)
+    ):
         df = df.reset_index()
+    rename = {}
+    for c in SAMPLE_COLUMNS:
+        hits = [col for col in df.columns if col.lower() == c]
+        if len(hits) == 1:
+            rename[hits[0]] = c
+    df = df.rename(columns=rename)
     missing = [c for c in SAMPLE_COLUMNS if c not in df.columns]
     if missing:
         raise DataError(
@@ -209,11 +270,11 @@ def load_samples(path: str | Path | pd.DataFrame) -> pd.DataFrame:
     if df["sample_id"].duplicated().any():
         dup = df.loc[df["sample_id"].duplicated(), "sample_id"].head(3).tolist()
         raise DataError(f"{name} lists samples more than once (e.g. {dup}); give one slide per sample.")
-    if "slide" in df.columns and base is not None:
-        df["slide"] = [
-            str(base / s) if isinstance(s, str) and s and not Path(s).is_absolute() else s
-            for s in df["slide"]
-        ]
+    slides = slide_column(df.columns, name, slide_column_name)
+    if slides is not None and slides != "slide":
+        df = df.rename(columns={"slide": "slide (not used)"}).rename(columns={slides: "slide"})
+    if "slide" in df.columns:
+        df["slide"] = resolve_slide_paths(df["slide"], base)
     return df.set_index("sample_id")
 
 

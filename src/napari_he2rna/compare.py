@@ -543,12 +543,27 @@ class TableGrid:
 
 
 def _header_facts(path: Any) -> dict[str, str]:
-    """``key=value`` facts of the commented first line that ``spatial.write_tile_scores_csv`` writes."""
+    """``key=value`` facts of a tile CSV: its sidecar ``<stem>.json``, or the old commented first line.
+
+    ``spatial.write_tile_scores_csv`` writes the sidecar; earlier versions wrote a ``# napari-he2rna tile
+    scores ...; key=value; ...`` line above the table instead. Both are read.
+    """
+    import json
+    from pathlib import Path
+
+    facts: dict[str, str] = {}
+    sidecar = Path(path).with_suffix(".json")
+    if sidecar.is_file():
+        try:
+            meta = json.loads(sidecar.read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError, ValueError):
+            meta = None
+        if isinstance(meta, dict):
+            facts.update({str(k): str(v) for k, v in meta.items() if not isinstance(v, (dict, list))})
     with open(path, encoding="utf-8-sig") as fh:
         first = fh.readline()
     if not first.startswith("#"):
-        return {}
-    facts = {}
+        return facts
     for part in first.lstrip("#").split(";"):
         key, sep, value = part.partition("=")
         if sep:
@@ -568,7 +583,8 @@ def read_tile_scores(
     ----------
     path
         CSV with ``tile_id, row, col`` and either ``x_px, y_px, size_px`` (spatial.py) or ``x, y, size``, then
-        one column per gene or set; a first line starting with ``#`` holds ``key=value`` facts (``mpp``...).
+        one column per gene or set. Facts (``mpp``, ``slide_width`` ...) come from the sidecar ``<stem>.json``
+        or, in the old form, a first line starting with ``#`` holding ``key=value`` facts.
     slide_dimensions
         (width, height) of the slide in level-0 px (from the slide); else the header's ``slide_width`` /
         ``slide_height``, else the extent of the tiles (then truth outside the tiles cannot be checked).
@@ -589,7 +605,7 @@ def read_tile_scores(
         raise DataError(f"the tile-scores file {path} is missing or empty")
     facts = _header_facts(path)
     try:
-        # skip only the header line: comment="#" would also cut a gene-set name holding "#"
+        # the old form: skip only its header line (comment="#" would also cut a gene-set name holding "#")
         df = pd.read_csv(path, skiprows=1 if _starts_with_hash(path) else 0, encoding="utf-8-sig")
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
         raise DataError(f"{path.name} is not a readable tile-scores CSV ({exc})") from None

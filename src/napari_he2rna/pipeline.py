@@ -645,10 +645,29 @@ class SlideSession:
             units=readout.output_unit(self.bundle),
         )
 
-    def export_geojson(self, path: str | Path, names: Iterable[str], overwrite: bool = False) -> Path:
+    def export_metadata(self, names: Iterable[str]) -> dict[str, Any]:
+        """The metadata of an export of ``names`` (see :func:`spatial.tile_metadata`)."""
+        names = self._score_names(names)
         _, grid, _ = self._require_ready()
-        scores = self.scores_with_distance(self.scores_frame(self._score_names(names)))
-        return spatial.write_geojson_tiles(path, grid, scores, overwrite=overwrite)
+        self.assessment()  # its summary goes in the metadata
+        columns = list(self.scores_with_distance(self.scores_frame(names)).columns)
+        return spatial.tile_metadata(
+            grid, columns, self.slide_info(), self.slide_predictions(names), readout.output_unit(self.bundle)
+        )
+
+    def export_geojson(self, path: str | Path, names: Iterable[str], overwrite: bool = False) -> Path:
+        names = self._score_names(names)
+        _, grid, _ = self._require_ready()
+        scores = self.scores_with_distance(self.scores_frame(names))
+        meta = self.export_metadata(names)
+        return spatial.write_geojson_tiles(path, grid, scores, overwrite=overwrite, metadata=meta)
+
+    def export_h5ad(self, path: str | Path, names: Iterable[str], overwrite: bool = False) -> Path:
+        """The tiles as AnnData (see :func:`spatial.write_anndata`)."""
+        names = self._score_names(names)
+        _, grid, _ = self._require_ready()
+        scores = self.scores_with_distance(self.scores_frame(names))
+        return spatial.write_anndata(path, grid, scores, self.export_metadata(names), overwrite=overwrite)
 
     def export_heatmap_tiff(self, path: str | Path, name: str, overwrite: bool = False) -> Path:
         _, grid, _ = self._require_ready()
@@ -718,6 +737,8 @@ class SpatializeResult:
     resolved: dict[str, list[str]]  # name -> model genes it was scored with
     csv_path: Path
     slide_csv_path: Path
+    metadata_path: Path
+    h5ad_path: Path
     png_paths: dict[str, Path]
     geojson_path: Path | None
     demo: bool
@@ -732,7 +753,8 @@ class SpatializeResult:
 def output_paths(
     slide_path: str | Path, names: Sequence[str], out_dir: str | Path, geojson: bool = True
 ) -> dict[str, Any]:
-    """Where :func:`spatialize` writes: ``csv``, ``slide_csv``, ``geojson`` and ``png`` (name -> path)."""
+    """Where :func:`spatialize` writes: ``csv``, ``slide_csv``, ``metadata``, ``h5ad``, ``geojson``, ``png``
+    (name -> path)."""
     out = Path(out_dir)
     stem = Path(slide_path).stem
     csv = out / f"{stem}_tile_scores.csv"
@@ -749,6 +771,8 @@ def output_paths(
     return {
         "csv": csv,
         "slide_csv": spatial.slide_csv_path(csv),
+        "metadata": spatial.tile_metadata_path(csv),
+        "h5ad": out / f"{stem}_tiles.h5ad",
         "geojson": out / f"{stem}_tiles.geojson" if geojson else None,
         "png": pngs,
     }
@@ -780,7 +804,8 @@ def spatialize(
         Genes and/or gene sets (a list, or one comma-separated string).
     out_dir
         Output folder (created if needed). Writes ``<slide>_tile_scores.csv`` (one row per tile),
-        ``<slide>_tile_scores_slide.csv`` (slide-level predictions), ``<slide>_<name>.png`` per name and
+        ``<slide>_tile_scores_slide.csv`` (slide-level predictions), ``<slide>_tile_scores.json`` (the
+        metadata), ``<slide>_tiles.h5ad`` (AnnData), ``<slide>_<name>.png`` per name and
         ``<slide>_tiles.geojson`` (QuPath tiles with the scores as measurements) unless ``geojson=False``.
     mpp
         µm per level-0 pixel, for slides that do not say it (overrides the file's).
@@ -829,7 +854,7 @@ def spatialize(
             )
         pictured = [*canonical, *([DISTANCE_NAME] if want_distance else [])]
         paths = output_paths(slide_path, pictured, out_dir, geojson=geojson)
-        planned = [paths["csv"], paths["slide_csv"], *paths["png"].values()]
+        planned = [paths["csv"], paths["slide_csv"], paths["metadata"], paths["h5ad"], *paths["png"].values()]
         if paths["geojson"] is not None:
             planned.append(paths["geojson"])
         if not overwrite:
@@ -854,6 +879,7 @@ def spatialize(
             assessment = session.assessment(gene_preds)
             jobs.check_cancel(cancel)
             exported = session.scores_with_distance(scores)
+            units = readout.output_unit(bundle)
             csv_path, slide_csv = spatial.write_tile_scores_csv(
                 paths["csv"],
                 grid,
@@ -861,11 +887,17 @@ def spatialize(
                 session.slide_info(),
                 predictions,
                 overwrite=overwrite,
-                units=readout.output_unit(bundle),
+                units=units,
             )
+            meta = spatial.tile_metadata(
+                grid, list(exported.columns), session.slide_info(), predictions, units
+            )
+            h5ad = spatial.write_anndata(paths["h5ad"], grid, exported, meta, overwrite=overwrite)
             geo = None
             if paths["geojson"] is not None:
-                geo = spatial.write_geojson_tiles(paths["geojson"], grid, exported, overwrite=overwrite)
+                geo = spatial.write_geojson_tiles(
+                    paths["geojson"], grid, exported, overwrite=overwrite, metadata=meta
+                )
             thumb = session.thumbnail(1024)
             pngs: dict[str, Path] = {}
             for name in pictured:
@@ -882,6 +914,8 @@ def spatialize(
         resolved=resolved,
         csv_path=csv_path,
         slide_csv_path=slide_csv,
+        metadata_path=spatial.tile_metadata_path(csv_path),
+        h5ad_path=h5ad,
         png_paths=pngs,
         geojson_path=geo,
         demo=bool(bundle.demo),

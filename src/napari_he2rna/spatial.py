@@ -15,7 +15,6 @@ import difflib
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -56,10 +55,8 @@ TILE_CSV_COLUMNS = [
 ]
 
 
-# mkstemp creates 0600 files; exports get the usual mode (0666 minus the umask) instead. The umask can only
-# be read by setting it, so it is read once, at import, before any worker thread exists.
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
+#: ``format`` of the metadata sidecar (``<stem>.json``) that goes with a tile CSV, GeoJSON and ``.h5ad``.
+TILE_METADATA_FORMAT = "napari-he2rna tile scores"
 
 
 class PartialGeneSetWarning(UserWarning):
@@ -179,9 +176,10 @@ def resolve_names(
     """Map each requested gene or gene-set name to the model genes it is scored with.
 
     A name is looked up as a gene of the model (exact, then case-insensitive), then as a gene set (the
-    built-in :data:`GENE_SETS` plus ``gene_sets``, case-insensitive). A set whose genes are partly missing
-    from the model is scored with the genes present and a :class:`PartialGeneSetWarning` names the missing
-    ones.
+    built-in :data:`GENE_SETS` plus ``gene_sets``, case-insensitive), then as an inline set in the syntax of
+    :func:`parse_gene_sets`: ``name=G1+G2`` (the set ``name``) or ``G1+G2`` (a set named as written). A set
+    whose genes are partly missing from the model is scored with the genes present and a
+    :class:`PartialGeneSetWarning` names the missing ones.
 
     Parameters
     ----------
@@ -219,27 +217,34 @@ def resolve_names(
             out[upper[name.upper()]] = [upper[name.upper()]]
         elif name.lower() in sets_lower:
             set_name = sets_lower[name.lower()]
-            members = [upper.get(g.upper()) for g in sets[set_name]]
-            present = [g for g in dict.fromkeys(members) if g is not None]
-            missing = [g for g, m in zip(sets[set_name], members, strict=True) if m is None]
-            if not present:
-                raise GeneError(
-                    f"none of the genes of the set {set_name!r} ({', '.join(sets[set_name])}) "
-                    "is in the model."
-                )
-            if missing:
-                warnings.warn(
-                    f"gene set {set_name!r}: {', '.join(missing)} not in the model; "
-                    f"scored with {', '.join(present)}.",
-                    PartialGeneSetWarning,
-                    stacklevel=2,
-                )
-            out[set_name] = present
+            out[set_name] = _set_members(set_name, sets[set_name], upper)
+        elif "=" in name:  # an inline set, as the Model dock takes it: name=G1+G2
+            for set_name, members in parse_gene_sets(name).items():
+                out[set_name] = _set_members(set_name, members, upper)
+        elif "+" in name:  # an unnamed set: G1+G2, named as written
+            out[name] = _set_members(name, _split_genes(name), upper)
         else:
             raise GeneError(_unknown_name_message(name, genes, list(sets)))
     if not out:
         raise GeneError("no gene or gene set was given.")
     return out
+
+
+def _set_members(set_name: str, genes: Sequence[str], upper: Mapping[str, str]) -> list[str]:
+    """The model genes of a set (case-insensitive); warns about the missing ones, refuses a set of none."""
+    members = [upper.get(g.upper()) for g in genes]
+    present = [g for g in dict.fromkeys(members) if g is not None]
+    missing = [g for g, m in zip(genes, members, strict=True) if m is None]
+    if not present:
+        raise GeneError(f"none of the genes of the set {set_name!r} ({', '.join(genes)}) is in the model.")
+    if missing:
+        warnings.warn(
+            f"gene set {set_name!r}: {', '.join(missing)} not in the model; "
+            f"scored with {', '.join(present)}.",
+            PartialGeneSetWarning,
+            stacklevel=3,
+        )
+    return present
 
 
 def _unknown_name_message(name: str, genes: list[str], set_names: list[str]) -> str:
@@ -428,31 +433,21 @@ def _check_writable(paths: Sequence[Path], overwrite: bool) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], overwrite: bool = False) -> Path:
-    """Write a file atomically: ``write(tmp_path)`` in the same folder, then ``os.replace``.
+    """Write a file atomically through :func:`napari_he2rna.safe_output.atomic_write` (temp file + rename).
 
     Raises :class:`OutputExistsError` if ``path`` exists and not ``overwrite``, :class:`ExportError` if the
     folder is missing or read-only or the write fails; no temporary file is left behind on any error
     (including :class:`~napari_he2rna.errors.Cancelled` or ``KeyboardInterrupt`` raised by ``write``).
     """
+    from .safe_output import OutputError
+    from .safe_output import atomic_write as safe_atomic_write
+
     path = Path(path)
     _check_writable([path], overwrite)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise ExportError(f"cannot write to {path.parent}: {exc.strerror or exc}.") from exc
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)
-        os.replace(tmp, path)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise ExportError(f"cannot write {path}: {exc.strerror or exc}.") from exc
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
+        return safe_atomic_write(path, write, overwrite=True)  # the existing file was checked just above
+    except OutputError as exc:
+        raise ExportError(str(exc)) from None
 
 
 def slide_csv_path(path: str | os.PathLike) -> Path:
@@ -491,16 +486,63 @@ def tile_table(grid: TileGrid, scores: pd.DataFrame | None = None) -> pd.DataFra
     return out
 
 
-def _header_line(
-    slide_info: Mapping[str, Any] | None, extra: Mapping[str, Any] | None = None, units: str = SCORE_UNITS
-) -> str:
-    items = {**(dict(slide_info) if slide_info else {}), **(dict(extra) if extra else {})}
-    body = "; ".join(f"{k}={v}" for k, v in items.items()).replace("\n", " ")
-    return (
-        f"# napari-he2rna tile scores ({units}); {body}\n"
-        if body
-        else (f"# napari-he2rna tile scores ({units})\n")
+def tile_metadata_path(path: str | os.PathLike) -> Path:
+    """The metadata sidecar that goes with a tile CSV: ``<stem>.json`` next to it."""
+    return Path(path).with_suffix(".json")
+
+
+def _plain(value: Any) -> Any:
+    """A JSON-able form of a metadata value (NumPy scalars become Python numbers, NaN becomes None)."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return str(value)
+
+
+def tile_metadata(
+    grid: TileGrid,
+    columns: Sequence[str],
+    slide_info: Mapping[str, Any] | None = None,
+    predictions: Mapping[str, float] | pd.Series | None = None,
+    units: str = SCORE_UNITS,
+) -> dict[str, Any]:
+    """What a tile table does not say itself, for its sidecar JSON, GeoJSON and ``.h5ad``.
+
+    Keys: ``format`` (:data:`TILE_METADATA_FORMAT`), ``package_version``, ``units``, then ``slide_info``
+    (slide, mpp, tile size, model, backbone, demo, the out-of-distribution summary ...), ``tile_px``,
+    ``mpp``, ``slide_width`` / ``slide_height`` (level-0 px), ``coordinates``, ``score_columns`` and
+    ``slide_predictions`` (name -> value, or ``{}``).
+    """
+    from . import __version__
+
+    width, height = (int(v) for v in grid.slide_dimensions)
+    meta: dict[str, Any] = {
+        "format": TILE_METADATA_FORMAT,
+        "package_version": __version__,
+        "units": units,
+        **(dict(slide_info) if slide_info else {}),
+    }
+    meta.setdefault("tile_px", int(grid.tile_px))
+    meta.setdefault("mpp", float(grid.mpp))
+    meta.update(
+        slide_width=width,
+        slide_height=height,
+        coordinates="level-0 pixels from the slide's top-left corner (x right, y down); µm = px * mpp",
+        score_columns=[str(c) for c in columns],
+        slide_predictions=(
+            {str(k): float(v) for k, v in pd.Series(predictions, dtype=np.float64).items()}
+            if predictions is not None
+            else {}
+        ),
     )
+    return _plain(meta)
 
 
 def write_tile_scores_csv(
@@ -512,13 +554,15 @@ def write_tile_scores_csv(
     overwrite: bool = False,
     units: str = SCORE_UNITS,
 ) -> tuple[Path, Path | None]:
-    """Write one row per tile with its position and scores, plus a side file of slide-level predictions.
+    """Write one row per tile with its position and scores, a metadata sidecar and the slide-level file.
 
-    The tile CSV starts with one commented line (``# napari-he2rna tile scores ...; key=value; ...``) holding
-    ``slide_info`` and the slide-level predictions; read it back with ``pd.read_csv(path, comment="#")``.
-    Columns: :data:`TILE_CSV_COLUMNS` (positions in level-0 px and µm, top-left corner) then one column per
-    gene or set. The side file ``<stem>_slide.csv`` has columns ``slide, name, slide_prediction, units``.
-    Both are written atomically (temp file + rename), and neither is overwritten unless ``overwrite``.
+    The tile CSV is a plain table with one header row (``pd.read_csv(path)``, Excel and R's ``read.csv``
+    read it as is): :data:`TILE_CSV_COLUMNS` (positions in level-0 px and µm, top-left corner) then one
+    column per gene or set. What the table does not say (slide, mpp, tile size, model, backbone, demo flag,
+    units, the out-of-distribution summary, slide-level predictions, package version) is in the sidecar
+    :func:`tile_metadata_path` (``<stem>.json``, see :func:`tile_metadata`). The side file
+    ``<stem>_slide.csv`` has columns ``slide, name, slide_prediction, units``. All are written atomically
+    (temp file + rename), and none is overwritten unless ``overwrite``.
 
     Parameters
     ----------
@@ -529,7 +573,7 @@ def write_tile_scores_csv(
     scores_df
         (N, k) scores aligned with ``grid.table`` rows (as from :func:`score_tiles`).
     slide_info
-        Small key -> value facts for the header (slide name, mpp, model, backbone, demo ...).
+        Small key -> value facts for the sidecar (slide name, mpp, model, backbone, demo ...).
     predictions
         Slide-level prediction per name; ``None`` writes no side file.
     overwrite
@@ -540,24 +584,18 @@ def write_tile_scores_csv(
     Returns
     -------
     tuple
-        (tile CSV path, side file path or ``None``).
+        (tile CSV path, side file path or ``None``); the sidecar is at ``tile_metadata_path(path)``.
     """
     path = Path(path)
     side = slide_csv_path(path) if predictions is not None else None
-    _check_writable([path] + ([side] if side else []), overwrite)
+    meta_path = tile_metadata_path(path)
+    if meta_path == path:
+        raise ExportError(f"{path} ends in .json; give the tile table a .csv name.")
+    _check_writable([path, meta_path] + ([side] if side else []), overwrite)
     table = tile_table(grid, scores_df)
     preds = pd.Series(predictions, dtype=np.float64) if predictions is not None else None
-    extra = (
-        {"slide_predictions": ", ".join(f"{k}={v:.4f}" for k, v in preds.items())}
-        if preds is not None
-        else {}
-    )
-    header = _header_line(slide_info, extra, units)
-
-    def write_tiles(tmp: Path) -> None:
-        with open(tmp, "w", encoding="utf-8", newline="") as fh:
-            fh.write(header)
-            table.to_csv(fh, index=False, float_format="%.6g")
+    meta = tile_metadata(grid, list(scores_df.columns), slide_info, preds, units)
+    text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
 
     if side is not None:
         slide_name = (slide_info or {}).get("slide", "")
@@ -570,8 +608,49 @@ def write_tile_scores_csv(
             }
         )
         atomic_write(side, lambda tmp: side_df.to_csv(tmp, index=False, float_format="%.6g"), overwrite)
-    atomic_write(path, write_tiles, overwrite)
+    atomic_write(meta_path, lambda tmp: tmp.write_text(text, encoding="utf-8"), overwrite)
+    atomic_write(path, lambda tmp: table.to_csv(tmp, index=False, float_format="%.6g"), overwrite)
     return path, side
+
+
+def write_anndata(
+    path: str | os.PathLike,
+    grid: TileGrid,
+    scores_df: pd.DataFrame,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the tiles as an AnnData ``.h5ad``: tiles x genes/sets, for scanpy/squidpy.
+
+    ``X`` (float32) holds the scores (one variable per gene, set or ``feature_distance``); ``obs`` the tile
+    table (:data:`TILE_CSV_COLUMNS`, indexed by the tile id as text); ``obsm["spatial"]`` the top-left
+    corners in level-0 px (x, y) and ``obsm["spatial_um"]`` the same in µm; ``uns["napari_he2rna"]`` the
+    metadata (:func:`tile_metadata`; values that HDF5 cannot hold, such as None, are written as "").
+    Written atomically; not overwritten unless ``overwrite``.
+    """
+    try:
+        import anndata
+    except ImportError:  # a dependency; only a broken install lacks it
+        raise ExportError("writing .h5ad needs the anndata package (pip install anndata).") from None
+
+    table = tile_table(grid, None)
+    if len(scores_df) != len(table):
+        raise ValueError(f"{len(scores_df)} score rows for a grid of {len(table)} tiles")
+    obs = table.set_axis(table["tile_id"].astype(str).to_numpy(), axis=0)
+    var = pd.DataFrame(index=pd.Index([str(c) for c in scores_df.columns], dtype=object))
+    adata = anndata.AnnData(X=scores_df.to_numpy(dtype=np.float32, copy=True), obs=obs, var=var)
+    adata.obsm["spatial"] = table[["x_px", "y_px"]].to_numpy(dtype=np.float64)
+    adata.obsm["spatial_um"] = table[["x_um", "y_um"]].to_numpy(dtype=np.float64)
+
+    def storable(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): storable(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [storable(v) for v in value] if value else ""
+        return "" if value is None else value
+
+    adata.uns["napari_he2rna"] = storable(_plain(dict(metadata or {})))
+    return atomic_write(path, lambda tmp: adata.write_h5ad(tmp), overwrite)
 
 
 def write_geojson_tiles(
@@ -580,13 +659,15 @@ def write_geojson_tiles(
     scores_df: pd.DataFrame | None = None,
     object_type: str = "tile",
     overwrite: bool = False,
+    metadata: Mapping[str, Any] | None = None,
 ) -> Path:
     """Write the tiles as a QuPath-loadable GeoJSON FeatureCollection with their scores as measurements.
 
     One square ``Polygon`` per tile in level-0 pixels (origin top-left, x then y, closed ring),
     ``properties.objectType`` = ``object_type`` ("tile" or "detection"), ``properties.name`` = ``tile <id>``,
     ``properties.measurements`` = ``{"tissue_fraction": ..., <gene or set>: score, ...}`` (non-finite values
-    are left out: JSON has no NaN). Written atomically; not overwritten unless ``overwrite``.
+    are left out: JSON has no NaN). ``metadata`` (:func:`tile_metadata`) goes in the collection's
+    ``napari_he2rna`` member, which QuPath ignores. Written atomically; not overwritten unless ``overwrite``.
     """
     if object_type not in ("tile", "detection", "annotation"):
         raise ValueError(f"object_type must be 'tile', 'detection' or 'annotation', not {object_type!r}")
@@ -618,7 +699,9 @@ def write_geojson_tiles(
                 },
             }
         )
-    doc = {"type": "FeatureCollection", "features": features}
+    doc: dict[str, Any] = {"type": "FeatureCollection", "features": features}
+    if metadata is not None:
+        doc["napari_he2rna"] = _plain(dict(metadata))
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", encoding="utf-8") as fh:

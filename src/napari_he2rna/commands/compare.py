@@ -34,6 +34,7 @@ import pandas as pd
 
 from ..errors import DataError
 from ..safe_output import atomic_write_text, prepare_folder
+from ._common import add_slide_column_argument
 
 
 def register(subparsers) -> None:
@@ -60,6 +61,7 @@ def register(subparsers) -> None:
     src.add_argument("--mask", type=Path, help="segmentation mask image covering the slide (PNG/TIFF)")
     src.add_argument("--annotations", type=Path, help="QuPath GeoJSON annotations (e.g. tumour polygons)")
     p.add_argument("--manifest", type=Path, help="cohort CSV, one row per slide (see the description)")
+    add_slide_column_argument(p)
     p.add_argument("--class", dest="cell_class", action="append", help="cell class to count (repeatable)")
     p.add_argument("--mask-mpp", type=float, default=None, help="µm per mask pixel (default: scale by size)")
     p.add_argument("--mask-channel", default=None, help="channel of a colour mask: red, green or blue")
@@ -335,6 +337,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_manifest(args: argparse.Namespace, common: dict[str, Any]) -> int:
+    from ..cohort import slide_column
     from ..compare import summarize_slides
 
     path = args.manifest
@@ -342,6 +345,9 @@ def _run_manifest(args: argparse.Namespace, common: dict[str, Any]) -> int:
         raise DataError(f"the manifest {path} is missing or empty")
     sep = "\t" if path.suffix.lower() in (".tsv", ".txt") else ","
     manifest = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    column = slide_column(manifest.columns, f"the manifest {path.name}", args.slide_column)
+    if column is not None and column != "slide":
+        manifest = manifest.rename(columns={"slide": "slide (not used)"}).rename(columns={column: "slide"})
     missing = [c for c in ("slide", "scores") if c not in manifest.columns]
     if missing:
         raise DataError(f"the manifest {path.name} lacks the column(s) {', '.join(missing)}")

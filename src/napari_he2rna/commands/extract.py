@@ -1,8 +1,10 @@
 """``he2rna extract SLIDES... --out DIR``: tile features of a cohort, cached, one task per slide.
 
 SLIDES are slide files, folders (their whole-slide and TIFF files), glob patterns, or a manifest CSV/TSV
-with a ``slide`` column (relative paths are relative to the manifest). Slides already cached are skipped;
-a slide that fails is reported on stderr and the others go on; the exit code is 1 when any failed.
+with a slide column (``slide``, ``slide_path``, ``path``, ``file``, ``file_name``, ``filename``, ``wsi`` or
+``image``, or the one ``--slide-column`` names; relative paths are relative to the manifest). Slides already
+cached are skipped; a slide that fails is reported on stderr and the others go on; the exit code is 1
+when any failed.
 
 With ``--scheduler ADDRESS`` each slide is one task on a dask.distributed cluster; on SLURM, start one with
 dask-jobqueue, e.g.::
@@ -25,6 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..errors import DataError
+from ._common import add_cache_dir_argument, add_slide_column_argument
 
 # Folders are searched for these only: a cohort folder also holds thumbnails, masks and tables.
 FOLDER_SUFFIXES = (
@@ -58,14 +61,12 @@ def register(subparsers) -> None:
         "slides",
         nargs="+",
         metavar="SLIDES",
-        help="slide files, folders, glob patterns or a manifest CSV/TSV with a 'slide' column",
+        help="slide files, folders, glob patterns or a manifest CSV/TSV with a slide column",
     )
-    parser.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        metavar="DIR",
-        help="where the feature stores go (default: the feature cache folder)",
+    add_slide_column_argument(parser)
+    # --cache-dir as in every command that reads these stores; --out was its name here before.
+    add_cache_dir_argument(
+        parser, help="where the feature stores go (default: $HE2RNA_CACHE, the feature cache)", old="--out"
     )
     parser.add_argument(
         "--backbone",
@@ -116,25 +117,28 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _from_manifest(path: Path) -> list[Path]:
+def _from_manifest(path: Path, slide_column_name: str | None = None) -> list[Path]:
+    from ..cohort import SLIDE_COLUMN_NAMES, resolve_slide_paths, slide_column
+
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
         table = pd.read_csv(path, sep=sep)
     except Exception as exc:
         raise DataError(f"cannot read the manifest {path}: {exc}.") from exc
-    if "slide" not in table.columns:
+    column = slide_column(table.columns, f"the manifest {path}", slide_column_name)
+    if column is None:
         raise DataError(
-            f"the manifest {path} has no 'slide' column (columns: {', '.join(map(str, table.columns))})."
+            f"the manifest {path} has no slide column (columns: {', '.join(map(str, table.columns))}); "
+            f"name it one of {', '.join(SLIDE_COLUMN_NAMES)} or pass --slide-column NAME."
         )
-    paths = []
-    for value in table["slide"].dropna().astype(str):
-        p = Path(value).expanduser()
-        paths.append(p if p.is_absolute() else path.parent / p)
-    return paths
+    return [Path(p) for p in resolve_slide_paths(table[column].dropna().astype(str), path.parent)]
 
 
-def expand_slides(items: list[str]) -> list[Path]:
+def expand_slides(items: list[str], slide_column_name: str | None = None) -> list[Path]:
     """Slide paths from files, folders, globs and manifests, in order, without duplicates.
+
+    A manifest's slide column is ``slide_column_name`` or the one of the common names
+    (:data:`napari_he2rna.cohort.SLIDE_COLUMN_NAMES`) it has.
 
     A name that is neither an existing path nor matches a glob is kept, so that it is reported as failed.
     """
@@ -144,7 +148,7 @@ def expand_slides(items: list[str]) -> list[Path]:
         if path.is_dir():
             out += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
         elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
-            out += _from_manifest(path)
+            out += _from_manifest(path, slide_column_name)
         elif path.exists():
             out.append(path)
         elif glob.has_magic(item):
@@ -176,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
     from ..slide import validate_mpp
     from ..tiling import check_tile_size
 
-    slides = expand_slides(args.slides)
+    slides = expand_slides(args.slides, args.slide_column)
     if not slides:
         raise DataError(f"no slides found in {' '.join(args.slides)}.")
     backbone_info(args.backbone)  # an unknown name fails before any slide is opened
@@ -184,7 +188,10 @@ def run(args: argparse.Namespace) -> int:
     if args.mpp is not None:
         validate_mpp(args.mpp)
     if args.scheduler is None:  # on a cluster the folder is the workers' to make
-        prepare_folder(args.out if args.out is not None else settings.cache_dir(), "feature store folder")
+        prepare_folder(
+            Path(args.cache_dir) if args.cache_dir is not None else settings.cache_dir(),
+            "feature store folder",
+        )
     if args.scheduler is None:
         # Fail once, clearly, when the weights are missing rather than once per slide.
         get_backbone(args.backbone, weights=args.weights, device=args.device)
@@ -192,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     results = extract_cohort(
         slides,
         args.backbone,
-        out_dir=args.out,
+        out_dir=Path(args.cache_dir) if args.cache_dir is not None else None,
         scheduler=args.scheduler,
         weights=args.weights,
         tile_um=args.tile_um,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import add_overwrite_argument
+from ._common import add_cache_dir_argument, add_overwrite_argument
 
 # Above this many genes, per-tile scores are written only for the genes asked for with --genes.
 MAX_TILE_GENES_BY_DEFAULT = 100
@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", default=".", help="output folder (default: current folder)")
     p.add_argument("--mpp", type=float, default=None, help="µm per level-0 pixel, if the slide does not say")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--cache-dir", default=None, help="feature cache folder ($HE2RNA_CACHE when not given)")
+    add_cache_dir_argument(p)
     add_overwrite_argument(p)
     p.set_defaults(func=run)
 

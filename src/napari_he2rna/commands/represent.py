@@ -6,7 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import add_expression_format_arguments, add_overwrite_argument, refuse_existing
+from ._common import (
+    add_cache_dir_argument,
+    add_expression_format_arguments,
+    add_overwrite_argument,
+    add_slide_column_argument,
+    refuse_existing,
+)
 
 
 def register(subparsers) -> None:
@@ -27,6 +33,7 @@ def register(subparsers) -> None:
     src.add_argument(
         "--samples", help="sample sheet (TSV/CSV): sample_id, patient_id, cancer_type, slide (as for train)"
     )
+    add_slide_column_argument(p)
     src.add_argument("--slides", nargs="+", help="export only: slide files (sample id = file stem)")
     p.add_argument(
         "--features",
@@ -52,7 +59,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--no-export", action="store_true", help="train and save the model only")
     add_overwrite_argument(p)
-    p.add_argument("--features-dir", default=None, help="feature cache folder ($HE2RNA_CACHE when not given)")
+    add_cache_dir_argument(p)
     p.add_argument(
         "--backbone",
         default="resnet50-imagenet",
@@ -103,7 +110,7 @@ def mean_features(samples, args: argparse.Namespace, backbone: str, tile_um: flo
             )
         return table.loc[known]
     feats = load_slide_features(
-        samples, backbone, tile_um, args.features_dir, device=args.device, progress=TextProgress("features")
+        samples, backbone, tile_um, args.cache_dir, device=args.device, progress=TextProgress("features")
     )
     for sid, why in list(feats.failed.items())[:10]:
         print(f"he2rna: warning: no features for {sid}: {why}", file=sys.stderr)
@@ -124,7 +131,7 @@ def default_output(args: argparse.Namespace, model_path: Path) -> Path:
     if args.features:
         folder = Path(args.features).parent
     else:
-        folder = Path(args.features_dir) if args.features_dir else settings.cache_dir()
+        folder = Path(args.cache_dir) if args.cache_dir else settings.cache_dir()
     return folder / f"{model_path.stem}.representation.tsv"
 
 
@@ -157,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         ],
         args.overwrite,
     )
-    samples = load_samples(args.samples) if args.samples else _slides_sheet(args.slides)
+    samples = load_samples(args.samples, args.slide_column) if args.samples else _slides_sheet(args.slides)
 
     if args.expression:
         expression = load_expression(

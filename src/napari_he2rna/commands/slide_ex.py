@@ -6,7 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import add_overwrite_argument, refuse_existing
+from ._common import (
+    add_cache_dir_argument,
+    add_overwrite_argument,
+    add_slide_column_argument,
+    refuse_existing,
+)
 
 
 def register(subparsers) -> None:
@@ -27,6 +32,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--samples", required=True, help="sample sheet (TSV/CSV): sample_id, patient_id, cancer_type, slide"
     )
+    add_slide_column_argument(p)
     p.add_argument(
         "--celltype-expression",
         default=None,
@@ -66,7 +72,7 @@ def register(subparsers) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (models/, tables, report.md)")
     add_overwrite_argument(p)
-    p.add_argument("--features-dir", default=None, help="feature cache folder ($HE2RNA_CACHE when not given)")
+    add_cache_dir_argument(p)
     p.add_argument(
         "--backbone", default="resnet50-imagenet", help="feature backbone (resnet50-imagenet, hed-stats)"
     )
@@ -120,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     responders = (
         read_responders(args.responders, args.label_column, args.positive) if args.responders else None
     )
-    samples = load_samples(args.samples)
+    samples = load_samples(args.samples, args.slide_column)
     for ct, tab in targets.expression.items():
         print(f"{ct}: {tab.shape[0]} samples x {tab.shape[1]} genes")
         dropped = dropped_genes_summary(tab)
@@ -157,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         samples.loc[wanted],
         args.backbone,
         args.tile_um,
-        args.features_dir,
+        args.cache_dir,
         supertiles=True,
         device=args.device,
         progress=TextProgress("features"),

@@ -7,6 +7,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from ._common import add_cache_dir_argument
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -15,8 +17,9 @@ def register(subparsers) -> None:
         description=(
             "Run an HE2RNA model on a slide: tile it, extract (or reuse cached) features, score every "
             "tile for the chosen genes and gene sets, and write <slide>_tile_scores.csv (one row per tile), "
-            "<slide>_tile_scores_slide.csv (slide-level predictions), <slide>_tiles.geojson (QuPath tiles "
-            "with measurements) and one <slide>_<gene>.png heatmap per gene or set."
+            "<slide>_tile_scores_slide.csv (slide-level predictions), <slide>_tile_scores.json (slide, mpp, "
+            "tile size, model, units, ...), <slide>_tiles.h5ad (AnnData), <slide>_tiles.geojson (QuPath "
+            "tiles with measurements) and one <slide>_<gene>.png heatmap per gene or set."
         ),
     )
     p.add_argument("slide", help="whole-slide image (.svs, .tiff, .ndpi, ...)")
@@ -40,7 +43,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", required=True, help="output folder (created if needed)")
     p.add_argument("--mpp", type=float, default=None, help="µm per level-0 pixel, if the slide does not say")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="feature device")
-    p.add_argument("--cache-dir", default=None, help="feature cache folder ($HE2RNA_CACHE when not given)")
+    add_cache_dir_argument(p)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.add_argument("--no-geojson", action="store_true", help="do not write the QuPath GeoJSON tiles")
     p.set_defaults(func=run)
@@ -60,7 +63,14 @@ def planned_outputs(args: argparse.Namespace) -> list[Path]:
             pictured = list(session.resolve([n for n in names if not is_distance_name(n)]))
     pictured += [n for n in names if is_distance_name(n)][:1]
     paths = output_paths(args.slide, pictured, args.out, geojson=not args.no_geojson)
-    return [paths["csv"], paths["slide_csv"], *paths["png"].values(), paths["geojson"]]
+    return [
+        paths["csv"],
+        paths["slide_csv"],
+        paths["metadata"],
+        paths["h5ad"],
+        *paths["png"].values(),
+        paths["geojson"],
+    ]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{result.n_tiles} tiles scored for {', '.join(result.scores.columns)} on {result.slide_path.name}")
     print(f"tile scores:  {final(result.csv_path)}")
     print(f"slide-level:  {final(result.slide_csv_path)}")
+    print(f"metadata:     {final(result.metadata_path)}")
+    print(f"AnnData:      {final(result.h5ad_path)}")
     if result.geojson_path is not None:
         print(f"QuPath tiles: {final(result.geojson_path)}")
     for name, path in result.png_paths.items():

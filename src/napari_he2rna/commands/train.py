@@ -6,7 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import add_expression_format_arguments, add_overwrite_argument, refuse_existing
+from ._common import (
+    add_cache_dir_argument,
+    add_expression_format_arguments,
+    add_overwrite_argument,
+    add_slide_column_argument,
+    refuse_existing,
+)
 
 
 def register(subparsers) -> None:
@@ -108,11 +114,12 @@ def add_cohort_arguments(p: argparse.ArgumentParser, backbone: bool = True) -> N
     p.add_argument(
         "--samples", required=True, help="sample sheet (TSV/CSV): sample_id, patient_id, cancer_type, slide"
     )
+    add_slide_column_argument(p)
     p.add_argument(
         "--expression", required=True, help="expression table, samples x genes (TSV/CSV/parquet/h5ad)"
     )
     add_expression_format_arguments(p)
-    p.add_argument("--features-dir", default=None, help="feature cache folder ($HE2RNA_CACHE when not given)")
+    add_cache_dir_argument(p)
     if backbone:
         p.add_argument(
             "--backbone",
@@ -131,7 +138,7 @@ def load_cohort(args: argparse.Namespace, backbone: str, tile_um: float, superti
     expression = load_expression(
         args.expression, transform=args.expression_scale, genes_as_rows=args.genes_as_rows
     )
-    samples = load_samples(args.samples)
+    samples = load_samples(args.samples, args.slide_column)
     print(
         f"expression: {expression.shape[0]} samples x {expression.shape[1]} genes "
         f"(transform: {expression.attrs.get('transform')})"
@@ -143,7 +150,7 @@ def load_cohort(args: argparse.Namespace, backbone: str, tile_um: float, superti
         samples,
         backbone,
         tile_um,
-        args.features_dir,
+        args.cache_dir,
         supertiles=supertiles,
         device=args.device,
         progress=TextProgress("features"),

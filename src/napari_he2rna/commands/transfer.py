@@ -6,7 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from ._common import add_expression_format_arguments, add_overwrite_argument, refuse_existing
+from ._common import (
+    add_cache_dir_argument,
+    add_expression_format_arguments,
+    add_overwrite_argument,
+    add_slide_column_argument,
+    refuse_existing,
+)
 
 
 def register(subparsers) -> None:
@@ -32,6 +38,7 @@ def register(subparsers) -> None:
         required=True,
         help="sample sheet (TSV/CSV): sample_id, patient_id, cancer_type, slide and the label column",
     )
+    add_slide_column_argument(p)
     p.add_argument("--expression", required=True, help="expression table, samples x genes (TSV/CSV/...)")
     add_expression_format_arguments(p)
     p.add_argument("--out", required=True, metavar="DIR", help="results folder")
@@ -86,7 +93,7 @@ def register(subparsers) -> None:
         metavar="TABLE",
         help="slide-mean features per sample (TSV/CSV/npz, first column sample_id) instead of the cache",
     )
-    p.add_argument("--features-dir", default=None, help="feature cache folder ($HE2RNA_CACHE when not given)")
+    add_cache_dir_argument(p)
     p.add_argument(
         "--backbone", default="resnet50-imagenet", help="feature backbone (resnet50-imagenet, hed-stats)"
     )
@@ -110,7 +117,13 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing([Path(args.out) / "aucs.csv", Path(args.out) / "summary.md"], args.overwrite)
     import numpy as np
 
-    from ..cohort import dropped_genes_summary, genes_as_rows_hint, load_expression, load_samples
+    from ..cohort import (
+        dropped_genes_summary,
+        find_column,
+        genes_as_rows_hint,
+        load_expression,
+        load_samples,
+    )
     from ..errors import DataError
     from ..jobs import TextProgress
     from ..transfer import (
@@ -138,13 +151,9 @@ def run(args: argparse.Namespace) -> int:
         n_cv_repeats=args.cv_repeats,
         device="cuda" if str(args.device).startswith("cuda") else "cpu",
     )
-    samples = load_samples(args.samples)
-    col = args.label_column.strip().lower()  # load_samples lower-cases the column names
-    if col not in samples.columns:
-        raise DataError(
-            f"The sample sheet has no label column {args.label_column!r} "
-            f"(columns: {', '.join(samples.columns)})."
-        )
+    samples = load_samples(args.samples, args.slide_column)
+    # the column as written (else the one that matches ignoring case); the sheet keeps its column names
+    col = find_column(samples.columns, args.label_column.strip(), "The sample sheet", "label column")
     labels = binary_labels(samples[col], args.positive, args.negative)
     kept = samples.loc[labels >= 0].copy()
     kept["_label"] = labels[labels >= 0]
