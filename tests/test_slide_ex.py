@@ -272,7 +272,7 @@ def test_cli_on_a_tiny_synthetic_cohort(tmp_path, capsys):
         str(cohort / "samples.tsv"),
         "--celltype-expression",
         str(cohort / "celltype_expression"),
-        "--features-dir",
+        "--cache-dir",
         str(tmp_path / "features"),
         "--backbone",
         "hed-stats",

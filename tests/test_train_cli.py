@@ -33,7 +33,7 @@ def train(root, *extra: str, samples: str = "samples.tsv", expression: str = "ex
             str(cohort / samples),
             "--expression",
             str(cohort / expression),
-            "--features-dir",
+            "--cache-dir",
             str(root / "features"),
             "--backbone",
             "hed-stats",

@@ -298,7 +298,7 @@ def small_cohort(tmp_path_factory):
 def test_cli_represent_trains_saves_and_exports_beside_the_features(small_cohort, tmp_path, capsys):
     root, cache = small_cohort
     model = tmp_path / "rep.safetensors"
-    common = ["--features-dir", str(cache), "--device", "cpu"]
+    common = ["--cache-dir", str(cache), "--device", "cpu"]
     rc = main(
         ["represent", "--samples", str(root / "samples.tsv"), "--expression", str(root / "expression.tsv"),
          "--model", str(model), "--backbone", "hed-stats", "--hidden", "32", "16", "--epochs", "5", *common]
@@ -331,7 +331,7 @@ def test_cli_transfer_end_to_end_and_clear_errors(small_cohort, tmp_path, capsys
     args = [
         "transfer", "--samples", str(root / "samples_balanced.tsv"),
         "--expression", str(root / "expression.tsv"),
-        "--backbone", "hed-stats", "--features-dir", str(cache), "--device", "cpu", "--folds", "2",
+        "--backbone", "hed-stats", "--cache-dir", str(cache), "--device", "cpu", "--folds", "2",
         "--rep-hidden", "16", "8", "--direct-hidden", "8", "4", "--code-hidden", "4",
         "--ae-hidden", "16", "8", "16", "--epochs", "3", "--seed", "1",
     ]  # fmt: skip
