@@ -399,3 +399,18 @@ def test_predict_command_on_a_real_slide(cmu_slide, tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert main([*again[:5], "NOPE", *again[6:], "--overwrite"]) == 2
     assert "does not predict NOPE" in capsys.readouterr().err
+
+
+def test_a_renamed_pickle_is_called_a_checkpoint(tmp_path):
+    import torch
+
+    from napari_he2rna.errors import ModelError
+    from napari_he2rna.model import load_bundle
+
+    path = tmp_path / "renamed.safetensors"
+    torch.save({"w": torch.zeros(2)}, path)  # a zip-format pickle under a bundle's name
+    with pytest.raises(ModelError, match="is a PyTorch checkpoint .a pickle.*he2rna convert"):
+        load_bundle(path)
+    path.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a raw pickle
+    with pytest.raises(ModelError, match="is a PyTorch checkpoint"):
+        load_bundle(path)

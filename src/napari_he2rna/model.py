@@ -314,12 +314,35 @@ def save_bundle(
     return path
 
 
+#: How PyTorch checkpoints start: a zip archive (torch.save since 1.6) or a raw pickle (protocol 2+).
+_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
+
+
+def _looks_like_checkpoint(data: bytes) -> bool:
+    """A zip archive, or a pickle of protocol 2-5 (``\x80`` then the protocol byte), where no valid
+    safetensors header is (a safetensors length can start with ``\x80`` too: this is asked only after)."""
+    zip_or_pickle = data.startswith(_CHECKPOINT_MAGIC[0]) or data.startswith(_CHECKPOINT_MAGIC[1])
+    return zip_or_pickle and (data[0] != 0x80 or (len(data) > 1 and 2 <= data[1] <= 5))
+
+
+def _not_a_bundle(data: bytes, name: str, why: str) -> ModelError:
+    if _looks_like_checkpoint(data):
+        return ModelError(
+            f"{name} is a PyTorch checkpoint (a pickle), not a model bundle; convert it with "
+            "`he2rna convert` (checkpoints are never unpickled at load time)."
+        )
+    return ModelError(why)
+
+
 def _read_header(data: bytes, name: str) -> dict:
+    if len(data) >= 9 and data[8:9] != b"{" and _looks_like_checkpoint(data):
+        raise _not_a_bundle(data, name, "")
     if len(data) < 8:
         raise ModelError(f"{name} is not a model bundle: the file is too short.")
     (n,) = struct.unpack("<Q", data[:8])
     if n <= 0 or 8 + n > len(data):
-        raise ModelError(f"{name} is not a valid model bundle: its header is truncated or corrupt.")
+        why = f"{name} is not a valid model bundle: its header is truncated or corrupt."
+        raise _not_a_bundle(data, name, why)
     try:
         header = json.loads(data[8 : 8 + n].decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
