@@ -255,6 +255,9 @@ class _TruthSession:
     def scores(self, name):
         return self._scores[name]
 
+    def units(self, name):
+        return "cells per tile"
+
 
 def test_session_provider_and_a_perfect_score(make_napari_viewer, grid):
     viewer = make_napari_viewer()

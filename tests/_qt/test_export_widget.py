@@ -47,7 +47,8 @@ def model_path(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def painted(make_napari_viewer, qtbot, sample_slide, model_path):
-    """A viewer with the sample slide run, CD3D and T cells painted, both widgets docked."""
+    """A viewer with the sample slide run, CD3D painted and pinned, then T cells painted, both widgets docked
+    (one active heatmap per slide: a second gene to export is pinned first)."""
     viewer = make_napari_viewer()
     (slide_layer,) = viewer.open(str(sample_slide), plugin="napari-he2rna")
     model = ModelWidget(viewer, model_path=model_path)
@@ -56,7 +57,8 @@ def painted(make_napari_viewer, qtbot, sample_slide, model_path):
     viewer.window.add_dock_widget(export, name="Export")
     assert model.run() is not None
     qtbot.waitUntil(lambda: not model.running, timeout=240_000)
-    assert model.paint("CD3D") is not None and model.paint("T cells") is not None
+    assert model.paint("CD3D") is not None and model.pin() is not None
+    assert model.paint("T cells") is not None
     session = get_registry(viewer).get(slide_layer).session
     return viewer, model, export, session
 
@@ -74,8 +76,8 @@ def _answer(monkeypatch, yes: bool) -> list[str]:
 
 def test_export_csv_via_dialog_and_never_overwrite_silently(painted, tmp_path, monkeypatch, notifications):
     viewer, model, export, session = painted
-    assert export.painted_names() == ["CD3D", "T cells"]
-    assert export.chosen_names() == ["CD3D", "T cells"]
+    assert export.painted_names() == ["T cells", "CD3D"]  # layer order: the active heatmap, then the pin
+    assert export.chosen_names() == ["T cells", "CD3D"]
 
     target = tmp_path / "scores.csv"
     monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(target), "CSV (*.csv)"))
@@ -88,7 +90,7 @@ def test_export_csv_via_dialog_and_never_overwrite_silently(painted, tmp_path, m
     table = pd.read_csv(target, comment="#")
     grid = session.grid
     assert len(table) == len(grid.table)
-    assert list(table.columns) == [*spatial.TILE_CSV_COLUMNS, "CD3D", "T cells"]
+    assert list(table.columns) == [*spatial.TILE_CSV_COLUMNS, "T cells", "CD3D"]
     np.testing.assert_array_equal(table["tile_id"], grid.table["tile_id"])
     np.testing.assert_allclose(table["CD3D"], session.scores("CD3D"), rtol=1e-5)
     np.testing.assert_allclose(table["T cells"], session.scores("T cells"), rtol=1e-5)

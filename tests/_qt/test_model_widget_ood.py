@@ -21,23 +21,19 @@ RUN_TIMEOUT_MS = 240_000
 
 @pytest.fixture(scope="module")
 def reference_model(tmp_path_factory) -> Path:
-    """hed-stats bundle with a feature reference fitted on two generated synthetic slides."""
+    """A small hed-stats bundle carrying the feature reference of the committed demo model (300 synthetic
+    slides): the Model dock must warn on a real H&E slide and not on the synthetic sample slide."""
     import torch
 
-    from napari_he2rna.features import load_or_extract
-    from napari_he2rna.slide import open_slide
-    from napari_he2rna.synthetic import make_slide
+    from napari_he2rna.model import load_bundle
+    from napari_he2rna.pipeline import default_model_path
 
     root = tmp_path_factory.mktemp("qtref")
-    feats = []
-    for seed in (1, 2):
-        path = root / f"ref{seed}.tiff"
-        make_slide(path, seed=seed, size_px=(1344, 1344), write_truth=False)
-        with open_slide(path) as s:
-            feats.append(load_or_extract(s, "hed-stats", cache_dir=root / "cache", num_workers=1)[1])
+    reference = ood.bundle_reference(load_bundle(default_model_path()))
+    assert reference is not None, "the committed demo bundle carries a feature reference"
     torch.manual_seed(0)
     net = HE2RNA(33, len(GENES), hidden=(16,), dropout=0.0).eval()
-    meta = {ood.REFERENCE_KEY: ood.fit_reference(feats)}
+    meta = {ood.REFERENCE_KEY: reference}
     return save_bundle(root / "ref_model.safetensors", [net], GENES, "hed-stats", 33, 112.0, [1, 10], meta)
 
 
