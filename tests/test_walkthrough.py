@@ -84,7 +84,8 @@ def test_training_learns_past_the_first_epoch_and_says_how_it_stopped(walkthroug
     bundle = load_bundle(model)
     training = bundle.metadata["training"]
     assert len(training["validation_criteria"]) == 5
-    assert all(c in ("per-type R", "pooled R", "loss") for c in training["validation_criteria"])
+    # 18 samples per type: too few for a 10 % split with 5 per type, so all 200 epochs run (no early stopping)
+    assert training["validation_criteria"] == ["none"] * 5
     best = [h["best_epoch"] for h in training["histories"]]
     assert max(best) > 5, best  # an untrained bundle keeps epoch 0
     assert "no early stopping" in logs[2] or "early stopping on:" in logs[2]
