@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def sample_slide() -> Path:
+    """The committed synthetic sample slide."""
+    path = REPO / "sample_data" / "sample_slide.tiff"
+    assert path.is_file(), "sample_data/sample_slide.tiff is committed and must be there"
+    return path
 
 
 @pytest.fixture

@@ -26,18 +26,6 @@ GENES = ["CD3D", "CD3E", "CD3G", "CD247", "CD19", "MS4A1", "MKI67", "TP63", "KRT
 
 
 @pytest.fixture(scope="session")
-def sample_slide(tmp_path_factory) -> Path:
-    path = REPO / "sample_data" / "sample_slide.tiff"
-    if path.is_file():
-        return path
-    from napari_he2rna.synthetic import make_slide
-
-    out = tmp_path_factory.mktemp("sample") / "sample_slide.tiff"
-    make_slide(out, seed=0, size_px=(2048, 2048))
-    return out
-
-
-@pytest.fixture(scope="session")
 def model_path(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     net = HE2RNA(33, len(GENES), hidden=(16,), dropout=0.0)

@@ -27,18 +27,6 @@ GENES = ["CD3D", "CD3E", "CD3G", "CD247", "CD19", "MS4A1", "MKI67", "TP63", "KRT
 TIMEOUT_MS = 240_000
 
 
-@pytest.fixture(scope="module")
-def sample_slide(tmp_path_factory) -> Path:
-    path = REPO / "sample_data" / "sample_slide.tiff"
-    if path.is_file():
-        return path
-    from napari_he2rna.synthetic import make_slide
-
-    out = tmp_path_factory.mktemp("sample") / "sample_slide.tiff"
-    make_slide(out, seed=0, size_px=(2048, 2048))
-    return out
-
-
 def _bundle(path: Path, folds: int, metadata: dict | None = None) -> Path:
     torch.manual_seed(0)
     nets = [HE2RNA(33, len(GENES), hidden=(16,), dropout=0.0).eval() for _ in range(folds)]
