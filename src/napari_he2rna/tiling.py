@@ -26,6 +26,9 @@ __all__ = [
     "TileGrid",
     "tissue_mask",
     "tissue_and_ink_masks",
+    "slide_masks",
+    "SlideMasks",
+    "mask_size_for",
     "mask_method",
     "pen_mask",
     "tile_grid",
@@ -203,10 +206,36 @@ class TileGrid:
         return self.table[["x", "y"]].to_numpy(dtype=np.float64) + half
 
 
-def _mask_size_for(dimensions: tuple[int, int], tile_px: int) -> int:
+def mask_size_for(dimensions: tuple[int, int], tile_px: int) -> int:
     """Thumbnail side giving ~16 mask pixels per tile side (tissue fraction in 1/256 steps), 1–4k px."""
     n_tiles_long_side = max(dimensions) / tile_px
     return int(min(max(16 * n_tiles_long_side, 1024), 4096))
+
+
+@dataclass
+class SlideMasks:
+    """The tissue mask a slide's tiles are cut from, and the pen ink removed from it, for display.
+
+    ``tissue`` and ``ink`` are ``(h, w)`` bool over the whole slide; ``scale`` is the (y, x) size of one mask
+    pixel in µm (None when the slide has no pixel size: then in level-0 pixels, ``pixel_scale``).
+    """
+
+    tissue: np.ndarray
+    ink: np.ndarray
+    pixel_scale: tuple[float, float]
+    scale: tuple[float, float] | None
+
+
+def slide_masks(slide, tile_um: float = 112.0) -> SlideMasks:
+    """The tissue and ink masks of ``slide`` at the resolution :func:`tile_grid` computes them at."""
+    mpp = slide.mpp
+    tile_px = max(int(round(tile_um / mpp)), 1) if mpp else 224
+    thumb = slide.thumbnail(mask_size_for(slide.dimensions, tile_px))
+    tissue, ink = tissue_and_ink_masks(thumb)
+    w, h = slide.dimensions
+    pixel_scale = (h / tissue.shape[0], w / tissue.shape[1])
+    scale = (pixel_scale[0] * mpp, pixel_scale[1] * mpp) if mpp else None
+    return SlideMasks(tissue=tissue, ink=ink, pixel_scale=pixel_scale, scale=scale)
 
 
 def tile_fractions(mask: np.ndarray, dimensions: tuple[int, int], tile_px: int) -> np.ndarray:
@@ -287,7 +316,7 @@ def tile_grid(
     dimensions = tuple(int(v) for v in slide.dimensions)
     tile_px = check_tile_size(tile_um, mpp, dimensions)
     if mask is None:
-        mask = tissue_mask(slide.thumbnail(_mask_size_for(dimensions, tile_px)), remove_ink=remove_ink)
+        mask = tissue_mask(slide.thumbnail(mask_size_for(dimensions, tile_px)), remove_ink=remove_ink)
     fractions = tile_fractions(np.asarray(mask, dtype=bool), dimensions, tile_px)
     n_rows, n_cols = fractions.shape
     rows, cols = np.nonzero((fractions >= min_tissue) & (fractions > 0))

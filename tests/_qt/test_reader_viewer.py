@@ -126,3 +126,27 @@ def test_sample_data(monkeypatch, tmp_path):
     [(data, kwargs, kind)] = _sample_data.sample_slide()
     assert kind == "image" and kwargs["scale"] == (0.5, 0.5) and kwargs["rgb"]
     kwargs["metadata"]["slide"].close()
+
+
+def test_slide_widget_shows_tissue_mask_and_removed_ink(make_napari_viewer, shared_data, notifications):
+    viewer = make_napari_viewer()
+    widget = SlideWidget(viewer)
+    assert widget.show_masks() is None  # no slide yet: a message, no layer
+    assert any("Open a slide first" in m for _, m in notifications)
+    thumb = shared_data / "thumbnails" / "diagnostic-slide-thumb-rgb.png"  # real TCGA thumbnail, red pen
+    widget.open_path(thumb)
+    assert widget.show_masks() is None  # a PNG has no pixel size: asked for first
+    assert any("has no pixel size" in m for _, m in notifications)
+    widget.set_mpp(8.0)
+    tissue, ink = widget.show_masks()
+    assert tissue.name.startswith("tissue mask") and ink.name.startswith("removed ink")
+    assert 0.3 < (tissue.data > 0).mean() < 0.7 and (ink.data > 0).mean() > 0.1  # the pen halo is removed
+    assert not ((tissue.data > 0) & (ink.data > 0)).any()
+    slide_layer = viewer.layers[0]
+    # the masks cover the slide in µm: same extent as the slide layer
+    np.testing.assert_allclose(
+        np.array(tissue.data.shape) * np.array(tissue.scale),
+        np.array(slide_layer.level_shapes[0][:2]) * np.array(slide_layer.scale),
+    )
+    widget.show_masks()  # again: replaced, not doubled
+    assert sum(ly.name.startswith("tissue mask") for ly in viewer.layers) == 1

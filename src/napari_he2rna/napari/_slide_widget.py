@@ -14,6 +14,7 @@ from napari.utils.notifications import show_error, show_info
 
 from ..errors import SlideError
 from ..slide import SLIDE_SUFFIXES, Slide, validate_mpp
+from ..tiling import slide_masks
 from ._reader import open_slide_layer
 from ._state import get_registry, is_slide_layer
 
@@ -38,13 +39,19 @@ class SlideWidget(Container):
         self.facts = Label(label="", value="No slide open.")
         self.mpp = LineEdit(label="µm/px", tooltip="µm per level-0 pixel; overrides what the file says")
         self.mpp_button = PushButton(text="Set µm/px")
+        self.mask_button = PushButton(
+            text="Show tissue mask",
+            tooltip="the tissue the tiles are cut from, and the pen ink removed from it",
+        )
         super().__init__(
-            widgets=[self.file, self.open_button, self.facts, self.mpp, self.mpp_button], labels=True
+            widgets=[self.file, self.open_button, self.facts, self.mpp, self.mpp_button, self.mask_button],
+            labels=True,
         )
         self._layer = None
         self.open_button.changed.connect(self._open_clicked)
         self.mpp_button.changed.connect(self._set_mpp_clicked)
         self.mpp.native.returnPressed.connect(self._set_mpp_clicked)
+        self.mask_button.changed.connect(self._mask_clicked)
         self.viewer.layers.selection.events.active.connect(self._active_changed)
         for ev in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             ev.connect(self._active_changed)
@@ -116,6 +123,43 @@ class SlideWidget(Container):
         self.viewer.reset_view()
         show_info(f"{slide.path.name}: pixel size set to {mpp:g} µm/px.")
         self.refresh()
+
+    def show_masks(self):
+        """Add the slide's tissue mask and the removed pen ink as label layers (in µm, over the slide).
+
+        Returns the two layers, or None with a message (no slide, or no pixel size yet).
+        """
+        layer = self.slide_layer
+        if layer is None:
+            show_error("Open a slide first, then show its tissue mask.")
+            return None
+        slide: Slide = layer.metadata["slide"]
+        if slide.mpp is None:
+            show_error(f"{slide.path.name} has no pixel size: give its µm/px first.")
+            return None
+        try:
+            masks = slide_masks(slide)
+        except SlideError as exc:
+            show_error(str(exc))
+            return None
+        translate = tuple((p - 1.0) / 2.0 * slide.mpp for p in masks.pixel_scale)  # pixel centres, in µm
+        added = []
+        for name, data, value in (("tissue mask", masks.tissue, 1), ("removed ink", masks.ink, 2)):
+            full = f"{name} ({layer.name})"
+            if full in self.viewer.layers:
+                self.viewer.layers.remove(full)
+            added.append(
+                self.viewer.add_labels(
+                    data.astype("uint8") * value, name=full, scale=masks.scale, translate=translate,
+                    opacity=0.35 if value == 1 else 0.6,
+                )  # fmt: skip
+            )
+        tissue, ink = 100.0 * masks.tissue.mean(), 100.0 * masks.ink.mean()
+        show_info(f"{slide.path.name}: tissue {tissue:.1f} % of the slide, pen ink removed {ink:.1f} %.")
+        return added
+
+    def _mask_clicked(self, *args) -> None:
+        self.show_masks()
 
     def _open_clicked(self, *args) -> None:
         self.open_path(self.file.value)
