@@ -98,17 +98,37 @@ def pen_mask(rgb: np.ndarray) -> np.ndarray:
     """
     od = optical_density(rgb[..., :3])
     od_r, od_g, od_b = od[..., 0], od[..., 1], od[..., 2]
-    inked = od.max(axis=-1) > DENSE_OD  # faint pixels are glass whatever their hue
+    inked = channel_max(od) > DENSE_OD  # faint pixels are glass whatever their hue
     blue_or_green = od_r > od_g * 1.15 + 0.05
     red_or_black = od_b > od_g * 0.85 + 0.05
     return inked & (blue_or_green | red_or_black)
+
+
+def channel_max(image: np.ndarray) -> np.ndarray:
+    """Per-pixel maximum over the last axis of an (h, w, c) array: the same as ``image.max(axis=-1)``.
+
+    Written as elementwise maxima because numpy reduces a short last axis about 10x slower (a 2,048 px
+    thumbnail: ~0.14 s against ~0.01 s), and this runs several times before the first tile of a run.
+    """
+    out = image[..., 0].copy()
+    for k in range(1, image.shape[-1]):
+        np.maximum(out, image[..., k], out=out)
+    return out
+
+
+def channel_min(image: np.ndarray) -> np.ndarray:
+    """Per-pixel minimum over the last axis (``image.min(axis=-1)``), as :func:`channel_max`."""
+    out = image[..., 0].copy()
+    for k in range(1, image.shape[-1]):
+        np.minimum(out, image[..., k], out=out)
+    return out
 
 
 def _hue_saturation(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """HSV hue in degrees (-180, 180], 0 = red, and saturation (0–1) of (h, w, 3) uint8."""
     c = rgb.astype(np.float32)
     r, g, b = c[..., 0], c[..., 1], c[..., 2]
-    cmax, cmin = c.max(axis=-1), c.min(axis=-1)
+    cmax, cmin = channel_max(c), channel_min(c)
     delta = cmax - cmin
     saturation = np.where(cmax > 0, delta / np.maximum(cmax, 1.0), 0.0)
     # atan2 form of the hexcone hue: exact at the primaries, smooth in between, 0 for grey.
@@ -169,9 +189,10 @@ def ink_mask(rgb: np.ndarray, min_object_fraction: float = 2e-4) -> np.ndarray:
     od_g_safe = np.maximum(od_g, 1e-3)
     blue_green_ratio, red_green_ratio = od_b / od_g_safe, od_r / od_g_safe
     hue, saturation = _hue_saturation(rgb)
-    coloured = od.max(axis=-1) > GLASS_OD
+    od_max = channel_max(od)
+    coloured = od_max > GLASS_OD
 
-    dark = od.max(axis=-1) > DENSE_OD
+    dark = od_max > DENSE_OD
     blue_green_dense = dark & (od_r > od_g * 1.15 + 0.05)
     red_black_dense = dark & (od_b > od_g * 0.85 + 0.05)  # together: pen_mask
     red_core = (
@@ -191,22 +212,28 @@ def ink_mask(rgb: np.ndarray, min_object_fraction: float = 2e-4) -> np.ndarray:
             & (red_green_ratio < RED_VIVID_RED_GREEN)
         )
     )
-    dark_halo = (
-        (od.max(axis=-1) > DARK_HALO_OD)
-        & (blue_green_ratio > DARK_HALO_BLUE_GREEN)
-        & (local_texture(od.mean(axis=-1)) < SMOOTH_OD)
-    )
     halo_ok = coloured & (saturation > HALO_MIN_SATURATION)
+
+    def red_black_halo() -> np.ndarray:
+        dark_halo = (
+            (od_max > DARK_HALO_OD)
+            & (blue_green_ratio > DARK_HALO_BLUE_GREEN)
+            & (local_texture(od.mean(axis=-1)) < SMOOTH_OD)
+        )
+        return halo_ok & (red_halo | dark_halo)
+
+    def blue_green_halo() -> np.ndarray:
+        return halo_ok & (red_green_ratio > BLUE_GREEN_HALO_RED_GREEN)
+
     ink = np.zeros(rgb.shape[:2], dtype=bool)
     # Each ink grows its own halo: a red halo from red or black ink, a blue/green one from blue/green ink.
-    for dense, halo in (
-        (red_black_dense | red_core, halo_ok & (red_halo | dark_halo)),
-        (blue_green_dense, halo_ok & (red_green_ratio > BLUE_GREEN_HALO_RED_GREEN)),
-    ):
+    # A halo is only computed when its ink has seeds (the texture filter is most of the cost of a slide
+    # without pen marks).
+    for dense, halo_of in ((red_black_dense | red_core, red_black_halo), (blue_green_dense, blue_green_halo)):
         seeds = remove_small_objects(dense, max_size=min_size)
         if not seeds.any():
             continue
-        allowed = seeds | (halo & _within_reach(seeds, HALO_REACH))
+        allowed = seeds | (halo_of() & _within_reach(seeds, HALO_REACH))
         # Reconstruction by dilation of the seeds under the allowed pixels: their connected parts.
         ink |= reconstruction(seeds.astype(np.uint8), allowed.astype(np.uint8), method="dilation") > 0
     # Small dense marks that seeded nothing are ink all the same.

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import dask.array as da
+import dask.threaded
 import numpy as np
 from dask.highlevelgraph import HighLevelGraph
 
@@ -921,7 +922,9 @@ class Slide:
         for level in levels:
             if max(level.shape[:2]) >= max_size:
                 pick = level
-        pixels = pick.compute(scheduler="threads")
+        # dask's threaded scheduler passed as a function: by name, dask imports dask.distributed first to
+        # look for a client (~0.9 s on the first thumbnail of a process, i.e. before a viewer's first Run).
+        pixels = pick.compute(scheduler=dask.threaded.get)
         h, w = pixels.shape[:2]
         width, height = self.dimensions
         scale = min(1.0, max_size / max(width, height))

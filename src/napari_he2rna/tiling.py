@@ -20,7 +20,7 @@ from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
 from .errors import TileSizeError, TissueError
-from .ink import INK_METHOD, ink_mask, optical_density, pen_mask
+from .ink import INK_METHOD, channel_max, channel_min, ink_mask, optical_density, pen_mask
 
 __all__ = [
     "TileGrid",
@@ -139,9 +139,9 @@ def tissue_and_ink_masks(
     """
     rgb = _composite_rgb(thumbnail)
     channels = rgb.astype(np.float32)
-    cmax, cmin = channels.max(axis=-1), channels.min(axis=-1)
+    cmax, cmin = channel_max(channels), channel_min(channels)
     saturation = np.where(cmax > 0, (cmax - cmin) / np.maximum(cmax, 1.0), 0.0)
-    dark = optical_density(rgb).max(axis=-1) > MIN_OPTICAL_DENSITY
+    dark = channel_max(optical_density(rgb)) > MIN_OPTICAL_DENSITY
     ink = ink_mask(rgb, min_object_fraction) if remove_ink else pen_mask(rgb)
     candidates = saturation[~ink]
     if candidates.size == 0 or np.ptp(candidates) == 0:

@@ -797,7 +797,10 @@ class ModelWidget(QWidget):
             layer.refresh()
         else:
             layer.data = raster
-        layer.contrast_limits_range = limits
+        # Each contrast-limits event redraws the colour bar (~7 ms): the range change stays silent and the
+        # limits' own event redraws once.
+        with layer.events.contrast_limits.blocker():
+            layer.contrast_limits_range = limits
         layer.contrast_limits = limits
         if tuple(layer.scale) != tuple(scale) or tuple(layer.translate) != tuple(translate):
             layer.scale, layer.translate = scale, translate
