@@ -224,7 +224,7 @@ def test_cli_spatialize(synthetic, tmp_path, capsys):
 
 
 def test_view_reads_widget_names_from_manifest(tmp_path):
-    from napari_he2rna.commands import view
+    from napari_he2rna.napari import viewer as view
 
     manifest = tmp_path / "napari.yaml"
     manifest.write_text(

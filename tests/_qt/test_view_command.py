@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from napari_he2rna.commands.view import manifest_widgets, open_viewer
 from napari_he2rna.errors import SlideError
+from napari_he2rna.napari.viewer import manifest_widgets, open_viewer
 
 
 def test_manifest_declares_the_panel_and_the_four_widgets():

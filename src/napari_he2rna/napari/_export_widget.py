@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
 from .. import spatial
 from ..errors import He2rnaError
 from ..pipeline import safe_name
-from ._model_widget import SlideLayerPicker
+from ._pickers import SlideLayerPicker
 from ._state import SlideState, get_registry, layer_info
 
 if TYPE_CHECKING:

@@ -34,11 +34,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from magicgui.widgets import ComboBox
 from napari.layers import Image
-from napari.utils import cancelable_progress
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, QStringListModel, Qt, QTimer, Signal
+from qtpy.QtCore import QStringListModel, Qt, QTimer
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -58,7 +56,9 @@ from qtpy.QtWidgets import (
 from .. import ood, readout, spatial
 from ..errors import Cancelled, He2rnaError
 from ..pipeline import DISTANCE_NAME, default_model_path
-from ._state import META_KEY, SlideState, get_registry, is_slide_layer, layer_info
+from ._pickers import SlideLayerPicker
+from ._state import META_KEY, SlideState, get_registry, layer_info
+from ._worker import Failed, ProgressBridge, RunProgress, compute_job
 
 if TYPE_CHECKING:
     import napari
@@ -77,36 +77,6 @@ UNCERTAINTY_COLORMAP = "viridis"
 #: Least time between two live repaints during a run (ms): batches can come faster than a redraw.
 LIVE_REPAINT_MS = 150
 DEVICES = ("auto", "cuda", "cpu")
-
-
-# ------------------------------------------------------------------------------------------ shared helpers
-class SlideLayerPicker(ComboBox):
-    """A combo box of the viewer's slide layers; follows the active layer (a slide or one of its heatmaps)."""
-
-    def __init__(self, viewer: napari.viewer.Viewer, label: str = "slide") -> None:
-        self._viewer = viewer
-        super().__init__(label=label, choices=self._choices, nullable=False)
-        for ev in (viewer.layers.events.inserted, viewer.layers.events.removed, viewer.layers.events.moved):
-            ev.connect(self._reset)
-        viewer.layers.selection.events.active.connect(self._follow_active)
-        self._follow_active()
-
-    def _choices(self, *_: Any) -> list[tuple[str, Any]]:
-        return [(layer.name, layer) for layer in self._viewer.layers if is_slide_layer(layer)]
-
-    def _reset(self, *_: Any) -> None:
-        self.reset_choices()
-
-    def _follow_active(self, *_: Any) -> None:
-        self.reset_choices()
-        active = self._viewer.layers.selection.active
-        if active is None:
-            return
-        if not is_slide_layer(active):
-            state = get_registry(self._viewer).state_of_layer(active)
-            active = state.layer if state is not None else None
-        if active is not None and any(active is c for c in self.choices):
-            self.value = active
 
 
 def tile_outline(grid: TileGrid, max_px: int = 2048) -> tuple[np.ndarray, tuple, tuple]:
@@ -159,69 +129,6 @@ class HeatmapImage(Image):
         return status
 
 
-class _RunProgress(cancelable_progress):
-    """napari activity-dock progress whose Cancel button also cancels the run."""
-
-    def cancel(self) -> None:
-        super().cancel()
-        if self.cancel_callback is not None:
-            self.cancel_callback()
-
-
-class _Failed:
-    """What a job returns instead of raising (napari would relay a raised exception with its traceback)."""
-
-    def __init__(self, exc: Exception) -> None:
-        self.exc = exc
-
-
-class _Bridge(QObject):
-    """Carries progress from the worker thread to the GUI thread (queued signal connections)."""
-
-    progressed = Signal(int, int, str)
-    grid_ready = Signal(object)
-    batch_done = Signal(int, int)
-
-
-def _compute_job(
-    state: SlideState, bundle: ModelBundle, device: str, cancel: threading.Event, bridge: _Bridge
-):
-    """Runs in the worker thread: tile grid first (for the outline), then features (cache reused).
-
-    Returns the tile grid, or the exception that stopped the job wrapped in :class:`_Failed`: napari workers
-    relay a raised (or returned) exception as a traceback notification, and users get one sentence instead
-    (see ``ModelWidget._on_errored``).
-    """
-    from .. import jobs
-    from ..features import resolve_device
-
-    session = state.session
-    try:
-        session.slide.require_mpp()
-        jobs.check_cancel(cancel)
-        # Small batches on a CPU: the first tiles are painted within seconds (a CPU is no faster per tile
-        # with bigger batches); a GPU keeps the usual 32.
-        batch = 8 if resolve_device(device).type == "cpu" else 32
-        grid = session.compute_features(
-            device=device,
-            progress=lambda d, t, m="": bridge.progressed.emit(int(d), int(t), str(m)),
-            cancel=cancel,
-            # The outline appears as soon as the grid is known, before the long extraction.
-            grid_ready=bridge.grid_ready.emit,
-            batch_ready=lambda d, t: bridge.batch_done.emit(int(d), int(t)),
-            progressive=True,
-            batch_size=batch,
-        )
-        jobs.check_cancel(cancel)
-        session.hidden()  # the hidden layers once, here: then every gene pick is one dot product
-        # The training-data check (tile distances, every gene's slide prediction vs the training range)
-        # runs here too, off the GUI thread; the widget reads the cached assessment.
-        session.assessment()
-        return grid
-    except Exception as exc:  # noqa: BLE001 - handed to the GUI thread, which reports it
-        return _Failed(exc)
-
-
 # ------------------------------------------------------------------------------------------ the widget
 class ModelWidget(QWidget):
     """Model bundle, device, Run/Cancel, and the gene picker that paints heatmap layers.
@@ -239,12 +146,11 @@ class ModelWidget(QWidget):
         self.viewer = napari_viewer
         self.registry = get_registry(napari_viewer)
         self.bundle: ModelBundle | None = None
-        self.user_sets: dict[str, list[str]] = {}
         self.worker = None
         self._run_state: SlideState | None = None
-        self._pbar: _RunProgress | None = None
+        self._pbar: RunProgress | None = None
         self._pending_paint: str | None = None
-        self._bridge = _Bridge(self)  # a child: deleted (and silenced) with the widget
+        self._bridge = ProgressBridge(self)  # a child: deleted (and silenced) with the widget
         self._bridge.progressed.connect(self._on_progress)
         self._bridge.grid_ready.connect(self._on_grid_ready)
         self._bridge.batch_done.connect(self._on_batch_done)
@@ -554,19 +460,17 @@ class ModelWidget(QWidget):
         session = state.session
         if session.bundle is not self.bundle:
             session.set_model(self.bundle)
-        for name, genes in self.user_sets.items():
-            session.gene_sets.setdefault(name, genes)
         cancel = threading.Event()
         state.cancel, state.running = cancel, True
         self._run_state = state
         device = self.device_combo.currentText()
         self.progress_bar.setRange(0, 0)  # busy until the first progress report
         self.status_label.setText(f"Tiling {state.layer.name}…")
-        self._pbar = _RunProgress(
+        self._pbar = RunProgress(
             total=0, desc=f"HE2RNA features: {state.layer.name}", cancel_callback=self.cancel
         )
         worker = create_worker(
-            _compute_job,
+            compute_job,
             state,
             self.bundle,
             device,
@@ -648,8 +552,8 @@ class ModelWidget(QWidget):
             if name:
                 self._update_layer(state, layer, name, info.get("kind", "heatmap"))
 
-    def _on_returned(self, state: SlideState, result: TileGrid | _Failed) -> None:
-        if isinstance(result, _Failed):
+    def _on_returned(self, state: SlideState, result: TileGrid | Failed) -> None:
+        if isinstance(result, Failed):
             self._on_errored(state, result.exc)
             return
         grid = result
@@ -841,7 +745,6 @@ class ModelWidget(QWidget):
             units=("µm", "µm"),
             metadata={
                 META_KEY: {"kind": kind, "session_key": state.key, "name": name, "role": role},
-                "session": state.session,
                 "units": units,
             },
         )
@@ -1044,13 +947,11 @@ class ModelWidget(QWidget):
         """What the gene box offers: gene sets (built-in, then the user's), then the model's genes."""
         state = self.current_state()
         if state is not None and state.session.bundle is not None and state.session.bundle is self.bundle:
-            for name, genes in self.user_sets.items():
-                state.session.gene_sets.setdefault(name, genes)
             return state.session.choices()
         if self.bundle is None:
             return []
         first = [DISTANCE_NAME] if ood.bundle_reference(self.bundle) is not None else []
-        sets = [*spatial.GENE_SETS, *[s for s in self.user_sets if s not in spatial.GENE_SETS]]
+        sets = [*spatial.GENE_SETS, *[s for s in self.registry.gene_sets if s not in spatial.GENE_SETS]]
         return [*first, *sets, *self.bundle.genes]
 
     def refresh_genes(self) -> None:
@@ -1095,9 +996,7 @@ class ModelWidget(QWidget):
         except He2rnaError as exc:
             show_error(str(exc))
             return []
-        self.user_sets.update(parsed)
-        for state in self.registry.states():
-            state.session.add_gene_sets(parsed)
+        self.registry.add_gene_sets(parsed)
         self.set_edit.clear()
         self.refresh_genes()
         state = self.current_state()

@@ -1,6 +1,7 @@
 """The viewer-side state the HE2RNA dock widgets share: one :class:`SlideSession` per open slide layer.
 
-The Model widget creates a slide's session when it first works on it; the Export widget reads it. A session
+The Model widget creates a slide's session when it first works on it; the Export widget reads it. The user's
+gene sets live here too (:attr:`SessionRegistry.gene_sets`), so every session scores the same sets. A session
 lives as long as its slide layer: removing the slide layer cancels a run in flight, removes the slide's
 heatmap and tile-outline layers and frees the features and scores (the slide handle itself is closed by the
 reader's own removal hook). Removing one heatmap layer drops that name's cached tile scores.
@@ -67,6 +68,8 @@ class SessionRegistry:
     def __init__(self, viewer: napari.viewer.Viewer) -> None:
         self._viewer_ref = weakref.ref(viewer)
         self._states: dict[int, SlideState] = {}
+        #: The user's gene sets (name -> genes), shared by every slide's session, present and future.
+        self.gene_sets: dict[str, list[str]] = {}
         viewer.layers.events.removed.connect(self._layer_removed)
 
     @property
@@ -93,12 +96,21 @@ class SessionRegistry:
         state = self._states.get(id(layer))
         if state is None or state.layer is not layer:
             state = SlideState(layer=layer, session=SlideSession(layer.metadata["slide"]))
+            if self.gene_sets:
+                state.session.add_gene_sets(self.gene_sets)
             self._states[id(layer)] = state
             self.changed.emit()
         return state
 
     def states(self) -> list[SlideState]:
         return list(self._states.values())
+
+    def add_gene_sets(self, sets: dict[str, list[str]]) -> None:
+        """Add (or redefine) user gene sets: every slide's session gets them, and so will new ones."""
+        self.gene_sets.update({name: list(genes) for name, genes in sets.items()})
+        for state in self._states.values():
+            state.session.add_gene_sets(sets)
+        self.changed.emit()
 
     def layers_of(self, state: SlideState, kind: str | None = None) -> list:
         """The heatmap (``kind="heatmap"``) and/or tile-outline (``"tiles"``) layers made for a slide."""

@@ -1,0 +1,80 @@
+"""The bridge between the Model dock and its worker thread: the Run job, its progress signals, its result.
+
+The job runs in a napari ``thread_worker``; it never raises (napari would show the traceback): it returns
+the tile grid or a :class:`Failed` holding the exception, which the dock turns into one sentence.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+from napari.utils import cancelable_progress
+from qtpy.QtCore import QObject, Signal
+
+if TYPE_CHECKING:
+    from ..model import ModelBundle
+    from ._state import SlideState
+
+
+class RunProgress(cancelable_progress):
+    """napari activity-dock progress whose Cancel button also cancels the run."""
+
+    def cancel(self) -> None:
+        super().cancel()
+        if self.cancel_callback is not None:
+            self.cancel_callback()
+
+
+class Failed:
+    """What a job returns instead of raising (napari would relay a raised exception with its traceback)."""
+
+    def __init__(self, exc: Exception) -> None:
+        self.exc = exc
+
+
+class ProgressBridge(QObject):
+    """Carries progress from the worker thread to the GUI thread (queued signal connections)."""
+
+    progressed = Signal(int, int, str)
+    grid_ready = Signal(object)
+    batch_done = Signal(int, int)
+
+
+def compute_job(
+    state: SlideState, bundle: ModelBundle, device: str, cancel: threading.Event, bridge: ProgressBridge
+):
+    """Runs in the worker thread: tile grid first (for the outline), then features (cache reused).
+
+    Returns the tile grid, or the exception that stopped the job wrapped in :class:`Failed`: napari workers
+    relay a raised (or returned) exception as a traceback notification, and users get one sentence instead
+    (see ``ModelWidget._on_errored``).
+    """
+    from .. import jobs
+    from ..features import resolve_device
+
+    session = state.session
+    try:
+        session.slide.require_mpp()
+        jobs.check_cancel(cancel)
+        # Small batches on a CPU: the first tiles are painted within seconds (a CPU is no faster per tile
+        # with bigger batches); a GPU keeps the usual 32.
+        batch = 8 if resolve_device(device).type == "cpu" else 32
+        grid = session.compute_features(
+            device=device,
+            progress=lambda d, t, m="": bridge.progressed.emit(int(d), int(t), str(m)),
+            cancel=cancel,
+            # The outline appears as soon as the grid is known, before the long extraction.
+            grid_ready=bridge.grid_ready.emit,
+            batch_ready=lambda d, t: bridge.batch_done.emit(int(d), int(t)),
+            progressive=True,
+            batch_size=batch,
+        )
+        jobs.check_cancel(cancel)
+        session.hidden()  # the hidden layers once, here: then every gene pick is one dot product
+        # The training-data check (tile distances, every gene's slide prediction vs the training range)
+        # runs here too, off the GUI thread; the widget reads the cached assessment.
+        session.assessment()
+        return grid
+    except Exception as exc:  # noqa: BLE001 - handed to the GUI thread, which reports it
+        return Failed(exc)
