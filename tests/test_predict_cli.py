@@ -96,3 +96,14 @@ def test_sets_are_the_mean_of_their_genes_and_unknown_names_are_refused(model, p
     args = ["predict", str(SLIDE), "--model", str(model), "--genes", "NOPE", "--out", str(tmp_path / "y")]
     assert main(args) == 2
     assert "'NOPE' is not a gene of this model" in capsys.readouterr().err
+
+
+def test_an_existing_h5ad_or_sidecar_is_refused_before_any_work(model, tmp_path, capsys):
+    for name in ("sample_slide_tiles.h5ad", "sample_slide_tile_scores.json"):
+        out = tmp_path / name.split(".")[-1]
+        out.mkdir()
+        (out / name).write_bytes(b"mine\n")
+        assert main(["predict", str(SLIDE), "--model", str(model), "--genes", "CD3D", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert str(out / name) in err and "--overwrite" in err
+        assert sorted(p.name for p in out.iterdir()) == [name] and (out / name).read_bytes() == b"mine\n"

@@ -96,7 +96,7 @@ class Comparison:
     results: dict[str, Metrics] = field(default_factory=dict)
     truth_values: np.ndarray | None = None
     truth_label: str = ""
-    _cache: tuple[Any, np.ndarray] | None = field(default=None, init=False, repr=False, compare=False)
+    _cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
     def for_grid(
@@ -240,10 +240,9 @@ class Comparison:
         return layer_affine(self.alignment)
 
     # ------------------------------------------------------------------------------------------ numbers
-    def _key(self) -> tuple:
+    def _settings(self) -> tuple:
+        """Everything besides the grid and the truth objects that the truth per tile depends on."""
         return (
-            id(self.grid),
-            id(self.truth),
             self.alignment,
             self.classes,
             self.negative_classes,
@@ -263,9 +262,10 @@ class Comparison:
         if self.grid is None:
             raise DataError("the slide has no tile grid yet: run the model on it first")
         gt = self._require_truth()
-        key = self._key()
-        if self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        settings = self._settings()
+        cached = self._cache
+        if cached is not None and cached[0] is self.grid and cached[1] is gt and cached[2] == settings:
+            return cached[3]
         grid, alignment = self.grid, self.alignment
         if gt.kind == "cells":
             cells = gt.cells
@@ -285,7 +285,7 @@ class Comparison:
             values = truth_io.annotation_labels(
                 grid, inside, self.min_fraction, negative=negative, alignment=alignment
             )
-        self._cache = (key, values)
+        self._cache = (self.grid, gt, settings, values)  # the objects themselves: an id can be reused
         return values
 
     def metrics_for(self, scores: Any) -> Metrics:

@@ -45,18 +45,18 @@ def register(subparsers) -> None:
         "compare",
         help="compare tile scores with ground truth (QuPath cells, masks, annotations): R, AUC, top-N",
         description=(
-            "Compare per-tile scores (from he2rna spatialize) with ground truth aligned by microns: QuPath "
-            "cell detections (counts per tile), a segmentation mask (fraction per tile) or GeoJSON "
-            "annotations (label per tile). Reports Pearson R (two-tailed p) and Spearman rho, ROC-AUC for "
-            "tiles above the 75/90/95/99th percentile of the count, the median count in the top-N tiles, and "
-            "for annotations the inside-vs-outside AUC and the share of top-N tiles inside. Tile-level "
-            "p-values treat neighbouring "
-            "tiles as independent and are optimistic; --spatial-null adds a circular-shift null."
+            "Compare per-tile scores (from he2rna spatialize or predict) with ground truth aligned by "
+            "microns: QuPath cell detections (counts per tile), a segmentation mask (fraction per tile) or "
+            "GeoJSON annotations (label per tile). Reports Pearson R (two-tailed p) and Spearman rho, "
+            "ROC-AUC for tiles above the 75/90/95/99th percentile of the count, the median count in the "
+            "top-N tiles, and for annotations the inside-vs-outside AUC and the share of top-N tiles inside. "
+            "Tile-level p-values treat neighbouring tiles as independent and are optimistic; --spatial-null "
+            "adds a circular-shift null."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     src = p.add_argument_group("one slide")
-    src.add_argument("--scores", type=Path, help="tile-scores CSV written by he2rna spatialize")
+    src.add_argument("--scores", type=Path, help="tile-scores CSV written by he2rna spatialize or predict")
     src.add_argument("--slide", type=Path, help="the slide the scores belong to (for its size and µm/px)")
     src.add_argument("--slide-size", type=int, nargs=2, metavar=("W", "H"), help="slide size in level-0 px")
     src.add_argument("--mpp", type=float, default=None, help="µm per level-0 pixel (overrides the slide's)")
