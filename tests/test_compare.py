@@ -270,3 +270,16 @@ def test_cli_compare_manifest(scored_slide, tmp_path, capsys):
     mean_r = per_slide.query("slide == 'mean' and truth == 'cell count (Positive)'")["pearson_r"].iloc[0]
     assert mean_r == pytest.approx(ok.query("truth == 'cell count (Positive)'")["pearson_r"].mean())
     assert (out / "s1_tiles.csv").is_file() and (out / "metrics.csv").is_file()
+
+
+def test_read_tile_scores_reads_the_earlier_predict_form(scored_slide, tmp_path):
+    """Earlier ``he2rna predict``: ``tile_id, row, col, x, y`` then genes, no size, no sidecar."""
+    s = scored_slide
+    table = pd.read_csv(s["csv"]).rename(columns={"x_px": "x", "y_px": "y"})
+    old = tmp_path / "old_predict_tile_scores.csv"
+    table[["tile_id", "row", "col", "x", "y", "T cells", "B cells"]].to_csv(old, index=False)
+    dims, mpp = s["grid"].slide_dimensions, s["grid"].mpp
+    grid, scores = compare.read_tile_scores(old, slide_dimensions=dims, mpp=mpp)
+    assert list(scores.columns) == ["T cells", "B cells"]
+    assert grid.tile_px == s["grid"].tile_px and grid.tile_side_um == pytest.approx(s["grid"].tile_side_um)
+    assert (grid.n_rows, grid.n_cols) == (s["grid"].n_rows, s["grid"].n_cols)

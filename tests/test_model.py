@@ -21,6 +21,7 @@ from napari_he2rna.model import (
     topk_mean,
     topk_mean_multi,
 )
+from napari_he2rna.spatial import TILE_CSV_COLUMNS
 
 GENES = ["CD3D", "CD3E", "MKI67", "KRT8", "TP63"]
 
@@ -389,7 +390,7 @@ def test_predict_command_on_a_real_slide(cmu_slide, tmp_path, capsys):
     slide_csv = pd.read_csv(out / "cmu-1-small-region_prediction.csv")
     tiles = pd.read_csv(out / "cmu-1-small-region_tile_scores.csv")
     assert list(slide_csv["gene"]) == ["CD3D", "MKI67"]
-    assert list(tiles.columns) == ["tile_id", "row", "col", "x", "y", "CD3D", "MKI67"] and len(tiles) > 20
+    assert list(tiles.columns) == [*TILE_CSV_COLUMNS, "CD3D", "MKI67"] and len(tiles) > 20
     # the slide-level value is the top-k aggregation of the very tile scores written
     s = torch.tensor(tiles[["CD3D", "MKI67"]].to_numpy().T[None], dtype=torch.float32)
     expected = topk_mean_multi(s, None, SUPERTILE_KS)[0].numpy()
@@ -398,7 +399,7 @@ def test_predict_command_on_a_real_slide(cmu_slide, tmp_path, capsys):
     assert main(again) == 2  # the earlier outputs are there: refused, not replaced
     assert "--overwrite" in capsys.readouterr().err
     assert main([*again[:5], "NOPE", *again[6:], "--overwrite"]) == 2
-    assert "does not predict NOPE" in capsys.readouterr().err
+    assert "'NOPE' is not a gene of this model" in capsys.readouterr().err
 
 
 def test_a_renamed_pickle_is_called_a_checkpoint(tmp_path):

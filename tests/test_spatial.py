@@ -6,7 +6,6 @@ import json
 import os
 import warnings
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -16,13 +15,14 @@ import napari_he2rna
 from napari_he2rna import spatial
 from napari_he2rna.errors import GeneError, He2rnaError
 from napari_he2rna.model import HE2RNA, load_bundle, save_bundle
+from napari_he2rna.tiling import TileGrid
 
 GENES = ["CD3D", "CD3E", "CD3G", "CD19", "MKI67", "KRT8", "GAPDH", "ACTB"]  # no CD247/MS4A1/TP63/KRT18
 DIM = 12
 
 
 def make_grid(tiles: list[tuple[int, int]], tile_px: int = 224, mpp: float = 0.5, n_rows=4, n_cols=5):
-    """A TileGrid-shaped object (the contract's attributes) with the given (row, col) tiles kept."""
+    """A TileGrid with the given (row, col) tiles kept."""
     rows = np.array([r for r, _ in tiles])
     cols = np.array([c for _, c in tiles])
     table = pd.DataFrame(
@@ -36,7 +36,7 @@ def make_grid(tiles: list[tuple[int, int]], tile_px: int = 224, mpp: float = 0.5
             "tissue_fraction": np.linspace(0.5, 1.0, len(tiles)),
         }
     )
-    return SimpleNamespace(
+    return TileGrid(
         table=table,
         tile_px=tile_px,
         tile_um=tile_px * mpp,

@@ -33,6 +33,8 @@ from scipy import stats
 from sklearn.metrics import auc as area_under_curve
 from sklearn.metrics import roc_curve
 
+from .tiling import TileGrid
+
 DEFAULT_PERCENTILES = (75, 90, 95, 99)
 
 #: Shown with every tile-level p-value.
@@ -526,22 +528,6 @@ POSITION_COLUMNS = (
 )
 
 
-@dataclass
-class TableGrid:
-    """A tile grid rebuilt from a tile-scores CSV (same fields as ``tiling.TileGrid``)."""
-
-    table: pd.DataFrame
-    tile_px: int
-    tile_um: float
-    mpp: float
-    n_rows: int
-    n_cols: int
-    slide_dimensions: tuple[int, int]
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-
 def _header_facts(path: Any) -> dict[str, str]:
     """``key=value`` facts of a tile CSV: its sidecar ``<stem>.json``, or the old commented first line.
 
@@ -576,15 +562,17 @@ def read_tile_scores(
     *,
     slide_dimensions: tuple[int, int] | None = None,
     mpp: float | None = None,
-) -> tuple[TableGrid, pd.DataFrame]:
+) -> tuple[TileGrid, pd.DataFrame]:
     """Read a tile-scores CSV (``he2rna spatialize``) back as a grid and its score columns.
 
     Parameters
     ----------
     path
-        CSV with ``tile_id, row, col`` and either ``x_px, y_px, size_px`` (spatial.py) or ``x, y, size``, then
-        one column per gene or set. Facts (``mpp``, ``slide_width`` ...) come from the sidecar ``<stem>.json``
-        or, in the old form, a first line starting with ``#`` holding ``key=value`` facts.
+        CSV with ``tile_id, row, col`` and either ``x_px, y_px, size_px`` (the tile table of ``spatialize``
+        and ``predict``, :data:`napari_he2rna.spatial.TILE_CSV_COLUMNS`) or ``x, y`` and maybe ``size``
+        (earlier versions; then the tile size is the tiles' spacing), then one column per gene or set.
+        Facts (``mpp``, ``slide_width`` ...) come from the sidecar ``<stem>.json`` or, in the old form, a
+        first line starting with ``#`` holding ``key=value`` facts.
     slide_dimensions
         (width, height) of the slide in level-0 px (from the slide); else the header's ``slide_width`` /
         ``slide_height``, else the extent of the tiles (then truth outside the tiles cannot be checked).
@@ -593,8 +581,9 @@ def read_tile_scores(
 
     Returns
     -------
-    (TableGrid, pandas.DataFrame)
-        The grid (its ``table`` has ``tile_id, row, col, x, y, size``) and the (N, k) score columns.
+    (TileGrid, pandas.DataFrame)
+        The grid (:meth:`~napari_he2rna.tiling.TileGrid.from_table`; its ``table`` has ``tile_id, row, col,
+        x, y, size, tissue_fraction`` and its ``tile_um`` is the actual side) and the (N, k) score columns.
     """
     from pathlib import Path
 
@@ -622,38 +611,24 @@ def read_tile_scores(
     scores = df[[c for c in df.columns if c not in POSITION_COLUMNS]].apply(pd.to_numeric, errors="coerce")
     if scores.shape[1] == 0:
         raise DataError(f"{path.name} has tile positions but no score column")
+    tile_px: int | None = None
     if size_col in df.columns:
         tile_px = int(round(float(df[size_col].mode().iloc[0])))
     elif "tile_px" in facts:
         tile_px = int(float(facts["tile_px"]))
-    else:
-        raise DataError(f"{path.name} does not give the tile size (no size_px/size column)")
     if mpp is None:
         if facts.get("mpp") not in (None, "", "None"):
             mpp = float(facts["mpp"])
-        elif "size_um" in df.columns:
+        elif "size_um" in df.columns and tile_px:
             mpp = float(df["size_um"].iloc[0]) / tile_px
         else:
             raise DataError(f"{path.name} does not say its µm/px: give the slide or --mpp")
     if slide_dimensions is None and "slide_width" in facts and "slide_height" in facts:
         slide_dimensions = (int(float(facts["slide_width"])), int(float(facts["slide_height"])))
-    if slide_dimensions is None:
-        slide_dimensions = (int((df["col"].max() + 1) * tile_px), int((df["row"].max() + 1) * tile_px))
-    w, h = (int(v) for v in slide_dimensions)
-    n_rows = max(int(math.ceil(h / tile_px)), int(df["row"].max()) + 1)
-    n_cols = max(int(math.ceil(w / tile_px)), int(df["col"].max()) + 1)
-    table = pd.DataFrame(
-        {
-            "tile_id": df["tile_id"].to_numpy(),
-            "row": df["row"].to_numpy(np.int64),
-            "col": df["col"].to_numpy(np.int64),
-            "x": df[x_col].to_numpy(np.int64),
-            "y": df[y_col].to_numpy(np.int64),
-            "size": df[size_col].to_numpy(np.int64) if size_col in df.columns else tile_px,
-            "tissue_fraction": df["tissue_fraction"].to_numpy() if "tissue_fraction" in df else np.nan,
-        }
-    )
-    grid = TableGrid(table, tile_px, tile_px * float(mpp), float(mpp), n_rows, n_cols, (w, h))
+    try:  # without a size column (earlier he2rna predict), the tile size is the spacing of the tiles
+        grid = TileGrid.from_table(df, float(mpp), tile_px=tile_px, slide_dimensions=slide_dimensions)
+    except ValueError:
+        raise DataError(f"{path.name} does not give the tile size (no size_px/size column)") from None
     return grid, scores.reset_index(drop=True)
 
 

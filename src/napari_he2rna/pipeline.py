@@ -623,7 +623,7 @@ class SlideSession:
     def tile_at(self, x_um: float, y_um: float) -> int | None:
         """Row of ``grid.table`` under a point in µm (world coordinates), or None off the kept tiles."""
         grid = self.current_grid()
-        size = spatial.tile_size_um(grid)
+        size = grid.tile_side_um
         row, col = int(np.floor(y_um / size)), int(np.floor(x_um / size))
         hit = np.flatnonzero((grid.table["row"].to_numpy() == row) & (grid.table["col"].to_numpy() == col))
         return int(hit[0]) if hit.size else None
@@ -636,7 +636,7 @@ class SlideSession:
         if self.grid is not None:
             info.update(
                 tile_px=self.grid.tile_px,
-                tile_um=round(spatial.tile_size_um(self.grid), 4),
+                tile_um=round(self.grid.tile_side_um, 4),
                 n_tiles=len(self.grid.table),
             )
         if bundle is not None:

@@ -382,11 +382,6 @@ def heatmap_raster(grid: TileGrid, values: np.ndarray | pd.Series | Sequence[flo
     return raster
 
 
-def tile_size_um(grid: TileGrid) -> float:
-    """Exact side of a tile in µm (``tile_px * mpp``; may differ slightly from the requested ``tile_um``)."""
-    return float(grid.tile_px) * float(grid.mpp)
-
-
 def heatmap_transform(grid: TileGrid) -> tuple[tuple[float, float], tuple[float, float]]:
     """``scale`` and ``translate`` (µm, (y, x)) of a one-pixel-per-tile heatmap layer.
 
@@ -400,7 +395,7 @@ def heatmap_transform(grid: TileGrid) -> tuple[tuple[float, float], tuple[float,
     tuple
         ``((s, s), (t, t))`` with ``s = tile_px * mpp`` and ``t = (tile_px - 1) / 2 * mpp``, in µm.
     """
-    s = tile_size_um(grid)
+    s = grid.tile_side_um
     t = (float(grid.tile_px) - 1.0) / 2.0 * float(grid.mpp)
     return (s, s), (t, t)
 
@@ -565,6 +560,7 @@ def write_tile_scores_csv(
     predictions: Mapping[str, float] | pd.Series | None = None,
     overwrite: bool = False,
     units: str = SCORE_UNITS,
+    side_file: bool = True,
 ) -> tuple[Path, Path | None]:
     """Write one row per tile with its position and scores, a metadata sidecar and the slide-level file.
 
@@ -592,6 +588,9 @@ def write_tile_scores_csv(
         Replace existing files.
     units
         What the scores are in (the bundle's output unit; default :data:`SCORE_UNITS`).
+    side_file
+        Write ``predictions`` to the side file too (``False``: only in the sidecar's metadata, for
+        ``he2rna predict``, whose slide-level table is its own ``<slide>_prediction.csv``).
 
     Returns
     -------
@@ -599,7 +598,7 @@ def write_tile_scores_csv(
         (tile CSV path, side file path or ``None``); the sidecar is at ``tile_metadata_path(path)``.
     """
     path = Path(path)
-    side = slide_csv_path(path) if predictions is not None else None
+    side = slide_csv_path(path) if predictions is not None and side_file else None
     meta_path = tile_metadata_path(path)
     if meta_path == path:
         raise ExportError(f"{path} ends in .json; give the tile table a .csv name.")
@@ -609,7 +608,7 @@ def write_tile_scores_csv(
     meta = tile_metadata(grid, list(scores_df.columns), slide_info, preds, units)
     text = json.dumps(meta, indent=2, ensure_ascii=False) + "\n"
 
-    if side is not None:
+    if side is not None and preds is not None:
         slide_name = (slide_info or {}).get("slide", "")
         side_df = pd.DataFrame(
             {
@@ -743,7 +742,7 @@ def write_heatmap_tiff(
     arr = np.ascontiguousarray(raster, dtype=np.float32)
     if arr.shape != (int(grid.n_rows), int(grid.n_cols)):
         raise ValueError(f"raster shape {arr.shape} does not match the grid ({grid.n_rows}, {grid.n_cols})")
-    px_um = tile_size_um(grid)
+    px_um = grid.tile_side_um
     scale, translate = heatmap_transform(grid)
     meta = {
         "name": name or "",
@@ -850,7 +849,7 @@ def render_heatmap_png(
     h, w = thumb.shape[:2]
     width_um, height_um = w * dsx * mpp, h * dsy * mpp
     raster = heatmap_raster(grid, values)
-    tile_um = tile_size_um(grid)
+    tile_um = grid.tile_side_um
     lo, hi = limits if limits is not None else robust_limits(values)
 
     fig = Figure(figsize=(8, 8 * max(min(height_um / max(width_um, 1e-9), 2.0), 0.4) + 0.6), dpi=dpi)

@@ -180,7 +180,7 @@ class TileGrid:
     tile_px : int
         Tile side in level-0 pixels (``round(tile_um / mpp)``).
     tile_um : float
-        Tile side in µm.
+        The tile side asked for, in µm (the model's); the actual side is :attr:`tile_side_um`.
     mpp : float
         µm per level-0 pixel.
     n_rows, n_cols : int
@@ -199,6 +199,86 @@ class TileGrid:
 
     def __len__(self) -> int:
         return len(self.table)
+
+    @property
+    def tile_side_um(self) -> float:
+        """The actual tile side in µm, ``tile_px * mpp`` (may differ slightly from the asked ``tile_um``)."""
+        return float(self.tile_px) * float(self.mpp)
+
+    @classmethod
+    def from_table(
+        cls,
+        table: pd.DataFrame,
+        mpp: float,
+        *,
+        tile_px: int | None = None,
+        slide_dimensions: tuple[int, int] | None = None,
+        tile_um: float | None = None,
+    ) -> TileGrid:
+        """The grid of a tile table: the grid's own columns or the exported tile table's.
+
+        Parameters
+        ----------
+        table
+            One row per tile with ``tile_id``, ``row``, ``col`` and either ``x``, ``y`` (and ``size``) or
+            the export's ``x_px``, ``y_px`` (and ``size_px``), level-0 px; ``tissue_fraction`` if known
+            (else NaN). Other columns (scores) are left out of :attr:`table`.
+        mpp
+            µm per level-0 px.
+        tile_px
+            Tile side in level-0 px; default: the most common ``size``/``size_px``, else the spacing of the
+            tiles' positions (``x = col * tile_px``).
+        slide_dimensions
+            (width, height) level-0 px; default: the extent of the tiles.
+        tile_um
+            The tile size asked for; default: the actual side ``tile_px * mpp``.
+
+        Raises
+        ------
+        ValueError
+            The table lacks the position columns, or the tile size cannot be known (no ``size`` column, no
+            ``tile_px`` and a single tile at the origin).
+        """
+        x_col = "x_px" if "x_px" in table.columns else "x"
+        y_col = "y_px" if "y_px" in table.columns else "y"
+        size_col = "size_px" if "size_px" in table.columns else "size"
+        missing = [c for c in ("tile_id", "row", "col", x_col, y_col) if c not in table.columns]
+        if missing:
+            raise ValueError(f"the tile table lacks the column(s) {', '.join(missing)}")
+        has_size = size_col in table.columns
+        rows, cols = table["row"].to_numpy(np.int64), table["col"].to_numpy(np.int64)
+        if tile_px is None and has_size:
+            tile_px = int(round(float(table[size_col].mode().iloc[0])))
+        if tile_px is None:  # e.g. the tile CSV of earlier ``he2rna predict``: x = col * tile_px
+            steps = np.r_[
+                table[x_col].to_numpy(float)[cols > 0] / cols[cols > 0],
+                table[y_col].to_numpy(float)[rows > 0] / rows[rows > 0],
+            ]
+            if not steps.size:
+                raise ValueError("the tile table does not give the tile size (no size_px/size column)")
+            tile_px = int(round(float(np.median(steps))))
+        tile_px = int(tile_px)
+        if slide_dimensions is None:
+            slide_dimensions = (int((cols.max() + 1) * tile_px), int((rows.max() + 1) * tile_px))
+        w, h = (int(v) for v in slide_dimensions)
+        n_rows = max(int(math.ceil(h / tile_px)), int(rows.max()) + 1)
+        n_cols = max(int(math.ceil(w / tile_px)), int(cols.max()) + 1)
+        grid_table = pd.DataFrame(
+            {
+                "tile_id": table["tile_id"].to_numpy(),
+                "row": rows,
+                "col": cols,
+                "x": table[x_col].to_numpy(np.int64),
+                "y": table[y_col].to_numpy(np.int64),
+                "size": table[size_col].to_numpy(np.int64) if has_size else tile_px,
+                "tissue_fraction": (
+                    table["tissue_fraction"].to_numpy() if "tissue_fraction" in table else np.nan
+                ),
+            }
+        )
+        side = tile_px * float(mpp)
+        tile_um = side if tile_um is None else float(tile_um)
+        return cls(grid_table, tile_px, tile_um, float(mpp), n_rows, n_cols, (w, h))
 
     def centers(self) -> np.ndarray:
         """(N, 2) float64 tile centres (x, y) in level-0 pixels."""

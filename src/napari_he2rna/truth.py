@@ -230,22 +230,35 @@ def _class_name(classification: Any) -> str:
     return UNCLASSIFIED
 
 
-def _select_classes(labels: pd.Series, classes: str | Iterable[str] | None, source: str) -> np.ndarray:
-    """Boolean mask of rows whose class matches; exact name first, then a ``:``-part (``Tumor: Positive``)."""
+def class_mask(labels: Any, classes: str | Iterable[str] | None) -> np.ndarray:
+    """Boolean mask of the labels whose class matches ``classes`` (``None``: all), possibly all False.
+
+    Exact name first, then a ``:``-part (``"Positive"`` matches ``"Tumor: Positive"``, as QuPath derives
+    sub-classes), then case-insensitive (people type ``"positive"``).
+    """
+    values = pd.Series(labels).astype(str).to_numpy()
     if classes is None:
-        return np.ones(len(labels), dtype=bool)
+        return np.ones(len(values), dtype=bool)
     wanted = [classes] if isinstance(classes, str) else list(classes)
-    keep = np.zeros(len(labels), dtype=bool)
-    values = labels.astype(str).to_numpy()
+    keep = np.zeros(len(values), dtype=bool)
     for name in wanted:
         hit = values == name
-        if not hit.any():  # "Positive" also matches "Tumor: Positive", as QuPath derives sub-classes
+        if not hit.any():
             parts = [tuple(p.strip() for p in v.split(":")) for v in values]
             hit = np.array([name in p for p in parts], dtype=bool)
-        if not hit.any():  # last resort: case-insensitive, since people type "positive"
+        if not hit.any():
             hit = np.char.lower(values.astype(str)) == name.lower()
         keep |= hit
-    if not keep.any():
+    return keep
+
+
+def select_classes(labels: Any, classes: str | Iterable[str] | None, source: str) -> np.ndarray:
+    """:func:`class_mask`, but a selection that matches nothing raises :class:`DataError` naming the classes
+    present in ``source``."""
+    keep = class_mask(labels, classes)
+    if classes is not None and not keep.any():
+        wanted = [classes] if isinstance(classes, str) else list(classes)
+        values = pd.Series(labels).astype(str).to_numpy()
         present = ", ".join(f"{k} ({v})" for k, v in Counter(values).most_common()) or "none"
         raise DataError(
             f"no objects of class {', '.join(repr(w) for w in wanted)} in {source}; "
@@ -434,7 +447,7 @@ def read_qupath_detections(
     else:
         cells = _read_table_cells(path, mpp)
     counts = dict(Counter(cells["cls"]))
-    keep = _select_classes(cells["cls"], classes, path.name)
+    keep = select_classes(cells["cls"], classes, path.name)
     out = cells[keep].reset_index(drop=True)
     out.attrs = dict(cells.attrs, classes=counts, source=str(path), mpp=mpp)
     if slide_dimensions is not None:
@@ -596,6 +609,80 @@ def read_mask(path: str | Path, channel: int | str | None = None) -> np.ndarray:
     return img
 
 
+@dataclass(frozen=True)
+class MaskGeometry:
+    """Where a mask lies on the slide it was drawn for: mask pixel ``(i, j)`` covers truth-scan level-0 px
+    ``[j*sx, (j+1)*sx) x [i*sy, (i+1)*sy)`` (before any alignment).
+
+    Attributes
+    ----------
+    mask_shape
+        (h, w) of the mask in pixels.
+    sx, sy
+        Level-0 px of the truth scan per mask px along x and y.
+    problem
+        Why the mask cannot be binned as it is ("" when it can): a mask scaled by size whose aspect ratio
+        does not match the slide's. It can still be drawn (stretched over the slide).
+    """
+
+    mask_shape: tuple[int, int]
+    sx: float
+    sy: float
+    problem: str = ""
+
+    def check(self) -> None:
+        """Raise :class:`DataError` with :attr:`problem` when there is one."""
+        if self.problem:
+            raise DataError(self.problem)
+
+    def layer_scale_translate(self, mpp: float) -> tuple[tuple[float, float], tuple[float, float]]:
+        """``scale`` and ``translate`` (µm, (y, x)) of an image layer of the mask over a slide layer of
+        ``scale = mpp``.
+
+        napari puts pixel centres on integer data coordinates: mask pixel ``j`` covers level-0 px
+        ``[j*s, (j+1)*s)``, so its centre is where slide pixel ``j*s + (s-1)/2`` is.
+        """
+        m = float(mpp)
+        return (self.sy * m, self.sx * m), ((self.sy - 1) / 2 * m, (self.sx - 1) / 2 * m)
+
+
+def mask_geometry(
+    mask_shape: tuple[int, int],
+    slide_dimensions: tuple[int, int],
+    mpp: float | None,
+    *,
+    mask_downsample: float | None = None,
+    mask_mpp: float | None = None,
+    max_aspect_mismatch: float = 0.02,
+) -> MaskGeometry:
+    """How a mask of ``mask_shape`` (h, w) maps onto a slide of ``slide_dimensions`` (w, h) level-0 px.
+
+    ``mask_mpp`` (µm per mask px, through ``mpp``, the truth scan's µm per level-0 px) wins over
+    ``mask_downsample`` (level-0 px per mask px); with neither the mask is stretched over the whole slide and
+    its aspect ratio must match the slide's within ``max_aspect_mismatch`` (else :attr:`MaskGeometry.problem`
+    says why). A non-positive downsample raises :class:`DataError`.
+    """
+    mh, mw = (int(v) for v in mask_shape)
+    w, h = (int(v) for v in slide_dimensions)
+    if mask_mpp is not None:
+        if not mpp:
+            raise DataError("the mask's µm/px needs the slide's µm/px")
+        mask_downsample = float(mask_mpp) / float(mpp)
+    if mask_downsample is not None:
+        if not mask_downsample > 0:
+            raise DataError(f"the mask downsample must be positive, got {mask_downsample}")
+        return MaskGeometry((mh, mw), float(mask_downsample), float(mask_downsample))
+    sx, sy = w / mw, h / mh
+    problem = ""
+    if abs(sx / sy - 1.0) > max_aspect_mismatch:
+        problem = (
+            f"the mask is {mw}x{mh} px (aspect {mw / mh:.3f}) but the slide is {w}x{h} px (aspect "
+            f"{w / h:.3f}): it does not cover the same area; give the mask's µm/px or downsample, "
+            "or crop it"
+        )
+    return MaskGeometry((mh, mw), sx, sy, problem)
+
+
 def mask_fraction_per_tile(
     mask: np.ndarray,
     grid: Any,
@@ -605,6 +692,7 @@ def mask_fraction_per_tile(
     positive: int | Iterable[int] | None = None,
     alignment: Alignment | None = None,
     max_aspect_mismatch: float = 0.02,
+    geometry: MaskGeometry | None = None,
 ) -> np.ndarray:
     """Fraction of positive mask pixels in each tile.
 
@@ -622,6 +710,10 @@ def mask_fraction_per_tile(
         Label value(s) counted as positive in a label mask; default any non-zero pixel.
     alignment
         Maps the mask's scan (µm) onto the slide.
+    geometry
+        Where the mask lies (:func:`mask_geometry`), computed once by the caller that also draws the mask
+        (:class:`napari_he2rna.comparison.Comparison`); it replaces ``mask_downsample``, ``mask_mpp`` and
+        ``max_aspect_mismatch``.
 
     Returns
     -------
@@ -633,21 +725,19 @@ def mask_fraction_per_tile(
         raise DataError(f"a mask must be a non-empty 2-D array, got shape {mask.shape}")
     pos = mask != 0 if positive is None else np.isin(mask, np.atleast_1d(np.asarray(positive)))
     mh, mw = pos.shape
-    w, h = grid.slide_dimensions
-    if mask_mpp is not None:
-        mask_downsample = float(mask_mpp) / float(grid.mpp)
-    if mask_downsample is not None:
-        if not mask_downsample > 0:
-            raise DataError(f"the mask downsample must be positive, got {mask_downsample}")
-        sx = sy = float(mask_downsample)
-    else:
-        sx, sy = w / mw, h / mh
-        if abs(sx / sy - 1.0) > max_aspect_mismatch:
-            raise DataError(
-                f"the mask is {mw}x{mh} px (aspect {mw / mh:.3f}) but the slide is {w}x{h} px (aspect "
-                f"{w / h:.3f}): it does not cover the same area; give the mask's µm/px or downsample, "
-                "or crop it"
-            )
+    if geometry is None:
+        geometry = mask_geometry(
+            pos.shape,
+            grid.slide_dimensions,
+            grid.mpp,
+            mask_downsample=mask_downsample,
+            mask_mpp=mask_mpp,
+            max_aspect_mismatch=max_aspect_mismatch,
+        )
+    elif tuple(geometry.mask_shape) != pos.shape:
+        raise ValueError(f"the geometry is for a {geometry.mask_shape} mask, not {pos.shape}")
+    geometry.check()
+    sx, sy = geometry.sx, geometry.sy
     if alignment is not None and not alignment.is_identity and not _scales_and_shifts(alignment):
         return _mask_fraction_sampled(pos, grid, sx, sy, alignment)
     # Mask pixel j's centre in truth level-0 px, then through an axis-aligned alignment to slide px.
@@ -805,7 +895,7 @@ def read_annotations(
             polys.extend(_repair(AnnotationPolygon(rings[0], rings[1:], name, str(props.get("name", "")))))
     if not polys:
         raise DataError(f"{path.name} contains no annotation polygons (objectType {', '.join(object_types)})")
-    keep = _select_classes(pd.Series([p.cls for p in polys]), classes, path.name)
+    keep = select_classes(pd.Series([p.cls for p in polys]), classes, path.name)
     return [p for p, k in zip(polys, keep, strict=True) if k]
 
 

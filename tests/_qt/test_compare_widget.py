@@ -278,3 +278,35 @@ def test_session_provider_and_a_perfect_score(make_napari_viewer, grid):
     i = rows["ROC-AUC"]
     assert widget.table.item(i, 2).text() == "—"
     assert "constant" in widget.table.item(i, 3).text()
+
+
+@pytest.mark.parametrize("downsample", [0.0, 16.0])
+def test_the_drawn_mask_and_the_numbers_come_from_one_geometry(setup, tmp_path, downsample):
+    """One positive mask pixel: the tile under it on screen is the tile whose fraction counts it."""
+    from skimage import io
+
+    viewer, slide_layer, session, widget = setup
+    shape = io.imread(SAMPLE / "sample_slide_epithelium_mask.png").shape[:2]
+    # a pixel under a tissue tile's centre once the truth is shifted by (30, -20) µm
+    grid, mpp = session.grid, 0.5
+    s = downsample or slide_layer.metadata["slide"].dimensions[0] / shape[1]
+    x, y = grid.table[["x", "y"]].to_numpy()[len(grid.table) // 2] + grid.tile_px / 2
+    i, j = int((y + 20 / mpp) // s), int((x - 30 / mpp) // s)
+    mask = np.zeros(shape, np.uint8)
+    mask[i, j] = 255
+    io.imsave(tmp_path / "one_pixel.png", mask, check_contrast=False)
+    assert widget.load_truth_file(tmp_path / "one_pixel.png")
+    widget.downsample_spin.setValue(downsample)
+    widget.set_alignment((30.0, -20.0))
+    assert widget.recompute()
+    layer = widget.truth_layer
+    scale, translate = widget.comparison.mask_placement()
+    assert tuple(layer.scale) == pytest.approx(scale) and tuple(layer.translate) == pytest.approx(translate)
+    world_y, world_x = layer.data_to_world((i, j))  # µm, over the slide layer (scale = mpp)
+    row, col = slide_layer.world_to_data((world_y, world_x))
+    tile = np.flatnonzero(
+        (grid.table["row"] == int((row + 0.5) // grid.tile_px))
+        & (grid.table["col"] == int((col + 0.5) // grid.tile_px))
+    )
+    assert tile.size == 1 and widget.truth_values[tile[0]] > 0
+    assert np.nansum(widget.truth_values > 0) == 1

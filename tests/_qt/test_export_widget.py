@@ -148,3 +148,45 @@ def test_export_errors_are_notifications(painted, tmp_path, monkeypatch, notific
     viewer.layers.remove(model.heatmap_layer(get_registry(viewer).states()[0], "CD3D"))
     assert export.painted_names() == ["T cells"]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_h5ad_reads_back_asks_before_replacing_and_fails_in_one_sentence(
+    painted, tmp_path, monkeypatch, notifications
+):
+    import anndata
+
+    viewer, model, export, session = painted
+    grid = session.grid
+    target = tmp_path / "tiles.h5ad"
+    monkeypatch.setattr(QFileDialog, "getSaveFileName", lambda *a, **k: (str(tmp_path / "tiles"), ""))
+    asked = _answer(monkeypatch, yes=False)
+    assert export.export_h5ad() == target  # the dialog's name gets its .h5ad
+    assert asked == [] and any(str(target) in m for _, m in notifications)
+    adata = anndata.read_h5ad(target)
+    assert list(adata.var_names) == ["T cells", "CD3D"] and adata.n_obs == len(grid.table)
+    np.testing.assert_array_equal(adata.obsm["spatial"], grid.table[["x", "y"]].to_numpy(float))
+    np.testing.assert_allclose(adata.X[:, 1], session.scores("CD3D"), rtol=1e-6)
+    assert list(adata.uns["napari_he2rna"]["score_columns"])[:2] == ["T cells", "CD3D"]
+
+    # an existing file is replaced only after a "Yes"
+    before = target.read_bytes()
+    export.set_checked(["CD3D"])
+    assert export.export_h5ad(target) is None and len(asked) == 1 and str(target) in asked[0]
+    assert target.read_bytes() == before
+    _answer(monkeypatch, yes=True)
+    assert export.export_h5ad(target) == target
+    assert list(anndata.read_h5ad(target).var_names) == ["CD3D"]
+
+    # failures are one sentence, never a traceback; nothing is left behind
+    missing = tmp_path / "no_such_folder" / "t.h5ad"
+    assert export.export_h5ad(missing) is None and not missing.parent.exists()
+    assert any(sev == "error" and "no_such_folder" in m for sev, m in notifications)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("HDF5 is unhappy")
+
+    monkeypatch.setattr(session, "export_h5ad", broken)
+    assert export.export_h5ad(tmp_path / "other.h5ad") is None
+    errors = [m for sev, m in notifications if sev == "error"]
+    assert "RuntimeError: HDF5 is unhappy" in errors[-1] and "\n" not in errors[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiles.h5ad"]

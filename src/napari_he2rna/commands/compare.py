@@ -29,12 +29,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ..errors import DataError
 from ..safe_output import atomic_write_text, prepare_folder
 from ._common import add_slide_column_argument
+
+#: The annotation truth's name in the metrics tables, and its column in the per-tile table.
+ANNOTATION = "annotation"
+ANNOTATION_COLUMN = "inside annotation"
 
 
 def register(subparsers) -> None:
@@ -42,18 +45,18 @@ def register(subparsers) -> None:
         "compare",
         help="compare tile scores with ground truth (QuPath cells, masks, annotations): R, AUC, top-N",
         description=(
-            "Compare per-tile scores (from he2rna spatialize) with ground truth aligned by microns: QuPath "
-            "cell detections (counts per tile), a segmentation mask (fraction per tile) or GeoJSON "
-            "annotations (label per tile). Reports Pearson R (two-tailed p) and Spearman rho, ROC-AUC for "
-            "tiles above the 75/90/95/99th percentile of the count, the median count in the top-N tiles, and "
-            "for annotations the inside-vs-outside AUC and the share of top-N tiles inside. Tile-level "
-            "p-values treat neighbouring "
-            "tiles as independent and are optimistic; --spatial-null adds a circular-shift null."
+            "Compare per-tile scores (from he2rna spatialize or predict) with ground truth aligned by "
+            "microns: QuPath cell detections (counts per tile), a segmentation mask (fraction per tile) or "
+            "GeoJSON annotations (label per tile). Reports Pearson R (two-tailed p) and Spearman rho, "
+            "ROC-AUC for tiles above the 75/90/95/99th percentile of the count, the median count in the "
+            "top-N tiles, and for annotations the inside-vs-outside AUC and the share of top-N tiles inside. "
+            "Tile-level p-values treat neighbouring tiles as independent and are optimistic; --spatial-null "
+            "adds a circular-shift null."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     src = p.add_argument_group("one slide")
-    src.add_argument("--scores", type=Path, help="tile-scores CSV written by he2rna spatialize")
+    src.add_argument("--scores", type=Path, help="tile-scores CSV written by he2rna spatialize or predict")
     src.add_argument("--slide", type=Path, help="the slide the scores belong to (for its size and µm/px)")
     src.add_argument("--slide-size", type=int, nargs=2, metavar=("W", "H"), help="slide size in level-0 px")
     src.add_argument("--mpp", type=float, default=None, help="µm per level-0 pixel (overrides the slide's)")
@@ -165,6 +168,7 @@ def compare_one(
     read at the moving slide's pixel size.
     """
     from .. import compare, truth
+    from ..comparison import Comparison
 
     dims, mpp = _slide_facts(slide, slide_size, mpp)
     grid, scores = compare.read_tile_scores(scores_path, slide_dimensions=dims, mpp=mpp)
@@ -186,47 +190,65 @@ def compare_one(
                 f"its score columns are: {', '.join(scores.columns)}"
             )
         scores = scores[columns]
-    truths: dict[str, np.ndarray] = {}
+    settings = {
+        "scan_mpp": truth_mpp,
+        "alignment": alignment,
+        "percentiles": percentiles,
+        "thresholds": thresholds,
+        "top_n": top_n,
+    }
+    # One comparison per truth, each under its name in the tables (its per-tile values computed in turn, so
+    # a bad class or a truth off the slide is reported for the first truth that has it).
+    comparisons: dict[str, Comparison] = {}
     if cells is not None:
-        detections = truth.read_qupath_detections(cells, truth_mpp, classes=cell_class or None)
-        label = "cell count" + (f" ({'+'.join(cell_class)})" if cell_class else "")
-        truths[label] = truth.cell_counts_per_tile(detections, grid, alignment=alignment)
-    if mask is not None:
-        m = truth.read_mask(mask, channel=mask_channel)
-        truths["mask fraction"] = truth.mask_fraction_per_tile(
-            m, grid, None if mask_mpp is None else mask_mpp / truth_mpp, alignment=alignment
+        c = Comparison.for_grid(
+            grid,
+            truth.load_truth(cells, truth_mpp, kind="cells"),
+            classes=tuple(cell_class) if cell_class else None,
+            **settings,
         )
-    labels = None
+        c.truth_per_tile()
+        comparisons[c.label] = c
+    if mask is not None:
+        c = Comparison.for_grid(
+            grid,
+            truth.load_truth(mask, truth_mpp, kind="mask", channel=mask_channel),
+            mask_mpp=mask_mpp,
+            **settings,
+        )
+        c.truth_per_tile()
+        comparisons[c.label] = c
     if annotations is not None:
-        polys = truth.read_annotations(annotations, classes=annotation_class or None)
-        negative = truth.read_annotations(annotations, classes=negative_class) if negative_class else None
-        labels = truth.annotation_labels(grid, polys, min_fraction, negative=negative, alignment=alignment)
-    if not truths and labels is None:
+        c = Comparison.for_grid(
+            grid,
+            truth.load_truth(annotations, truth_mpp, kind="annotations"),
+            classes=tuple(annotation_class) if annotation_class else None,
+            negative_classes=tuple(negative_class) if negative_class else None,
+            min_fraction=min_fraction,
+            **settings,
+        )
+        c.truth_per_tile()
+        comparisons[ANNOTATION] = c
+    if not comparisons:
         raise DataError("give some truth to compare with: --cells, --mask or --annotations")
     results: dict[tuple[str, str], Any] = {}
     for col in scores.columns:
         s = scores[col].to_numpy(float)
-        for name, values in truths.items():
-            results[(col, name)] = compare.tile_metrics(s, values, percentiles, thresholds, top_n)
-        if labels is not None:
-            results[(col, "annotation")] = compare.annotation_metrics(s, labels, top_n)
-    tiles = compare.compare_table(
-        grid.table, scores, {**truths, **({"inside annotation": labels} if labels is not None else {})}
-    )
+        for name, comparison in comparisons.items():
+            results[(col, name)] = comparison.metrics_for(s)
+    truths = {
+        ANNOTATION_COLUMN if name == ANNOTATION else name: c.truth_per_tile()
+        for name, c in comparisons.items()
+    }
+    tiles = compare.compare_table(grid.table, scores, truths)
     long_parts, rows = [], []
     for (col, name), res in results.items():
         t = res.table()
         t.insert(0, "truth", name)
         t.insert(0, "score", col)
         row = {"score": col, "truth": name, **res.as_dict()}
-        if spatial_null and name in truths:
-            from ..spatial import heatmap_raster
-
-            null = compare.spatial_null_p(
-                heatmap_raster(grid, scores[col].to_numpy(float)),
-                heatmap_raster(grid, truths[name]),
-                spatial_null,
-            )
+        if spatial_null and name != ANNOTATION:
+            null = comparisons[name].spatial_null(scores[col].to_numpy(float), spatial_null)
             row["spatial_null_p"] = null["p"]
             extra = pd.DataFrame(
                 [

@@ -13,9 +13,11 @@ fields and the affine line, which stay editable to correct it, and the IHC layer
 IHC's pixels) move with them. A failed alignment (no tissue, similarity too low) is a sentence in the
 alignment label; the fields are left as they were.
 
-All the numbers come from :mod:`napari_he2rna.truth` (binning) and :mod:`napari_he2rna.compare` (metrics);
-this module only wires Qt to them. They are recomputed a moment after any change (a QTimer debounce) on the
-GUI thread: a full recompute takes tens of milliseconds even at 30,000 tiles, so a worker thread would only
+The comparison itself (truth, filters, alignment, truth per tile, metrics) is a Qt-free
+:class:`~napari_he2rna.comparison.Comparison`, the one ``he2rna compare`` drives too; the truth layer is drawn
+from it by :mod:`._truth_layers` and the ROC curves by :mod:`._roc_canvas`; this module only wires Qt to
+them. The numbers are recomputed a moment after any change (a QTimer debounce) on the GUI thread: a full
+recompute takes tens of milliseconds even at 30,000 tiles, so a worker thread would only
 add latency. Every error becomes a napari notification; the widget stays usable.
 
 The per-slide :class:`~napari_he2rna.pipeline.SlideSession` (grid and tile scores) comes from the shared
@@ -32,8 +34,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
-from matplotlib.figure import Figure
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtGui import QDoubleValidator
@@ -59,9 +59,12 @@ from qtpy.QtWidgets import (
 )
 
 from .. import align, compare, spatial, truth
+from ..comparison import Comparison, layer_affine
 from ..errors import Cancelled, DataError, He2rnaError, SlideError
 from ..slide import SLIDE_SUFFIXES, open_slide
+from ._roc_canvas import RocCanvas
 from ._state import META_KEY, get_registry, is_slide_layer, layer_info
+from ._truth_layers import place_truth_layer, show_truth_layer, style_truth_layer
 
 if TYPE_CHECKING:
     import napari
@@ -145,24 +148,6 @@ def _fmt(metric: str, value: Any) -> str:
     return f"{float(value):.3f}"
 
 
-def _outline_paths(rings_um: list[np.ndarray], tolerance_um: float = 1.0) -> list[np.ndarray]:
-    """Closed (y, x) µm outlines for a Shapes layer, simplified to ``tolerance_um`` for drawing only.
-
-    napari triangulates every polygon's fill even when it is transparent (seconds for a few thousand
-    vertices, minutes for a detailed QuPath tumour outline), so annotations are drawn as closed paths;
-    the metrics use the full polygons, holes included.
-    """
-    out = []
-    for ring in rings_um:
-        ring = np.asarray(ring, dtype=float)
-        closed = ring if np.array_equal(ring[0], ring[-1]) else np.vstack([ring, ring[:1]])
-        if truth.shapely is not None and len(closed) > 8:
-            simple = truth.shapely.simplify(truth.shapely.LineString(closed), tolerance_um)
-            closed = np.asarray(simple.coords, dtype=float)
-        out.append(closed)
-    return out
-
-
 class CompareWidget(QWidget):
     """Load ground truth for a slide, align it, and compare one or two tile-score maps with it.
 
@@ -184,16 +169,10 @@ class CompareWidget(QWidget):
         self.viewer = napari_viewer
         self.registry = get_registry(napari_viewer)
         self._provider = session_provider or self._registry_session
-        # Truth state: the raw file content is kept so class / alignment / grid changes only re-bin it.
-        self.truth_path: Path | None = None
-        self.truth_kind: str | None = None  # "cells" | "mask" | "annotations"
-        self._cells_all: pd.DataFrame | None = None
-        self._polygons_all: list[truth.AnnotationPolygon] | None = None
-        self._mask: np.ndarray | None = None
-        self._truth_mpp: float | None = None
+        # Truth state: the loaded truth, its filters, alignment, cached truth per tile and metrics live in
+        # the comparison (None before a load); the widget's fields are copied into it by _sync.
+        self.comparison: Comparison | None = None
         self.truth_layer = None
-        self._truth_layer_slide = None
-        self._truth_cache: tuple[Any, np.ndarray] | None = None
         self._last_error = ""
         self._loading = False
         self._pending_mask: Path | None = None  # a mask that failed to load for want of a channel
@@ -355,9 +334,8 @@ class CompareWidget(QWidget):
         self.table.setMinimumHeight(200)
         layout.addWidget(self.table)
 
-        self.figure = Figure(figsize=(4, 2.6), tight_layout=True)
-        self.canvas = FigureCanvasQTAgg(self.figure)
-        self.canvas.setMinimumHeight(220)
+        self.roc = RocCanvas()
+        self.figure, self.canvas = self.roc.figure, self.roc.canvas
         layout.addWidget(self.canvas)
 
         buttons = QHBoxLayout()
@@ -495,7 +473,6 @@ class CompareWidget(QWidget):
                 pass
 
     def _slide_changed(self, *args) -> None:
-        self._truth_cache = None
         if self.truth_path is not None and self.slide_layer is not None:
             # The truth was placed through the previous slide's µm/px: read it again for this one.
             self.load_truth_file(self.truth_path, kind=self.truth_kind)
@@ -531,7 +508,8 @@ class CompareWidget(QWidget):
             channel = None if channel == AUTO_CHANNEL else channel
             # a truth drawn on the IHC gives µm of the IHC: read it in the IHC's pixels
             scan_mpp = self.ihc_slide.mpp if self.ihc_slide is not None and self.ihc_slide.mpp else mpp
-            loaded = truth.load_truth(path, scan_mpp, kind=kind, channel=channel)
+            comparison = Comparison(tuple(int(v) for v in slide.dimensions), mpp, scan_mpp=scan_mpp)
+            comparison.load(path, kind=kind, channel=channel)
         except He2rnaError as exc:
             if path.suffix.lower() in truth.MASK_SUFFIXES and kind in (None, "mask"):
                 # e.g. a colour mask: let the user pick the channel, which loads it again
@@ -543,11 +521,7 @@ class CompareWidget(QWidget):
         self._loading = True
         try:
             self._pending_mask = None
-            self.truth_path, self.truth_kind, self._truth_mpp = path, loaded.kind, mpp
-            self._cells_all = loaded.cells
-            self._polygons_all = loaded.polygons
-            self._mask = loaded.mask
-            self._truth_cache = None
+            self.comparison = comparison
             self._update_truth_options()
             self._show_truth_layer()
         finally:
@@ -565,12 +539,7 @@ class CompareWidget(QWidget):
     def _update_truth_options(self) -> None:
         """Fill the class combos from the file and show only the options of this kind of truth."""
         kind = self.truth_kind
-        classes: list[str] = []
-        if kind == "cells" and self._cells_all is not None:
-            counts = self._cells_all.attrs.get("classes") or dict(self._cells_all["cls"].value_counts())
-            classes = [c for c, _ in sorted(counts.items(), key=lambda kv: -kv[1])]
-        elif kind == "annotations" and self._polygons_all is not None:
-            classes = list(dict.fromkeys(p.cls for p in self._polygons_all))
+        classes = self.comparison.class_names() if self.comparison is not None else []
         for combo, first in ((self.class_combo, ALL_CLASSES), (self.negative_combo, OTHER_TILES)):
             current = combo.currentText()
             combo.blockSignals(True)
@@ -606,55 +575,52 @@ class CompareWidget(QWidget):
             self.truth_label.setText("No truth loaded.")
             return
         name = self.truth_path.name
+        comparison = self._sync()
         if self.truth_kind == "cells":
-            n = len(self._selected_cells())
+            n = len(comparison.selected_cells())
             text = f"{name}: {n} cells ({self.class_combo.currentText()})"
         elif self.truth_kind == "annotations":
             text = f"{name}: {len(self._polygons_all or [])} polygons"
         else:
-            h, w = self._mask.shape
+            h, w = comparison.truth.mask.shape
             text = f"{name}: {w}x{h} px mask"
         self.truth_label.setText(text)
 
-    def _selected_cells(self) -> pd.DataFrame:
-        cells = self._cells_all
-        cls = self.class_combo.currentText()
-        if cells is None or cls in ("", ALL_CLASSES):
-            return cells if cells is not None else pd.DataFrame(columns=["x_px", "y_px", "cls"])
-        out = cells[cells["cls"].to_numpy() == cls].reset_index(drop=True)
-        out.attrs = dict(cells.attrs)
-        return out
+    @property
+    def truth_path(self) -> Path | None:
+        """The loaded truth file (None before any load)."""
+        return None if self.comparison is None else Path(self.comparison.truth.source)
 
-    def _polygons(self, which: str) -> list[truth.AnnotationPolygon] | None:
-        combo = self.class_combo if which == "inside" else self.negative_combo
-        cls = combo.currentText()
-        if which == "outside" and cls in ("", OTHER_TILES):
+    @property
+    def truth_kind(self) -> str | None:
+        """``"cells"``, ``"mask"``, ``"annotations"`` or None."""
+        return None if self.comparison is None else self.comparison.kind
+
+    @property
+    def _polygons_all(self) -> list[truth.AnnotationPolygon] | None:
+        return None if self.comparison is None else self.comparison.truth.polygons
+
+    def _sync(self) -> Comparison | None:
+        """Copy the widget's fields (classes, mask scale, alignment, grid, metric settings) into the
+        comparison and return it (None before any truth is loaded)."""
+        c = self.comparison
+        if c is None:
             return None
-        polys = self._polygons_all or []
-        if cls in ("", ALL_CLASSES):
-            return list(polys)
-        return [p for p in polys if p.cls == cls]
+        cls, outside = self.class_combo.currentText(), self.negative_combo.currentText()
+        c.classes = None if cls in ("", ALL_CLASSES) else (cls,)
+        c.negative_classes = None if outside in ("", OTHER_TILES) or c.kind != "annotations" else (outside,)
+        c.mask_downsample = self.downsample_spin.value() or None
+        c.mask_mpp = self.mask_mpp_spin.value() or None
+        c.alignment = self.alignment()
+        session = self.session
+        c.grid = None if session is None else session.grid
+        c.thresholds = tuple(self._threshold())
+        c.top_n = self.top_n_spin.value()
+        return c
 
     def ground_truth(self) -> truth.GroundTruth | None:
-        """The loaded truth with the class filter applied (None before any load)."""
-        if self.truth_kind == "cells":
-            cls = self.class_combo.currentText()
-            label = "cell count" + ("" if cls in ("", ALL_CLASSES) else f" ({cls})")
-            return truth.GroundTruth("cells", self.truth_path, label, cells=self._selected_cells())
-        if self.truth_kind == "mask":
-            return truth.GroundTruth(
-                "mask",
-                self.truth_path,
-                "mask fraction",
-                mask=self._mask,
-                mask_downsample=self.downsample_spin.value() or None,
-                mask_mpp=self.mask_mpp_spin.value() or None,
-            )
-        if self.truth_kind == "annotations":
-            cls = self.class_combo.currentText()
-            label = "inside" if cls in ("", ALL_CLASSES) else cls
-            return truth.GroundTruth("annotations", self.truth_path, label, polygons=self._polygons("inside"))
-        return None
+        """The loaded truth, unfiltered (None before any load); the filters are the comparison's."""
+        return None if self.comparison is None else self.comparison.truth
 
     def _class_changed(self, *args) -> None:
         if self.truth_kind == "cells":
@@ -678,91 +644,28 @@ class CompareWidget(QWidget):
         self._truth_changed()
 
     def _truth_changed(self, *args) -> None:
-        self._truth_cache = None
-        self.schedule()
+        self.schedule()  # the comparison's cache follows the fields it is given
 
     # ================================================================================================ layers
     def _show_truth_layer(self) -> None:
         """(Re)draw the truth layer: Points (cells), Shapes (annotations) or Image (mask), in µm."""
-        mpp = self._truth_mpp
-        name = f"{self.truth_path.stem} truth"
-        layer = self.truth_layer if self.truth_layer in self.viewer.layers else None
-        want = {"cells": "points", "annotations": "shapes", "mask": "image"}[self.truth_kind]
-        if layer is not None and (
-            type(layer).__name__.lower() != want or layer.metadata.get("source") != self.truth_path
-        ):
-            self.viewer.layers.remove(layer)
-            layer = None
+        comparison = self._sync()
         slide_layer = self.slide_layer
+        name = f"{self.truth_path.stem} truth"
         # same units as the slide layer (µm), else napari stops using units for all layers
         units = dict(units=tuple(slide_layer.units)) if slide_layer is not None else {}
         meta = {
             META_KEY: {"kind": "truth", "session_key": id(slide_layer), "name": name},
             "source": self.truth_path,
         }
-        if self.truth_kind == "cells":
-            pts = truth.cells_points_um(self._selected_cells(), mpp)
-            if layer is None:
-                # ~ a lymphocyte's size in µm, so the dots sit on the nuclei at full zoom
-                layer = self.viewer.add_points(
-                    pts,
-                    name=name,
-                    size=6.0,
-                    face_color="yellow",
-                    border_color="yellow",
-                    border_width=0,
-                    opacity=0.8,
-                    metadata=meta,
-                    **units,
-                )
-            else:
-                layer.data = pts
-        elif self.truth_kind == "annotations":
-            shapes = _outline_paths(truth.annotation_shapes_um(self._polygons_all or [], mpp)[0])
-            if layer is not None:
-                self.viewer.layers.remove(layer)
-            layer = self.viewer.add_shapes(
-                shapes or None,
-                shape_type="path",
-                name=name,
-                edge_width=max(4 * mpp, 2.0),
-                metadata=meta,
-                **units,
-            )
-        else:
-            data = (np.asarray(self._mask) != 0).astype(np.uint8)
-            if layer is not None:
-                self.viewer.layers.remove(layer)
-            layer = self.viewer.add_image(
-                data,
-                name=name,
-                colormap="green",
-                blending="additive",
-                opacity=0.5,
-                contrast_limits=(0, 1),
-                metadata=meta,
-                **units,
-            )
-        self.truth_layer = layer
-        self._style_shapes()
-        self._place_truth_layer()
+        self.truth_layer = show_truth_layer(
+            self.viewer, comparison, self.truth_layer, name=name, metadata=meta, **units
+        )
+        self._place_truth_layer()  # and the IHC layer, and the affine line
 
     def _style_shapes(self) -> None:
-        layer = self.truth_layer
-        if self.truth_kind != "annotations" or layer is None or not len(layer.data):
-            return
-        _, classes = truth.annotation_shapes_um(self._polygons_all or [], self._truth_mpp)
-        inside, outside = self.class_combo.currentText(), self.negative_combo.currentText()
-        colours = []
-        for cls in classes:
-            base = cls.removesuffix(" (hole)")
-            if base == inside or inside == ALL_CLASSES:
-                colours.append("red")
-            elif base == outside:
-                colours.append("cyan")
-            else:
-                colours.append("gray")
-        layer.edge_color = colours
+        if self.comparison is not None:
+            style_truth_layer(self.truth_layer, self._sync())
 
     def alignment(self) -> truth.Alignment:
         """The alignment set in the widget (truth scan -> slide, µm)."""
@@ -773,34 +676,15 @@ class CompareWidget(QWidget):
             shape=None if np.allclose(self._shape, np.eye(2)) else self._shape,
         )
 
-    def _yx_affine(self) -> np.ndarray:
-        a = self.alignment().affine
-        return np.array([[a[1, 1], a[1, 0], a[1, 2]], [a[0, 1], a[0, 0], a[0, 2]], [0.0, 0.0, 1.0]])
-
     def _place_truth_layer(self) -> None:
         """Put the truth and IHC layers where the alignment says, as a napari affine in (y, x) µm."""
         self._show_affine()
         if self.ihc_layer is not None and self.ihc_layer in self.viewer.layers:
-            self.ihc_layer.affine = self._yx_affine()
+            self.ihc_layer.affine = layer_affine(self.alignment())
         layer = self.truth_layer
-        if layer is None or layer not in self.viewer.layers:
+        if layer is None or layer not in self.viewer.layers or self.comparison is None:
             return
-        if self.truth_kind == "mask":
-            mpp = self._truth_mpp
-            mh, mw = self._mask.shape
-            ds = self.downsample_spin.value() or None
-            if self.mask_mpp_spin.value():
-                ds = self.mask_mpp_spin.value() / mpp
-            slide = self.slide_layer.metadata["slide"] if self.slide_layer is not None else None
-            if ds is None and slide is not None:
-                w, h = slide.dimensions
-                sx, sy = w / mw, h / mh
-            else:
-                sx = sy = ds or 1.0
-            layer.scale = (sy * mpp, sx * mpp)
-            # mask pixel j covers level-0 px [j*s, (j+1)*s): its centre is where slide pixel j*s+(s-1)/2 is
-            layer.translate = ((sy - 1) / 2 * mpp, (sx - 1) / 2 * mpp)
-        layer.affine = self._yx_affine()
+        place_truth_layer(layer, self._sync())
 
     def _show_affine(self) -> None:
         a = self.alignment().affine
@@ -983,24 +867,7 @@ class CompareWidget(QWidget):
 
     def truth_per_tile(self) -> np.ndarray:
         """(N,) truth per tile of the slide's grid under the current class and alignment (cached)."""
-        session = self.session
-        grid = session.grid
-        key = (id(grid), self.alignment())
-        if self._truth_cache is not None and self._truth_cache[0] == key:
-            return self._truth_cache[1]
-        gt = self.ground_truth()
-        if gt.kind == "annotations":
-            if not gt.polygons:
-                raise DataError(f"no annotation of class {self.class_combo.currentText()!r}")
-            values = truth.annotation_labels(
-                grid, gt.polygons, negative=self._polygons("outside"), alignment=self.alignment()
-            )
-        else:
-            if gt.kind == "cells" and not len(gt.cells):
-                raise DataError(f"no cell of class {self.class_combo.currentText()!r} in {gt.source.name}")
-            values = gt.per_tile(grid, self.alignment())
-        self._truth_cache = (key, values)
-        return values
+        return self._sync().truth_per_tile()
 
     def recompute(self) -> bool:
         """Bin the truth, score the picked names and refresh the table and the ROC plot now.
@@ -1026,22 +893,15 @@ class CompareWidget(QWidget):
             self._render()
             return False
         try:
-            values = self.truth_per_tile()
-            top_n = self.top_n_spin.value()
-            for name in self.score_names():
-                canonical = session.canonical(name)
-                scores = np.asarray(session.scores(name), dtype=np.float64)
-                self.score_values[canonical] = scores
-                if self.truth_kind == "annotations":
-                    self.results[canonical] = compare.annotation_metrics(scores, values, top_n=top_n)
-                else:
-                    self.results[canonical] = compare.tile_metrics(
-                        scores, values, thresholds=self._threshold(), top_n=top_n
-                    )
-            self.truth_values = values
+            comparison = self._sync()
+            comparison.truth_per_tile()  # a truth problem is reported before a gene problem
+            scores = {session.canonical(n): session.scores(n) for n in self.score_names()}
+            self.results = comparison.compute(scores)
+            self.score_values = comparison.scores
+            values = self.truth_values = comparison.truth_values
             state = self.registry.get(self.slide_layer)
             if state is not None:  # the Model dock's hover readout shows it
-                state.extra["truth"] = (self.truth_kind, self.ground_truth().label, values)
+                state.extra["truth"] = (self.truth_kind, comparison.truth_label, values)
         except He2rnaError as exc:
             self._report(str(exc))
             self._render()
@@ -1051,10 +911,10 @@ class CompareWidget(QWidget):
             self._render()
             return False
         self._last_error = ""
-        self.metrics = compare.metrics_table(self.results, self.ground_truth().label)
+        self.metrics = comparison.metrics_table()
         n = len(values)
         units = session.units(self.score_names()[0])
-        self.status.setText(f"{n} tiles; truth: {self.ground_truth().label}; scores in {units}.")
+        self.status.setText(f"{n} tiles; truth: {comparison.truth_label}; scores in {units}.")
         self._render()
         return True
 
@@ -1105,39 +965,7 @@ class CompareWidget(QWidget):
                 table.setItem(i, j, item)
 
     def _draw_roc(self) -> None:
-        fig = self.figure
-        names = list(self.results)
-        if len(fig.axes) != max(len(names), 1) or not names:
-            # Building axes is the slow part of matplotlib (tens of ms each): only when the panel count
-            # changes; otherwise the curves are swapped on the existing axes.
-            fig.clear()
-            if not names:
-                self.canvas.draw_idle()
-                return
-            for ax in fig.subplots(1, len(names), squeeze=False)[0]:
-                ax.set_xlabel("false positive rate", fontsize=8)
-                ax.set_ylabel("true positive rate", fontsize=8)
-                ax.set_xlim(0, 1)
-                ax.set_ylim(0, 1)
-                ax.tick_params(labelsize=7)
-        for ax, name in zip(fig.axes, names, strict=True):
-            for artist in list(ax.lines):
-                artist.remove()
-            if ax.get_legend() is not None:
-                ax.get_legend().remove()
-            ax.set_prop_cycle(None)  # the same colour for the same cut in every redraw
-            res = self.results[name]
-            ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
-            if isinstance(res, compare.AnnotationMetrics):
-                if res.roc is not None:
-                    ax.plot(*res.roc, lw=1.5, label=f"inside AUC {res.auc:.2f}")
-            else:
-                for label, (fpr, tpr) in res.roc.items():
-                    ax.plot(fpr, tpr, lw=1.2, label=f"{label} AUC {res.auc[label]:.2f}")
-            ax.set_title(name, fontsize=9)
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=7, loc="lower right")
-        self.canvas.draw_idle()
+        self.roc.draw(self.results)
 
     # ================================================================================================ export
     def _save_path(self, path: str | Path | None, title: str, default: str) -> tuple[Path | None, bool]:
@@ -1177,10 +1005,7 @@ class CompareWidget(QWidget):
 
     def per_tile_table(self) -> pd.DataFrame:
         """Tile id and position, the score of each picked name and the truth per tile."""
-        grid = self.session.grid
-        return compare.compare_table(
-            grid.table, dict(self.score_values), {self.ground_truth().label: self.truth_values}
-        )
+        return self.comparison.per_tile_table()
 
     def export_tiles(self, path: str | Path | None = None) -> Path | None:
         """Write the per-tile table (tile id, row, col, x, y, scores, truth)."""

@@ -1,4 +1,5 @@
-"""The "Export" dock widget: write a slide's tile scores as CSV, QuPath GeoJSON tiles or heatmap TIFFs.
+"""The "Export" dock widget: write a slide's tile scores as CSV, AnnData (.h5ad), QuPath GeoJSON tiles or
+heatmap TIFFs.
 
 Only wiring: the files are written by :class:`napari_he2rna.pipeline.SlideSession` (atomically, via
 :mod:`napari_he2rna.spatial`). The names offered are the genes/sets painted on the picked slide (its heatmap
@@ -56,6 +57,11 @@ class ExportWidget(QWidget):
         self.extra_edit = QLineEdit()
         self.extra_edit.setPlaceholderText("more genes or sets, comma-separated (optional)")
         self.csv_button = QPushButton("Export tile scores (CSV)…")
+        self.h5ad_button = QPushButton("Export AnnData (.h5ad)…")
+        self.h5ad_button.setToolTip(
+            "Tiles x genes/sets for scanpy/squidpy: scores in X, the tile table in obs, "
+            'obsm["spatial"] in level-0 px and obsm["spatial_um"] in µm, the metadata in uns'
+        )
         self.geojson_button = QPushButton("Export tiles for QuPath (GeoJSON)…")
         self.tiff_button = QPushButton("Export heatmap (TIFF)…")
         self.result_label = QLabel("")
@@ -70,7 +76,7 @@ class ExportWidget(QWidget):
         layout.addWidget(QLabel("Genes / gene sets:"))
         layout.addWidget(self.names_list)
         layout.addWidget(self.extra_edit)
-        for button in (self.csv_button, self.geojson_button, self.tiff_button):
+        for button in (self.csv_button, self.h5ad_button, self.geojson_button, self.tiff_button):
             layout.addWidget(button)
         layout.addWidget(self.result_label)
         layout.addStretch(1)
@@ -78,6 +84,7 @@ class ExportWidget(QWidget):
         self.slide_picker.changed.connect(self.refresh)
         self.registry.changed.connect(self.refresh)
         self.csv_button.clicked.connect(lambda: self.export_csv())
+        self.h5ad_button.clicked.connect(lambda: self.export_h5ad())
         self.geojson_button.clicked.connect(lambda: self.export_geojson())
         self.tiff_button.clicked.connect(lambda: self.export_tiff())
         self.refresh()
@@ -205,32 +212,54 @@ class ExportWidget(QWidget):
         self._done(paths)
         return paths
 
-    def export_geojson(self, path: str | Path | None = None) -> Path | None:
-        """Write the tiles as QuPath GeoJSON with the chosen names' scores as measurements."""
+    def _export_file(
+        self, path: str | Path | None, dialog: tuple[str, str, str], write: Any, suffix: str = ""
+    ) -> Path | None:
+        """One file of the chosen names: ``dialog`` = (title, default suffix, filter) when ``path`` is None;
+        ``write(session, path, names)`` writes it (only after the user agreed to replace an existing file);
+        ``suffix`` is added to a name without it. Any failure is one sentence in a notification."""
         ready = self._ready_state()
         if ready is None:
             return None
         state, names = ready
-        path = (
-            Path(path)
-            if path
-            else self._ask_save(
-                "Export tiles for QuPath",
-                self._default_path(state, "_tiles.geojson"),
-                "GeoJSON (*.geojson *.json)",
-            )
-        )
+        title, default, filt = dialog
+        path = Path(path) if path else self._ask_save(title, self._default_path(state, default), filt)
         if path is None:
             return None
+        if suffix and path.suffix.lower() != suffix:
+            path = path.with_name(path.name + suffix)
         if not self.confirm_overwrite([path]):
             return None
         try:
-            written = Path(state.session.export_geojson(path, names, overwrite=True))
+            written = Path(write(state.session, path, names))
         except He2rnaError as exc:
             show_error(str(exc))
             return None
+        except Exception as exc:  # e.g. an HDF5 error: still one sentence, no traceback
+            show_error(f"the export to {path} failed: {exc.__class__.__name__}: {exc}")
+            return None
         self._done([written])
         return written
+
+    def export_h5ad(self, path: str | Path | None = None) -> Path | None:
+        """Write the tiles as AnnData (``.h5ad``): the chosen names' scores in ``X``, the tiles in ``obs``.
+
+        ``path`` None asks with a save dialog. Returns the written path, or None (cancelled or error).
+        """
+        return self._export_file(
+            path,
+            ("Export AnnData", "_tiles.h5ad", "AnnData (*.h5ad)"),
+            lambda session, p, names: session.export_h5ad(p, names, overwrite=True),
+            suffix=".h5ad",
+        )
+
+    def export_geojson(self, path: str | Path | None = None) -> Path | None:
+        """Write the tiles as QuPath GeoJSON with the chosen names' scores as measurements."""
+        return self._export_file(
+            path,
+            ("Export tiles for QuPath", "_tiles.geojson", "GeoJSON (*.geojson *.json)"),
+            lambda session, p, names: session.export_geojson(p, names, overwrite=True),
+        )
 
     def export_tiff(self, path: str | Path | None = None) -> list[Path] | None:
         """Write one georeferenced float32 TIFF heatmap per chosen name.
