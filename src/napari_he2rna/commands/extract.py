@@ -174,7 +174,9 @@ def _print_result(r: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import settings
-    from ..features import backbone_info, extract_cohort, get_backbone
+    from ..backbones import backbone_info, get_backbone
+    from ..extract_cohort import extract_cohort
+    from ..features import ExtractOptions
     from ..jobs import TextProgress
     from ..safe_output import prepare_folder
     from ..slide import validate_mpp
@@ -196,11 +198,8 @@ def run(args: argparse.Namespace) -> int:
         # Fail once, clearly, when the weights are missing rather than once per slide.
         get_backbone(args.backbone, weights=args.weights, device=args.device)
     progress = TextProgress(f"extract ({args.backbone})") if sys.stderr.isatty() else None
-    results = extract_cohort(
-        slides,
-        args.backbone,
-        out_dir=Path(args.cache_dir) if args.cache_dir is not None else None,
-        scheduler=args.scheduler,
+    options = ExtractOptions(
+        backbone=args.backbone,
         weights=args.weights,
         tile_um=args.tile_um,
         min_tissue=args.min_tissue,
@@ -209,6 +208,12 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         num_workers=args.workers,
+    )
+    results = extract_cohort(
+        slides,
+        out_dir=Path(args.cache_dir) if args.cache_dir is not None else None,
+        scheduler=args.scheduler,
+        options=options,
         mpp=args.mpp,
         progress=progress,
         on_result=_print_result,  # each slide's line as it finishes: a killed run's log is not empty
