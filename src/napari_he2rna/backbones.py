@@ -1,9 +1,14 @@
 """Backbones: the registry of feature extractors, how each is built, what it expects and what it outputs.
 
 * :func:`get_backbone` builds a network by name: ``"resnet50-imagenet"`` (the paper's ResNet50, 2048-d),
-  ``"hed-stats"`` (weight-free colour and nucleus statistics, used by the bundled demo model) and optional
-  pathology foundation models through timm. Weights come from a local file or torch's hub cache and are never
-  replaced by random ones: missing weights raise :class:`~.errors.WeightsError` naming the file to fetch.
+  ``"hed-stats"`` (weight-free colour and nucleus statistics, used by the bundled demo model) and the
+  pathology foundation models published on the Hugging Face hub (UNI, UNI2-h, H-optimus-0/1, Virchow2,
+  Phikon, Phikon-v2; the ``foundation`` extra: timm, transformers, huggingface_hub), each with its model
+  card's preprocessing and token pooling. Weights come from a local file or snapshot folder, torch's hub
+  cache or the Hugging Face cache (offline with ``HF_HUB_OFFLINE=1``), are loaded from safetensors or with
+  ``weights_only=True``, and are never replaced by random ones: missing weights raise
+  :class:`~.errors.WeightsError` naming what to fetch, a gated model without a login says how to get access,
+  and a missing extra raises :class:`~.errors.MissingExtraError` naming the ``pip install``.
 * :func:`backbone_info` gives a registry entry (its output ``dim``) without building the network.
 * A :class:`Backbone` turns uint8 tiles into its input (:meth:`Backbone.preprocess`: resize, mean/std) and
   the input into ``(B, dim)`` features; :mod:`.features` runs it over a slide's tiles.
@@ -14,9 +19,13 @@ Nothing here imports Qt or napari.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,13 +34,19 @@ from torch import nn
 
 from . import settings
 from .devices import resolve_device
-from .errors import WeightsError
+from .errors import MissingExtraError, WeightsError
 
 __all__ = [
     "Backbone",
     "BackboneSpec",
     "BACKBONES",
     "register_backbone",
+    "register_hub_backbone",
+    "HubModel",
+    "HubBackbone",
+    "build_hub_backbone",
+    "hub_offline",
+    "FOUNDATION_EXTRA",
     "get_backbone",
     "backbone_info",
     "file_hash",
@@ -281,18 +296,6 @@ def _gradient_energy(img: torch.Tensor) -> torch.Tensor:
     return dx + dy
 
 
-class TimmBackbone(Backbone):
-    """A pathology foundation model built by timm, with weights from a local file (optional extra)."""
-
-    def __init__(self, name: str, net: nn.Module, dim: int, input_px: int, mean, std, weights_hash: str):
-        super().__init__(mean=mean, std=std)
-        self.name, self.dim, self.input_px, self.weights_hash = name, dim, input_px, weights_hash
-        self.net = net
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
-
-
 _HASHES: dict[tuple[str, int, int], str] = {}
 
 
@@ -336,7 +339,7 @@ def load_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _offline() -> bool:
+def _he2rna_offline() -> bool:
     return os.environ.get("HE2RNA_OFFLINE", "").strip().lower() not in ("", "0", "false", "no")
 
 
@@ -355,7 +358,7 @@ def _resnet50_factory(weights: str | Path | None, download: bool) -> Backbone:
             hub_file,
         ]
         path = next((p for p in local if p.is_file()), None)
-        if path is None and download and not _offline():
+        if path is None and download and not _he2rna_offline():
             try:
                 torch.hub.load_state_dict_from_url(RESNET50_URL, progress=False, check_hash=True)
                 path = hub_file if hub_file.is_file() else None
@@ -369,52 +372,406 @@ def _resnet50_factory(weights: str | Path | None, download: bool) -> Backbone:
     return ResNet50Backbone(load_state_dict(path), weights_hash=file_hash(path))
 
 
-def _timm_factory(
-    name: str, arch: str, dim: int, mean, std, model_kwargs: dict, filename: str, source: str
-) -> Callable[[str | Path | None, bool], Backbone]:
-    def factory(weights: str | Path | None, download: bool) -> Backbone:
-        try:
-            import timm
-        except ImportError as exc:
-            raise ImportError(
-                f"the {name} backbone needs timm: pip install timm "
-                f"(and its weights, {filename}, from {source})."
-            ) from exc
-        path = Path(weights).expanduser() if weights else settings.weights_dir() / name / filename
-        if not path.is_file():
-            raise WeightsError(
-                f"{name} weights not found: request access and download {filename} from {source}, "
-                "then put it "
-                f"at {settings.weights_dir() / name / filename} or pass its path with --weights."
-            )
-        net = timm.create_model(arch, pretrained=False, num_classes=0, **model_kwargs)
-        try:
-            net.load_state_dict(load_state_dict(path), strict=True)
-        except RuntimeError as exc:
-            raise WeightsError(f"{path} does not fit the {name} network ({str(exc)[:200]}).") from exc
-        return TimmBackbone(name, net, dim, 224, mean, std, file_hash(path))
+# ----------------------------------------------------------------------------------------------- hub models
+# What each of these needs to be built the way its model card builds it. Files on the hub hold a config.json
+# (timm: "architecture", "model_args", "pretrained_cfg"; transformers: "model_type", "hidden_size") and
+# model.safetensors or pytorch_model.bin; the kwargs below are those the cards pass to timm.create_model on
+# top of that config (layer classes cannot be written in JSON), and what is used when only a weights file is
+# given. Layer classes are named as strings and looked up in timm.layers / timm's activation names.
+@dataclass(frozen=True)
+class HubModel:
+    """How a pathology encoder published on the Hugging Face hub is built, preprocessed and pooled.
 
-    return factory
+    Attributes
+    ----------
+    hub_id : str or None
+        ``"org/name"`` on https://huggingface.co (None for a local folder given as the backbone).
+    library : str
+        ``"timm"`` or ``"transformers"``.
+    pooling : str
+        ``"cls"`` (the class token), ``"cls+mean"`` (class token and the mean of the patch tokens,
+        concatenated) or ``"head"`` (what the timm model's own pooling gives).
+    dim : int or None
+        Output size as the model card says (None: whatever the network gives).
+    mean, std : tuple of 3 floats, optional
+        Normalisation of RGB in [0, 1] (None: from the snapshot's config, else ImageNet's).
+    input_px : int or None
+        Side of the input tiles (None: from the snapshot's config, else 224).
+    architecture : str or None
+        timm architecture, for a weights file without a config.json.
+    timm_kwargs : dict
+        Extra ``timm.create_model`` arguments; ``mlp_layer`` is a name in ``timm.layers``.
+    licence : str
+        What the model card asks of a user before the weights can be fetched.
+    """
+
+    hub_id: str | None
+    library: str
+    pooling: str = "cls"
+    dim: int | None = None
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+    input_px: int | None = None
+    architecture: str | None = None
+    timm_kwargs: dict[str, Any] = field(default_factory=dict)
+    licence: str = ""
 
 
-class BackboneSpec:
-    """A registry entry: how to build a backbone, and what it outputs."""
+#: The ``pip install`` extra that brings timm, transformers and huggingface_hub.
+FOUNDATION_EXTRA = "napari-he2rna[foundation]"
+H_OPTIMUS_MEAN = (0.707223, 0.578729, 0.703617)
+H_OPTIMUS_STD = (0.211883, 0.230117, 0.177517)
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_INDEX_FILES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+
+
+class HubBackbone(Backbone):
+    """A timm or transformers encoder with its published preprocessing and token pooling."""
 
     def __init__(
         self,
         name: str,
-        factory: Callable[[str | Path | None, bool], Backbone],
+        net: nn.Module,
+        model: HubModel,
         dim: int,
-        input_px: int = 224,
-        description: str = "",
+        input_px: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        n_prefix_tokens: int,
+        weights_hash: str,
     ) -> None:
-        self.name, self.factory, self.dim, self.input_px, self.description = (
-            name,
-            factory,
-            dim,
-            input_px,
-            description,
+        super().__init__(mean=mean, std=std)
+        self.name, self.dim, self.input_px, self.weights_hash = name, dim, input_px, weights_hash
+        self.net = net
+        self.library, self.pooling, self.n_prefix_tokens = model.library, model.pooling, n_prefix_tokens
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, tokens, width)``: class token, register tokens, then patch tokens (after the last norm)."""
+        if self.library == "timm":
+            return self.net.forward_features(x)
+        return self.net(pixel_values=x).last_hidden_state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "head":
+            return self.net(x)
+        tokens = self.tokens(x)
+        if self.pooling == "cls+mean":
+            return torch.cat([tokens[:, 0], tokens[:, self.n_prefix_tokens :].mean(dim=1)], dim=1)
+        return tokens[:, 0]
+
+
+def _missing_extra(name: str, package: str) -> MissingExtraError:
+    return MissingExtraError(
+        f"the {name} backbone needs {package}, which is not installed: pip install '{FOUNDATION_EXTRA}' "
+        f"(or pip install {package})."
+    )
+
+
+def _import(name: str, package: str):
+    import importlib
+
+    try:
+        return importlib.import_module(package)
+    except ImportError:
+        raise _missing_extra(name, package) from None
+
+
+def hub_offline() -> bool:
+    """Whether the hub must not be contacted (``HF_HUB_OFFLINE`` or ``HE2RNA_OFFLINE`` set true)."""
+    return any(
+        os.environ.get(var, "").strip().lower() not in ("", "0", "false", "no")
+        for var in ("HF_HUB_OFFLINE", "HE2RNA_OFFLINE")
+    )
+
+
+def _licence_advice(hub_id: str) -> str:
+    return (
+        f"accept its licence at https://huggingface.co/{hub_id}, run `huggingface-cli login`, "
+        "or pass a local snapshot folder with --weights"
+    )
+
+
+def _hub_files(name: str, hub_id: str, local_only: bool) -> tuple[Path | None, list[Path]]:
+    """config.json and the weight files of ``hub_id`` from the hub cache (downloading them unless offline)."""
+    _import(name, "huggingface_hub")
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    def fetch(filename: str) -> Path | None:
+        try:
+            return Path(hf_hub_download(hub_id, filename, local_files_only=local_only))
+        except GatedRepoError:
+            raise WeightsError(f"{name} ({hub_id}) is a gated model: {_licence_advice(hub_id)}.") from None
+        except LocalEntryNotFoundError:
+            if filename == "config.json":  # nothing of this model in the cache
+                raise WeightsError(
+                    f"{name} ({hub_id}) is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
+                    f"the hub is offline or unreachable: fetch it once online ({_licence_advice(hub_id)})."
+                ) from None
+            return None
+        except RepositoryNotFoundError:
+            raise WeightsError(
+                f"{hub_id} is not on the Hugging Face hub or needs a login: check the name, "
+                f"{_licence_advice(hub_id)}."
+            ) from None
+        except EntryNotFoundError:
+            return None
+        except HfHubHTTPError as exc:
+            status = getattr(getattr(exc, "response", None), "status_code", None)
+            if status in (401, 403):
+                raise WeightsError(
+                    f"the Hugging Face hub refused {name} ({hub_id}): {_licence_advice(hub_id)}."
+                ) from None
+            raise WeightsError(f"cannot fetch {name} from the Hugging Face hub ({hub_id}: {exc}).") from None
+
+    config = fetch("config.json")
+    for index_name in _INDEX_FILES:
+        index = fetch(index_name)
+        if index is not None:
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            paths = [fetch(s) for s in shards]
+            if all(p is not None for p in paths):
+                return config, paths  # type: ignore[return-value]
+    for filename in _WEIGHT_FILES:
+        path = fetch(filename)
+        if path is not None:
+            return config, [path]
+    raise WeightsError(
+        f"{name} ({hub_id}) has no {' or '.join(_WEIGHT_FILES)} in the Hugging Face cache"
+        + (" and the hub is offline." if local_only else " nor on the hub.")
+    )
+
+
+def _folder_files(name: str, folder: Path) -> tuple[Path | None, list[Path]]:
+    """config.json and the weight files of a local snapshot folder."""
+    config = folder / "config.json"
+    for index_name in _INDEX_FILES:
+        index = folder / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text()).get("weight_map", {}).values()))
+            return (config if config.is_file() else None), [folder / s for s in shards]
+    found = [folder / f for f in _WEIGHT_FILES if (folder / f).is_file()]
+    if not found:
+        found = sorted(folder.glob("*.safetensors"))[:1]
+    if not found:
+        raise WeightsError(
+            f"the folder {folder} has no {' or '.join(_WEIGHT_FILES)}: it is not a {name} snapshot folder."
         )
+    return (config if config.is_file() else None), found[:1]
+
+
+def _read_json(path: Path | None) -> dict[str, Any]:
+    if path is None:
+        return {}
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise WeightsError(f"cannot read {path} ({exc}).") from None
+    if not isinstance(doc, dict):
+        raise WeightsError(f"{path} is not a model config (a JSON object).")
+    return doc
+
+
+def _weights_identity(paths: list[Path]) -> str:
+    """sha256 of the weights; a hub cache blob is named by its sha256 already (not read again)."""
+    digests = []
+    for p in paths:
+        real = Path(p).resolve()
+        blob = real.parent.name == "blobs" and len(real.name) == 64
+        digests.append(
+            real.name if blob and all(c in "0123456789abcdef" for c in real.name) else file_hash(real)
+        )
+    if len(digests) == 1:
+        return digests[0]
+    return hashlib.sha256("".join(digests).encode()).hexdigest()
+
+
+def _build_timm(name: str, model: HubModel, config: dict[str, Any]) -> nn.Module:
+    timm = _import(name, "timm")
+    arch = config.get("architecture") or model.architecture
+    if not arch:
+        raise WeightsError(f"the {name} weights come without a config.json naming their timm architecture.")
+    kwargs = {k: v for k, v in model.timm_kwargs.items()}
+    kwargs.update(config.get("model_args") or {})
+    if isinstance(kwargs.get("mlp_layer"), str):
+        kwargs["mlp_layer"] = getattr(timm.layers, kwargs["mlp_layer"])
+    kwargs.pop("num_classes", None)
+    kwargs.pop("pretrained_cfg", None)
+    try:
+        return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+    except Exception as exc:  # unknown architecture, arguments this timm does not take
+        raise WeightsError(
+            f"timm cannot build the {name} network {arch!r} ({type(exc).__name__}: {exc})."
+        ) from None
+
+
+def _load_transformers(name: str, config_path: Path | None, paths: list[Path]) -> nn.Module:
+    """The transformers model of a snapshot folder, with every weight from its files (none left random).
+
+    ``from_pretrained`` is what maps the hub's tensor names onto the installed transformers' modules; it
+    reads safetensors, or pickles with ``weights_only=True``, and reports what it could not place.
+    """
+    transformers = _import(name, "transformers")
+    folder = paths[0].parent
+    if config_path is None or config_path.parent != folder:
+        raise WeightsError(
+            f"the {name} weights need their snapshot folder (config.json beside model.safetensors or "
+            "pytorch_model.bin): pass the folder."
+        )
+    logs = transformers.utils.logging
+    verbosity, bars = logs.get_verbosity(), logs.is_progress_bar_enabled()
+    logs.set_verbosity_error()  # the result is checked below; its report table would only be noise
+    logs.disable_progress_bar()
+    try:
+        net, info = transformers.AutoModel.from_pretrained(
+            str(folder), local_files_only=True, output_loading_info=True
+        )
+    except Exception as exc:  # shapes that do not fit (RuntimeError), an unreadable file, a bad config
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise WeightsError(f"{folder} does not fit the {name} network ({first[:200]}).") from None
+    finally:
+        logs.set_verbosity(verbosity)
+        if bars:
+            logs.enable_progress_bar()
+    missing = [k for k in info.get("missing_keys", []) if not k.startswith("pooler.")]
+    wrong = list(info.get("mismatched_keys", []))
+    if missing or wrong:
+        which = missing[:1] or [str(w[0] if isinstance(w, tuple) else w) for w in wrong[:1]]
+        raise WeightsError(
+            f"{folder} does not fit the {name} network ({len(missing)} tensors missing, {len(wrong)} of "
+            f"another shape, e.g. {which[0]})."
+        )
+    return net.float()  # transformers 5 keeps the checkpoint's dtype; autocast decides precision here
+
+
+def _load_matching(name: str, net: nn.Module, paths: list[Path]) -> None:
+    """Load ``paths`` into ``net``; a WeightsError in one sentence when keys or shapes do not match."""
+    state: dict[str, torch.Tensor] = {}
+    for p in paths:
+        if not Path(p).is_file():
+            raise WeightsError(f"the {name} weights file {p} does not exist.")
+        state.update(load_state_dict(Path(p)))
+    own = net.state_dict()
+
+    def optional(key: str) -> bool:  # a classifier the features never use
+        return key.startswith(("head.", "fc."))
+
+    missing = [k for k in own if k not in state and not optional(k)]
+    unexpected = [k for k in state if k not in own and not optional(k)]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        where = paths[0] if len(paths) == 1 else paths[0].parent
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing, e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected, e.g. {unexpected[0]}")
+        if wrong:
+            k = wrong[0]
+            parts.append(
+                f"{len(wrong)} of another shape, e.g. {k} {tuple(state[k].shape)} not {tuple(own[k].shape)}"
+            )
+        raise WeightsError(f"{where} does not fit the {name} network (tensors: {'; '.join(parts)}).")
+    net.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+
+
+def _preprocessing(model: HubModel, config: dict[str, Any], folder: Path | None) -> tuple[int, tuple, tuple]:
+    """Input side and mean/std: the registry's, else the snapshot's own config, else ImageNet's at 224 px."""
+    cfg = config.get("pretrained_cfg") or {}
+    proc = (
+        _read_json(folder / "preprocessor_config.json")
+        if folder and (folder / "preprocessor_config.json").is_file()
+        else {}
+    )
+    size = proc.get("crop_size") or proc.get("size") or {}
+    side = size.get("height") or size.get("shortest_edge") if isinstance(size, dict) else size
+    input_px = model.input_px or (cfg.get("input_size") or [3, None, None])[-1] or side or 224
+    mean = model.mean or tuple(cfg.get("mean") or proc.get("image_mean") or IMAGENET_MEAN)
+    std = model.std or tuple(cfg.get("std") or proc.get("image_std") or IMAGENET_STD)
+    return int(input_px), tuple(mean), tuple(std)
+
+
+def build_hub_backbone(
+    name: str, model: HubModel, weights: str | Path | None = None, download: bool = True
+) -> HubBackbone:
+    """Build a hub encoder from a local file or snapshot folder, the hub cache, or the hub.
+
+    Parameters
+    ----------
+    name : str
+        The backbone's name (in caches and model bundles).
+    model : HubModel
+    weights : str or Path, optional
+        A snapshot folder (config.json + model.safetensors or pytorch_model.bin, as on the hub) or one weights
+        file (with its config.json beside it, or the registry's architecture). Otherwise
+        ``<weights dir>/<name>/`` when it exists, else ``model.hub_id`` from the hub cache, downloaded there
+        first unless ``download`` is False or the hub is offline (:func:`hub_offline`).
+
+    Raises
+    ------
+    MissingExtraError
+        timm, transformers or huggingface_hub is not installed.
+    WeightsError
+        Not found, gated (licence or login missing), or the file does not fit the architecture.
+    """
+    _import(name, model.library)
+    local = settings.weights_dir() / name
+    if weights is None and local.is_dir():
+        weights = local
+    if weights is not None:
+        path = Path(weights).expanduser()
+        if path.is_dir():
+            config_path, paths = _folder_files(name, path)
+        elif path.is_file():
+            beside = path.parent / "config.json"
+            config_path, paths = (beside if beside.is_file() else None), [path]
+        else:
+            raise WeightsError(
+                f"the {name} weights {path} do not exist (a snapshot folder or a weights file)."
+            )
+    elif model.hub_id:
+        config_path, paths = _hub_files(name, model.hub_id, local_only=not download or hub_offline())
+    else:
+        raise WeightsError(f"the {name} backbone needs a snapshot folder (--weights).")
+    config = _read_json(config_path)
+    if model.library == "timm":
+        net = _build_timm(name, model, config)
+        _load_matching(name, net, paths)
+        width = int(getattr(net, "num_features", 0))
+        n_prefix = int(getattr(net, "num_prefix_tokens", 1))
+    else:
+        net = _load_transformers(name, config_path, paths)
+        width = int(getattr(net.config, "hidden_size", 0))
+        n_prefix = 1 + int(getattr(net.config, "num_register_tokens", 0) or 0)
+    dim = 2 * width if model.pooling == "cls+mean" else width
+    if model.dim is not None and dim != model.dim:
+        raise WeightsError(
+            f"{paths[0]} does not fit the {name} network: it builds {dim}-d features where {name} "
+            f"({model.hub_id}) gives {model.dim}."
+        )
+    input_px, mean, std = _preprocessing(model, config, config_path.parent if config_path else None)
+    return HubBackbone(name, net, model, dim, input_px, mean, std, n_prefix, _weights_identity(paths))
+
+
+@dataclass
+class BackboneSpec:
+    """A registry entry: how to build a backbone, and what it outputs (``dim`` None: known once built).
+
+    ``factory(weights, download) -> Backbone``; ``hub`` says how a hub encoder is built (None otherwise).
+    """
+
+    name: str
+    factory: Callable[[str | Path | None, bool], Backbone]
+    dim: int | None
+    input_px: int = 224
+    description: str = ""
+    hub: HubModel | None = None
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -423,12 +780,22 @@ BACKBONES: dict[str, BackboneSpec] = {}
 def register_backbone(
     name: str,
     factory: Callable[[str | Path | None, bool], Backbone],
-    dim: int,
+    dim: int | None,
     input_px: int = 224,
     description: str = "",
+    hub: HubModel | None = None,
 ) -> None:
     """Add a backbone to the registry; ``factory(weights, download) -> Backbone``."""
-    BACKBONES[name] = BackboneSpec(name, factory, dim, input_px, description)
+    BACKBONES[name] = BackboneSpec(name, factory, dim, input_px, description, hub)
+
+
+def register_hub_backbone(name: str, model: HubModel, description: str = "") -> None:
+    """Add a hub encoder to the registry (built by :func:`build_hub_backbone`)."""
+
+    def factory(weights: str | Path | None, download: bool) -> Backbone:
+        return build_hub_backbone(name, model, weights, download)
+
+    register_backbone(name, factory, model.dim, model.input_px or 224, description, hub=model)
 
 
 register_backbone(
@@ -443,58 +810,185 @@ register_backbone(
     len(HED_STATS_FEATURES),
     description="weight-free H&E colour and nucleus statistics (used by the demo model)",
 )
-register_backbone(
+_GATED = "gated: accept the licence on the hub and log in"
+register_hub_backbone(
     "uni",
-    _timm_factory(
-        "uni",
-        "vit_large_patch16_224",
+    HubModel(
+        "MahmoodLab/UNI",
+        "timm",
+        "cls",
         1024,
         IMAGENET_MEAN,
         IMAGENET_STD,
+        224,
+        "vit_large_patch16_224",
         {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True},
-        "pytorch_model.bin",
-        "https://huggingface.co/MahmoodLab/UNI",
+        _GATED,
     ),
-    1024,
-    description="UNI ViT-L/16 (optional: timm + gated weights)",
+    "UNI ViT-L/16, class token (MahmoodLab/UNI; timm)",
 )
-register_backbone(
-    "h-optimus-0",
-    _timm_factory(
-        "h-optimus-0",
-        "vit_giant_patch14_reg4_dinov2",
+register_hub_backbone(
+    "uni2-h",
+    HubModel(
+        "MahmoodLab/UNI2-h",
+        "timm",
+        "cls",
         1536,
-        (0.707223, 0.578729, 0.703617),
-        (0.211883, 0.230117, 0.177517),
-        {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
-        "pytorch_model.bin",
-        "https://huggingface.co/bioptimus/H-optimus-0",
-    ),
-    1536,
-    description="H-optimus-0 ViT-g/14 (optional: timm + weights)",
-)
-register_backbone(
-    "phikon",
-    _timm_factory(
-        "phikon",
-        "vit_base_patch16_224",
-        768,
         IMAGENET_MEAN,
         IMAGENET_STD,
-        {},
-        "model.safetensors",
-        "https://huggingface.co/owkin/phikon (converted to timm keys)",
+        224,
+        "vit_giant_patch14_224",
+        {
+            "img_size": 224,
+            "patch_size": 14,
+            "depth": 24,
+            "num_heads": 24,
+            "init_values": 1e-5,
+            "embed_dim": 1536,
+            "mlp_ratio": 2.66667 * 2,
+            "no_embed_class": True,
+            "mlp_layer": "SwiGLUPacked",
+            "act_layer": "silu",
+            "reg_tokens": 8,
+            "dynamic_img_size": True,
+        },
+        _GATED,
     ),
-    768,
-    description="Phikon ViT-B/16 (optional: timm + weights)",
+    "UNI2-h ViT-H/14 with 8 registers, class token (MahmoodLab/UNI2-h; timm)",
 )
+for _name, _hub_id in (("h-optimus-0", "bioptimus/H-optimus-0"), ("h-optimus-1", "bioptimus/H-optimus-1")):
+    register_hub_backbone(
+        _name,
+        HubModel(
+            _hub_id,
+            "timm",
+            "cls",
+            1536,
+            H_OPTIMUS_MEAN,
+            H_OPTIMUS_STD,
+            224,
+            "vit_giant_patch14_reg4_dinov2",
+            {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False},
+            _GATED if _name == "h-optimus-1" else "",
+        ),
+        f"{_name.replace('h-o', 'H-o')} ViT-g/14 with 4 registers, class token ({_hub_id}; timm)",
+    )
+register_hub_backbone(
+    "virchow2",
+    HubModel(
+        "paige-ai/Virchow2",
+        "timm",
+        "cls+mean",
+        2560,
+        IMAGENET_MEAN,
+        IMAGENET_STD,
+        224,
+        "vit_huge_patch14_224",
+        {
+            "img_size": 224,
+            "init_values": 1e-5,
+            "reg_tokens": 4,
+            "mlp_ratio": 5.3375,
+            "global_pool": "",
+            "dynamic_img_size": True,
+            "mlp_layer": "SwiGLUPacked",
+            "act_layer": "silu",
+        },
+        _GATED,
+    ),
+    "Virchow2 ViT-H/14, class token + mean patch token, 2560-d (paige-ai/Virchow2; timm)",
+)
+register_hub_backbone(
+    "phikon",
+    HubModel("owkin/phikon", "transformers", "cls", 768, IMAGENET_MEAN, IMAGENET_STD, 224),
+    "Phikon ViT-B/16, class token (owkin/phikon; transformers)",
+)
+register_hub_backbone(
+    "phikon-v2",
+    HubModel("owkin/phikon-v2", "transformers", "cls", 1024, IMAGENET_MEAN, IMAGENET_STD, 224),
+    "Phikon-v2 ViT-L/16 (DINOv2), class token (owkin/phikon-v2; transformers)",
+)
+
+_HUB_ID = re.compile(r"^(?:hf[-_]hub:)?([A-Za-z0-9][\w.-]*/[\w.-]+)$")
+
+
+def _hub_id_of_folder(folder: Path) -> str | None:
+    """``org/name`` of a folder inside the hub cache (``models--org--name/snapshots/<rev>``), else None."""
+    for part in folder.resolve().parts[::-1]:
+        if part.startswith("models--") and part.count("--") >= 2:
+            return part.removeprefix("models--").replace("--", "/", 1)
+    return None
+
+
+def _registered_hub_id(hub_id: str) -> BackboneSpec | None:
+    for spec in BACKBONES.values():
+        if spec.hub is not None and spec.hub.hub_id and spec.hub.hub_id.lower() == hub_id.lower():
+            return spec
+    return None
+
+
+def _library_of(config: dict[str, Any]) -> str:
+    return "timm" if config.get("architecture") else "transformers"
+
+
+def _resolve(name: str, weights: str | Path | None) -> tuple[BackboneSpec, str | Path | None]:
+    """The registry entry of ``name`` (a registry name, a hub id or a snapshot folder) and its weights."""
+    if name in BACKBONES:
+        return BACKBONES[name], weights
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        hub_id = _hub_id_of_folder(folder)
+        spec = _registered_hub_id(hub_id) if hub_id else None
+        if spec is not None:
+            return spec, folder
+        config_path, _ = _folder_files(name, folder)
+        config = _read_json(config_path)
+        library = _library_of(config)
+        model = HubModel(hub_id, library, "head" if library == "timm" else "cls")
+        label = f"hf-hub:{hub_id}" if hub_id else f"local-{folder.resolve().name}"
+        return _ad_hoc(label, model), folder
+    match = _HUB_ID.match(name)
+    if match and (name.startswith(("hf-hub:", "hf_hub:")) or not folder.exists()):
+        hub_id = match.group(1)
+        spec = _registered_hub_id(hub_id)
+        if spec is not None:
+            return spec, weights
+        return _ad_hoc(f"hf-hub:{hub_id}", None, hub_id), weights
+    raise WeightsError(
+        f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}, a Hugging Face hub id "
+        "(org/name) or a local snapshot folder."
+    )
+
+
+def _ad_hoc(label: str, model: HubModel | None, hub_id: str | None = None) -> BackboneSpec:
+    """An unregistered hub model or folder: timm or transformers decided by its config.json when built."""
+
+    def factory(weights: str | Path | None, download: bool) -> Backbone:
+        m = model
+        if m is None:  # a hub id: its config (the local copy given, else the hub's) says which library
+            path = Path(weights).expanduser() if weights is not None else None
+            if path is not None and path.is_dir():
+                config_path = _folder_files(label, path)[0]
+            elif path is not None:
+                config_path = path.parent / "config.json" if (path.parent / "config.json").is_file() else None
+            else:
+                local_only = not download or hub_offline()
+                config_path = _hub_files(label, str(hub_id), local_only)[0]
+            library = _library_of(_read_json(config_path))
+            m = HubModel(hub_id, library, "head" if library == "timm" else "cls")
+        return build_hub_backbone(label, m, weights, download)
+
+    return BackboneSpec(label, factory, None, 224, f"{label} (not in the registry)", model)
 
 
 def backbone_info(name: str) -> BackboneSpec:
-    """The registry entry of ``name`` (its output ``dim`` without building it)."""
-    if name not in BACKBONES:
-        raise WeightsError(f"unknown backbone {name!r}; known: {', '.join(sorted(BACKBONES))}.")
-    return BACKBONES[name]
+    """The registry entry of ``name`` (its output ``dim`` without building it; None for an unregistered hub
+    model or folder).
+
+    ``name`` is a registry name, a Hugging Face hub id (``org/name`` or ``hf-hub:org/name``; a registered
+    one gives its entry) or a local snapshot folder.
+    """
+    return _resolve(name, None)[0]
 
 
 def get_backbone(
@@ -508,22 +1002,28 @@ def get_backbone(
     Parameters
     ----------
     name : str
-        ``"resnet50-imagenet"`` (default), ``"hed-stats"``, or an optional extra (``"uni"``, ``"phikon"``,
-        ``"h-optimus-0"``).
+        ``"resnet50-imagenet"`` (default), ``"hed-stats"``, a pathology foundation model of the registry
+        (``"uni"``, ``"uni2-h"``, ``"h-optimus-0"``, ``"h-optimus-1"``, ``"virchow2"``, ``"phikon"``,
+        ``"phikon-v2"``; the ``foundation`` extra), a Hugging Face hub id (``org/name``, ``hf-hub:org/name``)
+        or a local snapshot folder.
     weights : str or Path, optional
-        A local weights file (safetensors or a plain torch state dict); otherwise the weights folder
-        (:func:`settings.weights_dir`) and torch's hub cache are searched.
+        A local weights file (safetensors or a plain torch state dict) or, for hub models, a snapshot
+        folder; otherwise the weights folder (:func:`settings.weights_dir`), torch's hub cache (ResNet50)
+        or the Hugging Face cache (hub models, downloaded there unless offline) are searched.
     device : str
         ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
     download : bool
-        Try to download missing ResNet50 weights into torch's hub cache (never when ``HE2RNA_OFFLINE=1``).
+        Try to download missing weights into torch's or the Hugging Face hub cache (never when
+        ``HE2RNA_OFFLINE=1`` or ``HF_HUB_OFFLINE=1``).
 
     Raises
     ------
+    MissingExtraError
+        A foundation model without timm / transformers / huggingface_hub installed.
     WeightsError
-        Unknown name, or the weights are missing (the message says which file and where to put it) or do not
-        fit the network.
+        Unknown name, or the weights are missing (the message says which file and where to put it), gated
+        (accept the licence and log in), or do not fit the network.
     """
-    spec = backbone_info(name)
+    spec, weights = _resolve(name, weights)
     backbone = spec.factory(weights, download)
     return backbone.eval().to(resolve_device(device))

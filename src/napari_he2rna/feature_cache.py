@@ -59,11 +59,19 @@ _GRID_INT_COLUMNS = ["tile_id", "row", "col", "x", "y", "size"]
 def cache_path(
     slide, backbone: Backbone | str, tile_um: float = 112.0, cache_dir: str | Path | None = None
 ) -> Path:
-    """The zarr store of (slide, backbone, tile size): ``<stem>-<fingerprint>-<backbone>-<tile>um.zarr``."""
+    """The zarr store of (slide, backbone, tile size): ``<stem>-<fingerprint>-<backbone>-<tile>um.zarr``.
+
+    Characters other than letters, digits, ``-``, ``_`` and ``.`` in the slide stem and the backbone name
+    (``hf-hub:org/name``) become ``_``; registry names have none, so their stores keep their names.
+    """
     name = backbone if isinstance(backbone, str) else backbone.name
     root = Path(cache_dir) if cache_dir is not None else settings.cache_dir()
-    stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in Path(slide.path).stem)[:60]
-    return root / f"{stem}-{slide.fingerprint()[:16]}-{name}-{tile_um:g}um.zarr"
+    stem = _file_safe(Path(slide.path).stem)[:60]
+    return root / f"{stem}-{slide.fingerprint()[:16]}-{_file_safe(name)}-{tile_um:g}um.zarr"
+
+
+def _file_safe(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in text)
 
 
 def _provenance(slide, backbone: Backbone, options: ExtractOptions) -> dict[str, Any]:

@@ -14,7 +14,7 @@ dask-jobqueue, e.g.::
     cluster.scale(jobs=4)
     print(cluster.scheduler_address)   # pass this to --scheduler
 
-Workers need the package, the slides and the weights file at the same paths.
+Workers need the package, the slides and the weights (file, snapshot folder or hub cache) at the same paths.
 """
 
 from __future__ import annotations
@@ -71,14 +71,21 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--backbone",
         default="resnet50-imagenet",
-        help="feature extractor (resnet50-imagenet, hed-stats, uni, phikon, h-optimus-0)",
+        help=(
+            "feature extractor: resnet50-imagenet, hed-stats, a pathology foundation model (uni, "
+            "uni2-h, h-optimus-0, h-optimus-1, virchow2, phikon, phikon-v2; pip install "
+            "'napari-he2rna[foundation]'), a Hugging Face hub id (org/name) or a local snapshot folder"
+        ),
     )
     parser.add_argument(
         "--weights",
         type=Path,
         default=None,
-        metavar="FILE",
-        help="a local weights file for the backbone (safetensors or a torch state dict)",
+        metavar="PATH",
+        help=(
+            "a local weights file for the backbone (safetensors or a torch state dict), or a snapshot folder "
+            "of a hub model (config.json + model.safetensors or pytorch_model.bin)"
+        ),
     )
     parser.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm (default 112)")
     parser.add_argument(
