@@ -43,6 +43,7 @@ def extract_slide_task(
     mpp: float | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    backbone: Backbone | None = None,
 ) -> dict[str, Any]:
     """Extract (or find cached) features of one slide, opened by path; never raises for a bad slide.
 
@@ -55,6 +56,8 @@ def extract_slide_task(
         Where the stores go (default :func:`settings.cache_dir`).
     mpp : float, optional
         Pixel size in µm/px for a slide that does not say it.
+    backbone : Backbone, optional
+        Already built (in this process); otherwise built from ``options`` once per process.
 
     Returns
     -------
@@ -65,7 +68,8 @@ def extract_slide_task(
 
     result = _failed(str(path), "")
     try:
-        backbone = _cached_backbone(options.backbone, options.weights, options.device)
+        if backbone is None:
+            backbone = _cached_backbone(options.backbone, options.weights, options.device)
         with open_slide(path, mpp=mpp) as slide:
             store = cache_path(slide, backbone, options.tile_um, out_dir)
             cached = is_cached(slide, backbone, options, cache_dir=out_dir)
@@ -90,7 +94,7 @@ def extract_slide_task(
 
 def extract_cohort(
     slides: Sequence[str | Path],
-    backbone: str | None = None,
+    backbone: str | Backbone | None = None,
     out_dir: str | Path | None = None,
     scheduler: Any = None,
     options: ExtractOptions | None = None,
@@ -106,9 +110,10 @@ def extract_cohort(
     Parameters
     ----------
     slides : sequence of paths
-    backbone : str, optional
-        Registry name (default ``options.backbone``); each worker builds it once (workers need the weights
-        at the same path).
+    backbone : str or Backbone, optional
+        Registry name, hub id or snapshot folder (default ``options.backbone``); each worker builds it once
+        (workers need the weights at the same path). A backbone built here is used as it is for a run
+        without a scheduler (a cluster's workers build ``options.backbone`` themselves).
     out_dir : path, optional
         Where the stores go (default :func:`settings.cache_dir`).
     scheduler : None, str or distributed.Client
@@ -129,7 +134,8 @@ def extract_cohort(
     -------
     list of dict, one per slide in input order (see :func:`extract_slide_task`).
     """
-    if backbone is not None:
+    built = backbone if isinstance(backbone, Backbone) else None
+    if isinstance(backbone, str):
         changes["backbone"] = backbone
     options = ExtractOptions.of(options, **changes)
     if options.weights is not None:
@@ -140,7 +146,7 @@ def extract_cohort(
     if scheduler is None:
         for i, path in enumerate(paths):
             check_cancel(cancel)
-            results[i] = extract_slide_task(path, options, out, mpp, cancel=cancel)
+            results[i] = extract_slide_task(path, options, out, mpp, cancel=cancel, backbone=built)
             if on_result is not None:
                 on_result(results[i])
             report(progress, i + 1, len(paths), f"{Path(path).name}: {results[i]['status']}")

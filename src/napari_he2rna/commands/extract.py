@@ -201,9 +201,10 @@ def run(args: argparse.Namespace) -> int:
             Path(args.cache_dir) if args.cache_dir is not None else settings.cache_dir(),
             "feature store folder",
         )
+    backbone = None
     if args.scheduler is None:
-        # Fail once, clearly, when the weights are missing rather than once per slide.
-        get_backbone(args.backbone, weights=args.weights, device=args.device)
+        # Fail once, clearly, when the weights are missing rather than once per slide; then use it.
+        backbone = get_backbone(args.backbone, weights=args.weights, device=args.device)
     progress = TextProgress(f"extract ({args.backbone})") if sys.stderr.isatty() else None
     options = ExtractOptions(
         backbone=args.backbone,
@@ -218,6 +219,7 @@ def run(args: argparse.Namespace) -> int:
     )
     results = extract_cohort(
         slides,
+        backbone,
         out_dir=Path(args.cache_dir) if args.cache_dir is not None else None,
         scheduler=args.scheduler,
         options=options,
