@@ -193,7 +193,7 @@ def _compute_job(
     (see ``ModelWidget._on_errored``).
     """
     from .. import jobs
-    from ..features import resolve_device
+    from ..devices import resolve_device
 
     session = state.session
     try:
