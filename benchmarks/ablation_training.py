@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from napari_he2rna import features as feat
+from napari_he2rna import backbones, feature_cache
 from napari_he2rna.cohort import cohort_features, load_expression, load_samples, match_cohort
 from napari_he2rna.compare import tile_metrics
 from napari_he2rna.fitting import evaluate_result, fit, null_predictions
@@ -95,13 +95,13 @@ def tile_level(result, cohort, samples, backbone, cache_dir) -> dict[str, float]
     pooled: dict[str, list[np.ndarray]] = {k: [] for k in sets}
     truth_all: dict[str, list[np.ndarray]] = {k: [] for k in sets}
     per_slide: dict[str, list[float]] = {k: [] for k in sets}
-    bb = feat.get_backbone(backbone)
+    bb = backbones.get_backbone(backbone)
     genes = list(result.genes)
     for i, sid in enumerate(result.sample_ids):
         model = result.models[int(result.folds[i])]
         slide_path = samples.loc[sid, "slide"]
         with open_slide(slide_path) as slide:
-            grid, tiles, _ = feat.read_cache(feat.cache_path(slide, bb, 112.0, cache_dir))
+            grid, tiles, _ = feature_cache.read_cache(feature_cache.cache_path(slide, bb, 112.0, cache_dir))
         truth = pd.read_csv(Path(slide_path).parent / f"{sid}_tiles.csv").set_index(["row", "col"])
         truth = truth.loc[list(zip(grid.table["row"], grid.table["col"], strict=True))]
         with torch.no_grad():

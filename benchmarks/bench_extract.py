@@ -29,8 +29,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_he2rna.backbones import get_backbone
+from napari_he2rna.devices import resolve_device
 from napari_he2rna.errors import WeightsError
-from napari_he2rna.features import BatchRunner, extract_features, get_backbone, resolve_device
+from napari_he2rna.features import BatchRunner, extract_features
 from napari_he2rna.slide import open_slide
 from napari_he2rna.tiling import read_tile, read_tiles, tile_grid
 

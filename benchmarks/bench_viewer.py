@@ -158,7 +158,7 @@ def progressive_figures(app, viewer, tmp: Path, side_px: int) -> dict:
     from torchvision.models import resnet50
 
     from napari_he2rna import progressive
-    from napari_he2rna.features import RESNET50_FILE
+    from napari_he2rna.backbones import RESNET50_FILE
     from napari_he2rna.napari._model_widget import ModelWidget
     from napari_he2rna.napari._state import get_registry
 

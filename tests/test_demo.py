@@ -37,7 +37,7 @@ def bundle():
 @pytest.fixture(scope="module")
 def sample_tiles(tmp_path_factory):
     """hed-stats features of the sample slide's tiles and the truth of those tiles, row-aligned."""
-    from napari_he2rna.features import load_or_extract
+    from napari_he2rna.feature_cache import load_or_extract
     from napari_he2rna.slide import open_slide
 
     cache = tmp_path_factory.mktemp("demo-features")

@@ -16,23 +16,19 @@ from PIL import Image
 from torch import nn
 
 from napari_he2rna import __version__, settings
-from napari_he2rna.cli import main
-from napari_he2rna.errors import Cancelled, WeightsError
-from napari_he2rna.features import (
+from napari_he2rna.backbones import (
     HED_STATS_FEATURES,
     RESNET50_FILE,
     RESNET50_URL,
     Backbone,
-    cache_path,
-    extract_cohort,
-    extract_features,
     file_hash,
     get_backbone,
-    load_or_extract,
-    read_cache,
-    read_supertiles,
-    supertiles,
 )
+from napari_he2rna.cli import main
+from napari_he2rna.errors import Cancelled, He2rnaError, WeightsError
+from napari_he2rna.extract_cohort import extract_cohort
+from napari_he2rna.feature_cache import cache_path, load_or_extract, read_cache, read_supertiles
+from napari_he2rna.features import extract_features, supertiles
 from napari_he2rna.slide import open_slide
 from napari_he2rna.tiling import read_tile, tile_grid
 
@@ -151,15 +147,23 @@ def test_weights_that_do_not_fit_or_are_unsafe_are_refused(tmp_path):
         get_backbone("resnet50-imagenet", weights=pickled)
 
 
-def test_foundation_models_are_registered_with_their_dims():
-    from napari_he2rna.features import BACKBONES
+def test_foundation_models_are_registered_with_their_dims(monkeypatch, tmp_path):
+    from napari_he2rna.backbones import BACKBONES
 
-    assert {n: BACKBONES[n].dim for n in ("uni", "phikon", "h-optimus-0")} == {
+    assert {n: BACKBONES[n].dim for n in BACKBONES if BACKBONES[n].hub is not None} == {
         "uni": 1024,
-        "phikon": 768,
+        "uni2-h": 1536,
         "h-optimus-0": 1536,
+        "h-optimus-1": 1536,
+        "virchow2": 2560,  # class token + mean patch token
+        "phikon": 768,
+        "phikon-v2": 1024,
     }
-    with pytest.raises((WeightsError, ImportError), match="uni"):
+    monkeypatch.setenv("HE2RNA_OFFLINE", "1")  # never the network in a test
+    monkeypatch.setenv("HE2RNA_WEIGHTS", str(tmp_path / "weights"))
+    # WeightsError (not cached) or MissingExtraError (no timm): one sentence either way; more in
+    # tests/test_foundation.py
+    with pytest.raises(He2rnaError, match="uni"):
         get_backbone("uni")
 
 
@@ -220,7 +224,7 @@ def test_resnet50_bf16_features_match_fp32_on_the_sample_slide(resnet_weights):
 
 
 def test_auto_precision_follows_the_cpu(tmp_path, monkeypatch):
-    from napari_he2rna import features, precision
+    from napari_he2rna import precision
 
     def never():
         raise AssertionError("measured although the flags decide")
@@ -242,9 +246,9 @@ def test_auto_precision_follows_the_cpu(tmp_path, monkeypatch):
     assert calls == [1] and json.loads(cache.read_text())
     cpu = torch.device("cpu")
     for has_bf16, want in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr(features, "cpu_prefers_bf16", lambda h=has_bf16: h)
-        assert features.resolve_precision("auto", cpu) is want
-        assert features.resolve_precision("fp32", cpu) is None
+        monkeypatch.setattr(precision, "cpu_prefers_bf16", lambda h=has_bf16: h)
+        assert precision.resolve_precision("auto", cpu) is want
+        assert precision.resolve_precision("fp32", cpu) is None
     assert precision.measure_bf16_speedup(repeats=1)["speedup"] > 0
 
 

@@ -358,8 +358,8 @@ def test_convert_refuses_what_does_not_fit(tmp_path):
 
 
 def test_predict_command_on_a_real_slide(cmu_slide, tmp_path, capsys):
+    from napari_he2rna.backbones import backbone_info
     from napari_he2rna.cli import main
-    from napari_he2rna.features import backbone_info
 
     dim = backbone_info("hed-stats").dim
     torch.manual_seed(7)

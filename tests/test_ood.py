@@ -211,7 +211,7 @@ def test_warning_is_drawn_on_the_heatmap_png(tmp_path):
 @pytest.fixture(scope="module")
 def synthetic_bundle(tmp_path_factory) -> Path:
     """A small hed-stats bundle whose reference is fitted on eight generated synthetic slides."""
-    from napari_he2rna.features import load_or_extract
+    from napari_he2rna.feature_cache import load_or_extract
     from napari_he2rna.slide import open_slide
     from napari_he2rna.synthetic import make_slide
 

@@ -136,13 +136,13 @@ def test_output_paths_are_distinct_per_name():
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """A small synthetic sample slide and a random-weight demo bundle for the hed-stats backbone."""
-    from napari_he2rna import features
+    from napari_he2rna import backbones
     from napari_he2rna.synthetic import make_slide
 
     root = tmp_path_factory.mktemp("syn")
     slide = root / "sample.tiff"
     make_slide(slide, seed=3, size_px=(1120, 896), write_truth=False)
-    dim = features.get_backbone("hed-stats").dim
+    dim = backbones.get_backbone("hed-stats").dim
     model = make_bundle(root / "demo.safetensors", dim)
     return slide, model
 
@@ -163,7 +163,8 @@ def test_spatialize_end_to_end(synthetic, tmp_path):
     assert list(adata.var_names) == ["CD3D", "T cells", "MKI67"] and adata.uns["napari_he2rna"]["demo"]
     np.testing.assert_allclose(df["T cells"], res.scores["T cells"], rtol=1e-5)
     bundle = load_bundle(model)
-    from napari_he2rna.features import get_backbone, load_or_extract
+    from napari_he2rna.backbones import get_backbone
+    from napari_he2rna.feature_cache import load_or_extract
     from napari_he2rna.slide import open_slide
 
     with open_slide(slide) as s:  # the cache is reused: same features, same scores

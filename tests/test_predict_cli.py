@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 import torch
 
+from napari_he2rna.backbones import HED_STATS_FEATURES
 from napari_he2rna.cli import main
-from napari_he2rna.features import HED_STATS_FEATURES
 from napari_he2rna.model import HE2RNA, save_bundle
 from napari_he2rna.spatial import TILE_CSV_COLUMNS
 

@@ -462,7 +462,7 @@ def cohort_features(
 ) -> tuple[LazyFeatures | dict[str, np.ndarray], dict[str, str]]:
     """Features of every sample of a sample sheet, from the feature cache (extracted when missing).
 
-    Uses :func:`napari_he2rna.features.load_or_extract` on the sheet's ``slide`` column, so the cache is
+    Uses :func:`napari_he2rna.feature_cache.load_or_extract` on the sheet's ``slide`` column, so the cache is
     shared with ``he2rna extract`` and the viewer.
 
     Parameters
@@ -480,27 +480,29 @@ def cohort_features(
         reads all tiles of a sample, ``tile_mean`` their mean), and ``{sample_id: reason}`` for those whose
         slide could not be read.
     """
-    from . import features as feat
+    from . import feature_cache
+    from .backbones import get_backbone
     from .errors import Cancelled, He2rnaError
+    from .features import supertiles as make_supertiles
     from .slide import open_slide
 
     if "slide" not in samples.columns:
         raise DataError("The sample sheet has no 'slide' column: features cannot be found for the samples.")
-    bb = feat.get_backbone(backbone, device=device)
+    bb = get_backbone(backbone, device=device)
     failed: dict[str, str] = {}
     stores: dict[str, Path] = {}
     kept: dict[str, np.ndarray] = {}
     means: dict[str, np.ndarray] = {}
 
     def extract(slide) -> tuple[Any, np.ndarray]:
-        return feat.load_or_extract(
+        return feature_cache.load_or_extract(
             slide, bb, tile_um=tile_um, cache_dir=cache_dir, device=device, supertile_k=supertile_k,
             cancel=cancel,
         )  # fmt: skip
 
     def read_tiles(sid: str) -> np.ndarray:
         try:
-            return feat.read_cache(stores[sid])[1]
+            return feature_cache.read_cache(stores[sid])[1]
         except He2rnaError:  # the store went away or broke since: extract again
             with open_slide(samples.loc[sid, "slide"]) as slide:
                 return extract(slide)[1]
@@ -525,13 +527,13 @@ def cohort_features(
             try:
                 with open_slide(slide_path) as slide:
                     grid, tiles = extract(slide)  # in tile mode too: extract now, train reads the cache
-                    stores[sid] = feat.cache_path(slide, bb, tile_um, cache_dir)
+                    stores[sid] = feature_cache.cache_path(slide, bb, tile_um, cache_dir)
                 means[sid] = tiles.astype(np.float64).mean(axis=0)
                 if supertiles:
                     try:
-                        st, _ = feat.read_supertiles(stores[sid])
+                        st, _ = feature_cache.read_supertiles(stores[sid])
                     except Exception:  # noqa: BLE001 - an old store without supertiles: compute them
-                        st, _ = feat.supertiles(grid, tiles, k=supertile_k)
+                        st, _ = make_supertiles(grid, tiles, k=supertile_k)
                     kept[sid] = st
             except Cancelled:
                 raise

@@ -33,6 +33,10 @@ class WeightsError(He2rnaError):
     """Backbone weights are missing, unsafe or do not fit the network."""
 
 
+class MissingExtraError(He2rnaError):
+    """An optional dependency is not installed; the message names the ``pip install`` that brings it."""
+
+
 class ModelError(He2rnaError):
     """A model bundle is malformed, tampered with or does not fit the features."""
 

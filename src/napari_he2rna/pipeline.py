@@ -189,7 +189,8 @@ class SlideSession:
         expects, ``TissueError`` for a slide without tissue, ``Cancelled`` when ``cancel`` is set (the
         session keeps its previous state).
         """
-        from .features import cache_path, get_backbone, load_or_extract
+        from .backbones import get_backbone
+        from .feature_cache import cache_path, load_or_extract
 
         bundle = self._require_bundle()
         self.slide.require_mpp()

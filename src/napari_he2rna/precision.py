@@ -1,10 +1,12 @@
-"""Which autocast precision runs the backbones fastest on this CPU, decided on the machine at hand.
+"""Which autocast precision the backbones run in: :func:`resolve_precision`, and on a CPU the fastest one.
 
 bf16 autocast is several times faster than fp32 on CPUs with bf16 matrix hardware (Intel AMX, AVX512-BF16)
 and several times slower on CPUs without it, where it is emulated. :func:`cpu_prefers_bf16` reads the CPU's
 flags where the system lists them (Linux); elsewhere it times a ResNet bottleneck in both precisions once
 and keeps the answer per machine (CPU model, torch version, threads) in ``<cache>/cpu-precision.json``
 so later runs do not measure again.
+
+:func:`resolve_precision` turns ``--precision`` (auto, fp32, bf16, fp16) into the autocast dtype on a device.
 
 Nothing here imports Qt or napari.
 """
@@ -33,6 +35,9 @@ __all__ = [
     "cpu_model",
     "measure_bf16_speedup",
     "cpu_prefers_bf16",
+    "DEFAULT_CPU_PRECISION",
+    "resolve_precision",
+    "precision_name",
 ]
 
 # /proc/cpuinfo flags of bf16 matrix hardware; without one of them bf16 is emulated and slower than fp32.
@@ -40,6 +45,10 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 # bf16 is picked only when the micro-benchmark runs it at least this much faster than fp32: features move
 # slightly in bf16 (cosine >= 0.999 to fp32), which is worth it for a clear gain only.
 BF16_MIN_SPEEDUP = 1.15
+# The CPU precision of "auto" where bf16 hardware is absent (benchmarks/bench_extract.py: ResNet50 in bf16
+# on an AMD EPYC without AVX512-BF16 was 6x slower than fp32; on a Xeon with AMX 4.5x faster). Whether the
+# hardware is there is decided per machine by cpu_prefers_bf16.
+DEFAULT_CPU_PRECISION = "fp32"
 CACHE_NAME = "cpu-precision.json"
 _lock = threading.Lock()
 _memo: dict[str, bool] = {}
@@ -156,3 +165,37 @@ def cpu_prefers_bf16(
         answer = float(entry["speedup"]) >= BF16_MIN_SPEEDUP
         _memo[memo_key] = answer
         return answer
+
+
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device`` (None: plain fp32).
+
+    ``"auto"``: bf16 on CUDA when supported else fp16; on CPU bf16 where it runs faster than fp32 (AMX or
+    AVX512-BF16, :func:`cpu_prefers_bf16`), else fp32 (:data:`DEFAULT_CPU_PRECISION`).
+    """
+    precision = (precision or "auto").lower()
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        if device.type == "cpu":
+            precision = "bf16" if cpu_prefers_bf16() else DEFAULT_CPU_PRECISION
+        else:
+            precision = "fp32"
+    table = {
+        "fp32": None,
+        "float32": None,
+        "bf16": torch.bfloat16,
+        "bfloat16": torch.bfloat16,
+        "fp16": torch.float16,
+        "float16": torch.float16,
+    }
+    if precision not in table:
+        raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {precision!r}")
+    if table[precision] is torch.float16 and device.type == "cpu":
+        return torch.bfloat16  # fp16 matmuls on CPU are slow or missing; bf16 is CPU's half precision
+    return table[precision]
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """``"fp32"``, ``"bf16"`` or ``"fp16"`` for an autocast dtype from :func:`resolve_precision`."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]

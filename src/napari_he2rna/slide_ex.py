@@ -48,6 +48,7 @@ import pandas as pd
 import torch
 
 from .cohort import Cohort, load_expression, read_table
+from .devices import resolve_device
 from .errors import DataError
 from .evaluation import Evaluation, evaluate, mean_r_by_type, pearson_columns
 from .folds import group_folds
@@ -60,7 +61,6 @@ from .training import (
     SlideBatches,
     TrainConfig,
     predict_slides,
-    resolve_device,
     train_one,
     untrained_predictions,
 )

@@ -32,9 +32,9 @@ import pandas as pd
 import torch
 
 from .cohort import Cohort
+from .devices import resolve_device
 from .errors import DataError
 from .evaluation import mean_r_by_type, pearson_by_type, pearson_columns
-from .features import resolve_device
 from .folds import choose_criterion, cv_folds, validation_split
 from .jobs import CancelToken, ProgressCallback, check_cancel, report
 from .model import (
@@ -58,7 +58,6 @@ __all__ = [
     "cross_validate",
     "pooled_mean_r",
     "predict_slides",
-    "resolve_device",
     "train_one",
     "untrained_predictions",
     "validation_score",

@@ -173,7 +173,7 @@ def _fit(
     cancel: CancelToken | None = None,
 ) -> nn.Module:
     """Adam on shuffled minibatches for a fixed number of epochs (the paper: 50, no early stopping)."""
-    from .features import resolve_device
+    from .devices import resolve_device
 
     dev = resolve_device(device)
     model.to(dev).train()

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from napari_he2rna.features import HED_STATS_FEATURES
+from napari_he2rna.backbones import HED_STATS_FEATURES
 from napari_he2rna.model import HE2RNA, load_bundle, save_bundle
 from napari_he2rna.napari._compare_widget import ALL_CLASSES, NO_SCORE, CompareWidget
 from napari_he2rna.napari._state import get_registry

@@ -14,7 +14,7 @@ dask-jobqueue, e.g.::
     cluster.scale(jobs=4)
     print(cluster.scheduler_address)   # pass this to --scheduler
 
-Workers need the package, the slides and the weights file at the same paths.
+Workers need the package, the slides and the weights (file, snapshot folder or hub cache) at the same paths.
 """
 
 from __future__ import annotations
@@ -71,14 +71,21 @@ def register(subparsers) -> None:
     parser.add_argument(
         "--backbone",
         default="resnet50-imagenet",
-        help="feature extractor (resnet50-imagenet, hed-stats, uni, phikon, h-optimus-0)",
+        help=(
+            "feature extractor: resnet50-imagenet, hed-stats, a pathology foundation model (uni, "
+            "uni2-h, h-optimus-0, h-optimus-1, virchow2, phikon, phikon-v2; pip install "
+            "'napari-he2rna[foundation]'), a Hugging Face hub id (org/name) or a local snapshot folder"
+        ),
     )
     parser.add_argument(
         "--weights",
         type=Path,
         default=None,
-        metavar="FILE",
-        help="a local weights file for the backbone (safetensors or a torch state dict)",
+        metavar="PATH",
+        help=(
+            "a local weights file for the backbone (safetensors or a torch state dict), or a snapshot folder "
+            "of a hub model (config.json + model.safetensors or pytorch_model.bin)"
+        ),
     )
     parser.add_argument("--tile-um", type=float, default=112.0, help="tile side in µm (default 112)")
     parser.add_argument(
@@ -174,7 +181,9 @@ def _print_result(r: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import settings
-    from ..features import backbone_info, extract_cohort, get_backbone
+    from ..backbones import backbone_info, get_backbone
+    from ..extract_cohort import extract_cohort
+    from ..features import ExtractOptions
     from ..jobs import TextProgress
     from ..safe_output import prepare_folder
     from ..slide import validate_mpp
@@ -192,15 +201,13 @@ def run(args: argparse.Namespace) -> int:
             Path(args.cache_dir) if args.cache_dir is not None else settings.cache_dir(),
             "feature store folder",
         )
+    backbone = None
     if args.scheduler is None:
-        # Fail once, clearly, when the weights are missing rather than once per slide.
-        get_backbone(args.backbone, weights=args.weights, device=args.device)
+        # Fail once, clearly, when the weights are missing rather than once per slide; then use it.
+        backbone = get_backbone(args.backbone, weights=args.weights, device=args.device)
     progress = TextProgress(f"extract ({args.backbone})") if sys.stderr.isatty() else None
-    results = extract_cohort(
-        slides,
-        args.backbone,
-        out_dir=Path(args.cache_dir) if args.cache_dir is not None else None,
-        scheduler=args.scheduler,
+    options = ExtractOptions(
+        backbone=args.backbone,
         weights=args.weights,
         tile_um=args.tile_um,
         min_tissue=args.min_tissue,
@@ -209,6 +216,13 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         num_workers=args.workers,
+    )
+    results = extract_cohort(
+        slides,
+        backbone,
+        out_dir=Path(args.cache_dir) if args.cache_dir is not None else None,
+        scheduler=args.scheduler,
+        options=options,
         mpp=args.mpp,
         progress=progress,
         on_result=_print_result,  # each slide's line as it finishes: a killed run's log is not empty

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from .. import readout, spatial
-    from ..features import load_or_extract
+    from ..feature_cache import load_or_extract
     from ..jobs import TextProgress
     from ..pipeline import SlideSession, load_model
     from ..safe_output import atomic_write_text, prepare_folder, refuse_existing, staged_folder

@@ -51,7 +51,7 @@ def compute_job(
     (see ``ModelWidget._on_errored``).
     """
     from .. import jobs
-    from ..features import resolve_device
+    from ..devices import resolve_device
 
     session = state.session
     try:
