@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..model import json_default
-from ..safe_output import atomic_write_text, prepare_folder
+from ..safe_output import atomic_write_text, staged_folder
 from .bundles import save_result_bundle
 from .experiment import SlideExResult
 from .nested_cv import NestedCVConfig
@@ -23,14 +23,8 @@ def _safe_stem(name: str) -> str:
     return stem or "target"
 
 
-def _write_text(path: Path, text: str) -> None:
-    """Atomically, with the user's umask mode (see :mod:`napari_he2rna.safe_output`)."""
-    prepare_folder(path.parent)
-    atomic_write_text(path, text)
-
-
 def _write_csv(path: Path, df: pd.DataFrame, index: bool = False) -> None:
-    _write_text(path, df.to_csv(index=index, lineterminator="\n"))
+    atomic_write_text(path, df.to_csv(index=index, lineterminator="\n"))
 
 
 def write_slide_ex(
@@ -50,7 +44,15 @@ def write_slide_ex(
     ``report.md``.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_folder(out, overwrite=True) as stage:  # every file is moved into out_dir together at the end
+        staged = _write_into(stage, result, backbone, tile_um, demo)
+    return {key: out / p.relative_to(stage) for key, p in staged.items()}
+
+
+def _write_into(
+    out: Path, result: SlideExResult, backbone: str, tile_um: float, demo: bool
+) -> dict[str, Path]:
+    """The files of :func:`write_slide_ex` in ``out`` (its staging folder); returns name -> path."""
     paths: dict[str, Path] = {}
     extra = {"slide_ex_outputs": "see slide_ex.json next to the models folder"}
     for target, res in result.regressions().items():
@@ -116,9 +118,9 @@ def write_slide_ex(
         },
     }
     paths["json"] = out / "slide_ex.json"
-    _write_text(paths["json"], json.dumps(doc, indent=2, default=json_default))
+    atomic_write_text(paths["json"], json.dumps(doc, indent=2, default=json_default))
     paths["report"] = out / "report.md"
-    _write_text(paths["report"], _report(result, summary, per_gene, doc))
+    atomic_write_text(paths["report"], _report(result, summary, per_gene, doc))
     return paths
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -309,6 +310,13 @@ def _bilinear_at(arr: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return ndi.map_coordinates(arr, coords, order=1, mode="nearest")
 
 
+def _nuclei(xy: np.ndarray, ctype: str, proliferating: Any, radius_um: np.ndarray) -> pd.DataFrame:
+    """One row per nucleus: level-0 (x, y) px centre, type, proliferating flag(s), radius in µm."""
+    return pd.DataFrame(
+        {"x": xy[:, 0], "y": xy[:, 1], "type": ctype, "proliferating": proliferating, "radius_um": radius_um}
+    )
+
+
 def _place_cells(
     rng: np.random.Generator, lay: Layout, w: int, h: int, p: SlideParams, mpp: float
 ) -> pd.DataFrame:
@@ -329,17 +337,7 @@ def _place_cells(
     pts = _jittered_grid(rng, w, h, px(TUMOR_SPACING_UM), 0.25)
     pts = pts[(region_at(pts) == EPITHELIUM) & (rng.random(len(pts)) < 0.97)]
     prolif = rng.random(len(pts)) < p.proliferating
-    parts.append(
-        pd.DataFrame(
-            {
-                "x": pts[:, 0],
-                "y": pts[:, 1],
-                "type": "tumor",
-                "proliferating": prolif,
-                "radius_um": np.clip(rng.lognormal(np.log(5.3), 0.13, len(pts)), 4.2, 7.0),
-            }
-        )
-    )
+    parts.append(_nuclei(pts, "tumor", prolif, np.clip(rng.lognormal(np.log(5.3), 0.13, len(pts)), 4.2, 7.0)))
     tumor_xy = pts
     # Lymphoid aggregates: one packed lymphocyte grid (~7 µm apart, 90 % kept) over core and rim alike, so
     # the packing does not tell the zones apart; each lymphocyte is a T cell with probability 0.10 in the
@@ -370,32 +368,12 @@ def _place_cells(
     t_xy = np.concatenate([pts[agg_t], cand[keep]])
     b_xy = pts[~agg_t]
     for ctype, xy, (r_lo, r_hi) in (("B cell", b_xy, B_RADIUS_UM), ("T cell", t_xy, T_RADIUS_UM)):
-        parts.append(
-            pd.DataFrame(
-                {
-                    "x": xy[:, 0],
-                    "y": xy[:, 1],
-                    "type": ctype,
-                    "proliferating": False,
-                    "radius_um": rng.uniform(r_lo, r_hi, len(xy)),
-                }
-            )
-        )
+        parts.append(_nuclei(xy, ctype, False, rng.uniform(r_lo, r_hi, len(xy))))
     # Stromal cells (fibroblasts): sparse spindles in the stroma.
     pts = _jittered_grid(rng, w, h, px(18.0), 0.4)
     fol = lay.follicle_score[pts[:, 1].astype(np.int64), pts[:, 0].astype(np.int64)]
     pts = pts[(region_at(pts) == STROMA) & (fol < -0.25) & (rng.random(len(pts)) < 0.45)]
-    parts.append(
-        pd.DataFrame(
-            {
-                "x": pts[:, 0],
-                "y": pts[:, 1],
-                "type": "stromal",
-                "proliferating": False,
-                "radius_um": rng.uniform(4.0, 6.0, len(pts)),
-            }
-        )
-    )
+    parts.append(_nuclei(pts, "stromal", False, rng.uniform(4.0, 6.0, len(pts))))
     cells = pd.concat(parts, ignore_index=True)
     # Round centres to 0.01 µm so that the µm written in the QuPath tables maps back to the same px exactly.
     cells["x"] = np.round(cells["x"].to_numpy() * mpp, 2) / mpp

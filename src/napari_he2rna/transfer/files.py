@@ -12,10 +12,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..errors import DataError, ModelError
+from ..errors import DataError, ModelError, unreadable_as
 from ..jobs import CancelToken, ProgressCallback, check_cancel
 from ..model import json_default
-from ..safe_output import atomic_write_text, prepare_folder
+from ..safe_output import atomic_write, atomic_write_text, prepare_folder
 from .networks import SimpleHE2RNA
 
 REPRESENTATION_FORMAT = "napari-he2rna-representation"
@@ -82,7 +82,7 @@ def load_representation_model(path: str | Path) -> tuple[list[SimpleHE2RNA], dic
     path = Path(path)
     if not path.is_file():
         raise ModelError(f"Representation model {path} does not exist.")
-    try:
+    with unreadable_as(ModelError, f"{path.name} cannot be read as a representation model"):
         with safe_open(str(path), framework="pt") as fh:
             header = fh.metadata() or {}
             if header.get("format") != REPRESENTATION_FORMAT:
@@ -95,12 +95,6 @@ def load_representation_model(path: str | Path) -> tuple[list[SimpleHE2RNA], dic
             prefix = f"fold{i}."
             m.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
             models.append(m.eval())
-    except ModelError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - safetensors/JSON/state-dict errors: one sentence for the user
-        raise ModelError(
-            f"{path.name} cannot be read as a representation model ({type(exc).__name__}: {exc})."
-        ) from None
     if not models:
         raise ModelError(f"{path.name} holds no fold model.")
     return models, doc
@@ -112,7 +106,7 @@ def read_feature_table(path: str | Path) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"Feature table {path} does not exist.")
-    try:
+    with unreadable_as(DataError, f"Feature table {path.name} cannot be read"):
         if path.suffix.lower() == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 keys = list(z.keys())
@@ -128,10 +122,6 @@ def read_feature_table(path: str | Path) -> pd.DataFrame:
 
             tab = read_table(path)
             df = tab.set_index(tab.columns[0])
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - numpy/zip/shape errors
-        raise DataError(f"Feature table {path.name} cannot be read ({type(exc).__name__}: {exc}).") from None
     if df.shape[0] == 0 or df.shape[1] == 0:
         raise DataError(f"Feature table {path.name} has no samples or no features.")
     df.index = df.index.astype(str)
@@ -165,18 +155,22 @@ def write_representation(rep: pd.DataFrame, path: str | Path) -> Path:
     """Write a representation (samples x units, index = sample ids) as TSV, CSV (by suffix) or ``.npz``
     (``sample_id`` + ``representation``); :func:`read_feature_table` reads each back."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    prepare_folder(path.parent)
     rep = rep.copy()
     rep.index = rep.index.astype(str)
     rep.index.name = "sample_id"
     name = path.name.lower()
     if name.endswith(".npz"):
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        np.savez(tmp, sample_id=rep.index.to_numpy().astype(str), representation=rep.to_numpy(np.float32))
-        tmp.replace(path)
+        ids, values = rep.index.to_numpy().astype(str), rep.to_numpy(np.float32)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as fh:  # a file object: np.savez would add .npz to a name
+                np.savez(fh, sample_id=ids, representation=values)
+
+        atomic_write(path, write)
     elif name.endswith(".tsv") or name.endswith(".csv") or name.endswith(".txt"):
         sep = "," if name.endswith(".csv") else "\t"
-        _write_text(path, rep.to_csv(sep=sep, lineterminator="\n", float_format="%.7g"))
+        atomic_write_text(path, rep.to_csv(sep=sep, lineterminator="\n", float_format="%.7g"))
     else:
         raise DataError(f"Cannot write a representation as {path.name}: use .tsv, .csv or .npz.")
     return path
@@ -227,9 +221,3 @@ def load_slide_features(
     mean.columns = [str(c) for c in mean.columns]
     sts = {sid: np.asarray(feats[sid], np.float32) for sid in feats} if with_supertiles else {}
     return SlideFeatures(mean, sts, failed)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomically, with the user's umask mode (see :mod:`napari_he2rna.safe_output`)."""
-    prepare_folder(path.parent)
-    atomic_write_text(path, text)

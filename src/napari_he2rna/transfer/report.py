@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..errors import DataError
-from ..safe_output import atomic_write_text, prepare_folder
+from ..errors import DataError, unreadable_as
+from ..safe_output import atomic_write, atomic_write_text, prepare_folder, staged_folder
 from .experiment import AUC_COLUMNS, METHODS, TransferConfig, TransferResult
 
 # -------------------------------------------------------------------------------------------- outputs
@@ -80,10 +80,9 @@ def plot_transfer(result: TransferResult, path: str | Path, focus_ratio: float =
     ax_e.set_title(f"e  A:B = {r:.2f}:{1 - r:.2f} (stars: Wilcoxon vs representation)", fontsize=9)
     ax_e.set_ylabel("ROC AUC")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    prepare_folder(path.parent)
+    # the temporary file has no image suffix: the format comes from the path's (PNG without one)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format=path.suffix[1:] or "png"))
     return path
 
 
@@ -135,22 +134,21 @@ def write_transfer_results(result: TransferResult, out_dir: str | Path, focus_ra
     and fold each sample was in, per split), ``config.json`` and ``transfer.png`` in ``out_dir``; returns
     name -> path."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    paths: dict[str, Path] = {}
-    for name, df in (("aucs", result.aucs), ("summary", result.summary()), ("tests", result.tests)):
-        paths[name] = out / f"{name}.csv"
-        _write_text(paths[name], df.to_csv(index=False, lineterminator="\n"))
-    paths["summary_md"] = out / "summary.md"
-    _write_text(paths["summary_md"], summary_markdown(result))
+    names = {"aucs": "aucs.csv", "summary": "summary.csv", "tests": "tests.csv", "summary_md": "summary.md"}
     if result.splits is not None:
-        paths["splits"] = out / "splits.csv.gz"
-        tmp = out / ".splits.tmp.csv.gz"
-        result.splits.to_csv(tmp, index=False, lineterminator="\n", compression="gzip")
-        tmp.replace(paths["splits"])
-    paths["config"] = out / "config.json"
-    _write_text(paths["config"], json.dumps(asdict(result.config), indent=1))
-    paths["figure"] = plot_transfer(result, out / "transfer.png", focus_ratio)
-    return paths
+        names["splits"] = "splits.csv.gz"
+    names |= {"config": "config.json", "figure": "transfer.png"}
+    with staged_folder(out, overwrite=True) as stage:  # the files are moved into out_dir together
+        for name, df in (("aucs", result.aucs), ("summary", result.summary()), ("tests", result.tests)):
+            atomic_write_text(stage / names[name], df.to_csv(index=False, lineterminator="\n"))
+        atomic_write_text(stage / names["summary_md"], summary_markdown(result))
+        if result.splits is not None:
+            result.splits.to_csv(
+                stage / names["splits"], index=False, lineterminator="\n", compression="gzip"
+            )
+        atomic_write_text(stage / names["config"], json.dumps(asdict(result.config), indent=1))
+        plot_transfer(result, stage / names["figure"], focus_ratio)
+    return {key: out / name for key, name in names.items()}
 
 
 def load_transfer_results(out_dir: str | Path) -> TransferResult:
@@ -160,26 +158,14 @@ def load_transfer_results(out_dir: str | Path) -> TransferResult:
         raise DataError(
             f"{out} holds no transfer results (aucs.csv and config.json written by he2rna transfer)."
         )
-    try:
+    with unreadable_as(DataError, f"The transfer results in {out} cannot be read"):
         cfg = TransferConfig(**json.loads((out / "config.json").read_text()))
         aucs = pd.read_csv(out / "aucs.csv")
         tests = pd.read_csv(out / "tests.csv")
         splits = pd.read_csv(out / "splits.csv.gz", dtype={"sample": str, "patient": str}) if (
             out / "splits.csv.gz"
         ).is_file() else None  # fmt: skip
-    except DataError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - JSON / CSV / missing-file errors: one sentence for the user
-        raise DataError(
-            f"The transfer results in {out} cannot be read ({type(exc).__name__}: {exc})."
-        ) from None
     missing = [c for c in AUC_COLUMNS if c not in aucs.columns]
     if missing:
         raise DataError(f"{out / 'aucs.csv'} lacks the column(s) {', '.join(missing)}.")
     return TransferResult(aucs, tests, cfg, splits)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Atomically, with the user's umask mode (see :mod:`napari_he2rna.safe_output`)."""
-    prepare_folder(path.parent)
-    atomic_write_text(path, text)
