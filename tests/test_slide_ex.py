@@ -77,7 +77,7 @@ def test_outer_test_samples_never_reach_training_or_model_choice(monkeypatch):
 
     # Record what every training run and every prediction of the nested CV was given.
     calls: list[tuple[str, list[str], list[str]]] = []
-    real_train, real_predict = sx.train_one, sx.predict_slides
+    real_train, real_predict = sx.nested_cv.train_one, sx.nested_cv.predict_slides
 
     def train_spy(model, slides, y, types, train_idx, val_idx, *args, **kwargs):
         calls.append(("train", [slides.ids[i] for i in train_idx], [slides.ids[i] for i in val_idx]))
@@ -87,8 +87,8 @@ def test_outer_test_samples_never_reach_training_or_model_choice(monkeypatch):
         calls.append(("predict", [slides.ids[i] for i in idx], []))
         return real_predict(model, slides, idx, *args, **kwargs)
 
-    monkeypatch.setattr(sx, "train_one", train_spy)
-    monkeypatch.setattr(sx, "predict_slides", predict_spy)
+    monkeypatch.setattr(sx.nested_cv, "train_one", train_spy)
+    monkeypatch.setattr(sx.nested_cv, "predict_slides", predict_spy)
     res = sx.nested_cross_validate(feats, targets, samples, config, folds=folds)
     monkeypatch.undo()
 
@@ -158,7 +158,7 @@ def test_patients_are_never_split():
 def test_padding_keeps_a_network_exact():
     torch.manual_seed(0)
     small = HE2RNA(6, 3, (4, 4)).eval()
-    big = sx._padded(small, (9, 9)).eval()
+    big = sx.pad_hidden(small, (9, 9)).eval()
     x = torch.randn(2, 6, 7)
     assert torch.allclose(small(x), big(x), atol=1e-6)
 

@@ -258,6 +258,11 @@ def test_cohort_with_more_controls(tmp_path):
     ctrl = info.expression[[f"CTRL{k:04d}" for k in range(1, 7)]]
     assert np.isfinite(ctrl.to_numpy()).all() and (ctrl.std() > 0).all()
     assert list(load_cohort(tmp_path).expression.columns) == genes
+    # written through a staging folder: nothing of it is left, and the truths name the committed files
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    for truth in info.truths:
+        assert truth.path.parent == tmp_path and truth.path.is_file()
+        assert all(Path(f).is_file() and Path(f).parent == tmp_path for f in truth.files.values())
     with pytest.raises(DataError):
         make_cohort(tmp_path / "bad", n_slides=1, n_controls=-3)
     assert not (tmp_path / "bad").exists()

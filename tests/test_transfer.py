@@ -78,8 +78,8 @@ def test_hospitals_and_folds_never_share_a_patient(monkeypatch):
 
         return inner
 
-    monkeypatch.setattr(T, "train_simple_he2rna", wrap(T.train_simple_he2rna, "rep"))
-    monkeypatch.setattr(T, "train_autoencoder", wrap(T.train_autoencoder, "ae"))
+    monkeypatch.setattr(T.experiment, "train_simple_he2rna", wrap(T.train_simple_he2rna, "rep"))
+    monkeypatch.setattr(T.experiment, "train_autoencoder", wrap(T.train_autoencoder, "ae"))
     predict = T.predict_proba
 
     def proba(model, xx):
@@ -87,7 +87,7 @@ def test_hospitals_and_folds_never_share_a_patient(monkeypatch):
             seen["clf_test"].append(rows(xx))
         return predict(model, xx)
 
-    monkeypatch.setattr(T, "predict_proba", proba)
+    monkeypatch.setattr(T.experiment, "predict_proba", proba)
     train_clf = T.train_classifier
 
     def clf(xx, lab, *a, **k):
@@ -95,7 +95,7 @@ def test_hospitals_and_folds_never_share_a_patient(monkeypatch):
             seen["clf_train"].append(rows(xx))
         return train_clf(xx, lab, *a, **k)
 
-    monkeypatch.setattr(T, "train_classifier", clf)
+    monkeypatch.setattr(T.experiment, "train_classifier", clf)
     res = T.run_transfer_experiment(
         x, y, labels, pats, ratios=[0.5], n_bootstrap=1, config=TINY, sample_ids=ids, seed=3
     )

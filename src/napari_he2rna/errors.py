@@ -4,6 +4,11 @@ Every exception here carries one clear sentence meant for a person: the napari w
 notification and the CLI prints it on stderr with a non-zero exit, never a traceback.
 """
 
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
 
 class He2rnaError(Exception):
     """Base class of all user-facing errors of napari-he2rna."""
@@ -70,3 +75,16 @@ class He2rnaWarning(UserWarning):
 
 class CacheWarning(He2rnaWarning):
     """A feature cache was unsound (corrupt, stale, unfinished) and is being recomputed."""
+
+
+@contextlib.contextmanager
+def unreadable_as(cls: type[He2rnaError], what: str) -> Iterator[None]:
+    """Inside the block, an error of any other kind (not ``cls``, not Ctrl-C) becomes one sentence for the
+    user, ``cls(f"{what} ({type}: {message}).")``: a file a parser cannot read, say. ``cls`` passes as is.
+    """
+    try:
+        yield
+    except cls:
+        raise
+    except Exception as exc:  # noqa: BLE001 - parser / zip / JSON errors of every kind: one sentence
+        raise cls(f"{what} ({type(exc).__name__}: {exc}).") from None

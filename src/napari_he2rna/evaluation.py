@@ -20,6 +20,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from .safe_output import staged_folder
+
 # ------------------------------------------------------------------------------------------ correlation
 
 
@@ -602,7 +604,20 @@ def write_report(
         The Markdown report.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    with staged_folder(out, overwrite=True) as stage:  # every file is moved into out_dir together at the end
+        _write_report_files(ev, stage, title, top_genes, baseline, names)
+    return out / "report.md"
+
+
+def _write_report_files(
+    ev: Evaluation,
+    out: Path,
+    title: str,
+    top_genes: int,
+    baseline: Evaluation | None,
+    names: tuple[str, str],
+) -> None:
+    """The files of :func:`write_report`, written into ``out`` (its staging folder)."""
     ev.per_gene.to_csv(out / "per_gene.csv", index=False)
     ev.summary.to_csv(out / "summary.csv", index=False)
     ev.per_fold.to_csv(out / "per_fold.csv", index=False)
@@ -677,8 +692,4 @@ def write_report(
         + ".",
         "",
     ]
-    report = out / "report.md"
-    tmp = out / ".report.md.tmp"
-    tmp.write_text("\n".join(lines), encoding="utf-8")
-    tmp.replace(report)
-    return report
+    (out / "report.md").write_text("\n".join(lines), encoding="utf-8")

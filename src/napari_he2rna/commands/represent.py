@@ -140,11 +140,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ..cohort import dropped_genes_summary, genes_as_rows_hint, load_expression, load_samples
     from ..errors import DataError
+    from ..evaluation import pearson_columns
     from ..jobs import TextProgress
     from ..transfer import (
         load_representation_model,
         oof_predictions,
-        pearson_per_gene,
         represent,
         representation_frame,
         save_representation_model,
@@ -205,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
             "expression_transform": expression.attrs.get("transform"),
         }
         if len(models) > 1:
-            r = pearson_per_gene(y, oof_predictions(models, folds, x))
+            r = pearson_columns(y, oof_predictions(models, folds, x))
             extra["oof_r"] = {g: (None if not np.isfinite(v) else round(float(v), 4))
                               for g, v in zip(expression.columns, r, strict=True)}  # fmt: skip
             print(
