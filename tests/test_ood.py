@@ -272,7 +272,7 @@ def test_predict_warns_and_writes_the_distance(synthetic_bundle, cmu_slide, tmp_
 
 def test_demo_bundle_flags_real_slide(cmu_slide, tmp_path, capsys):
     """The committed demo bundle (synthetic slides) warns on a real H&E region and not on the sample slide."""
-    from napari_he2rna.pipeline import default_model_path
+    from napari_he2rna.session import default_model_path
 
     assert ood.bundle_reference(load_bundle(default_model_path())) is not None
     for slide, warned in ((cmu_slide, True), (SAMPLE_SLIDE, False)):

@@ -456,7 +456,7 @@ class ModelBundle:
         self, features: np.ndarray | torch.Tensor, chunk: int = 4096
     ) -> list[torch.Tensor]:
         """Last hidden activations ``(N, h)`` per fold, not cached (callers that keep them, like the viewer's
-        :class:`~napari_he2rna.pipeline.SlideSession`, own their cache)."""
+        :class:`~napari_he2rna.session.SlideSession`, own their cache)."""
         x = self._as_tensor(features)
         outs = []
         with torch.no_grad():

@@ -2,7 +2,7 @@
 
 No Qt, no napari. The viewer extracts a slide's tiles in :func:`spread_order` (a coarse lattice of tiles,
 every ``step``-th row and column, first; then the lattice at half the step; and so on down to every tile),
-scores each batch as it arrives (:class:`napari_he2rna.pipeline.SlideSession`), and paints the tiles not
+scores each batch as it arrives (:class:`napari_he2rna.session.SlideSession`), and paints the tiles not
 scored yet with the value of their nearest scored tile (:func:`nearest_fill`): after the first ~1/16 of the
 tiles the whole slide has a coarse map, which then sharpens tile by tile.
 """

@@ -6,7 +6,7 @@ mean of its genes. A heatmap is the score column laid back onto the tile grid: o
 off tissue, placed in µm over the slide layer.
 
 Everything here is plain NumPy/pandas/matplotlib (Agg): no Qt, no napari. The widgets and the CLI only wire
-these functions (see :mod:`napari_he2rna.pipeline` for the per-slide state they share).
+these functions (see :mod:`napari_he2rna.session` for the per-slide state they share).
 """
 
 from __future__ import annotations

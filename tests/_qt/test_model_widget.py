@@ -188,7 +188,7 @@ def test_cancel_leaves_nothing_half_made(
     widget = _widget(viewer, model_path)
 
     # Hold the job once the grid is known until Cancel is pressed, so the cancel lands mid-run every time.
-    from napari_he2rna.pipeline import SlideSession
+    from napari_he2rna.session import SlideSession
 
     real_compute = SlideSession.compute_features
 
@@ -266,7 +266,7 @@ def test_demo_model_paints_the_planted_t_cell_tiles(make_napari_viewer, qtbot, s
     """The bundled demo model (preselected) puts the hot "T cells" tiles where the sample planted T cells."""
     from scipy.stats import spearmanr
 
-    from napari_he2rna.pipeline import default_model_path
+    from napari_he2rna.session import default_model_path
 
     truth_path = sample_slide.with_name("sample_slide_tiles.csv")
     assert default_model_path().is_file() and truth_path.is_file(), "committed demo model or truth missing"

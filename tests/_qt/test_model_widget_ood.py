@@ -11,7 +11,7 @@ from napari_he2rna import ood
 from napari_he2rna.model import HE2RNA, save_bundle
 from napari_he2rna.napari._model_widget import ModelWidget
 from napari_he2rna.napari._state import get_registry
-from napari_he2rna.pipeline import DISTANCE_NAME
+from napari_he2rna.session import DISTANCE_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_SLIDE = REPO / "sample_data" / "sample_slide.tiff"
@@ -26,7 +26,7 @@ def reference_model(tmp_path_factory) -> Path:
     import torch
 
     from napari_he2rna.model import load_bundle
-    from napari_he2rna.pipeline import default_model_path
+    from napari_he2rna.session import default_model_path
 
     root = tmp_path_factory.mktemp("qtref")
     reference = ood.bundle_reference(load_bundle(default_model_path()))

@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_he2rna import pipeline, readout
+from napari_he2rna import readout
+from napari_he2rna import session as slide_session
 from napari_he2rna.model import HE2RNA, load_bundle, save_bundle
 from napari_he2rna.napari._model_widget import ModelWidget
 from napari_he2rna.napari._panel import HE2RNAPanel
@@ -51,13 +52,13 @@ def three_folds(tmp_path_factory) -> Path:
 def slow_batches(monkeypatch, tmp_path):
     """An empty feature cache and 60 ms more per batch: the run lasts long enough to be watched."""
     monkeypatch.setenv("HE2RNA_CACHE", str(tmp_path / "cache"))
-    real = pipeline.SlideSession._take_batch
+    real = slide_session.SlideSession._take_batch
 
     def slow(self, *args, **kwargs):
         time.sleep(0.06)
         return real(self, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.SlideSession, "_take_batch", slow)
+    monkeypatch.setattr(slide_session.SlideSession, "_take_batch", slow)
 
 
 def _setup(make_napari_viewer, sample_slide, model):
@@ -70,7 +71,7 @@ def _setup(make_napari_viewer, sample_slide, model):
 
 def _finished_raster(sample_slide, model: Path, name: str) -> np.ndarray:
     """The raster a plain (not progressive) run gives, from the feature cache the viewer's run wrote."""
-    with pipeline.SlideSession(open_slide(sample_slide), load_bundle(model)) as s:
+    with slide_session.SlideSession(open_slide(sample_slide), load_bundle(model)) as s:
         s.compute_features(device="cpu")
         return s.raster(name)
 

@@ -56,7 +56,7 @@ def register(subparsers) -> None:
 def output_paths(slide: str | Path, out: str | Path) -> dict[str, Path]:
     """Where ``predict`` writes: ``slide_csv``, ``csv`` (tile scores), ``metadata`` (sidecar), ``h5ad``."""
     from .. import spatial
-    from ..pipeline import output_paths as spatialize_paths
+    from ..session import output_paths as spatialize_paths
 
     paths = spatialize_paths(slide, [], out, geojson=False)
     stem = Path(slide).stem
@@ -76,8 +76,8 @@ def run(args: argparse.Namespace) -> int:
     from .. import readout, spatial
     from ..feature_cache import load_or_extract
     from ..jobs import TextProgress
-    from ..pipeline import SlideSession, load_model
     from ..safe_output import atomic_write_text, prepare_folder, refuse_existing, staged_folder
+    from ..session import SlideSession, load_model
     from ..slide import open_slide
 
     out = Path(args.out)

@@ -51,7 +51,7 @@ def register(subparsers) -> None:
 
 def planned_outputs(args: argparse.Namespace) -> list[Path]:
     """The files ``spatialize`` will write into ``--out`` (known from the model's genes, before any work)."""
-    from ..pipeline import SlideSession, is_distance_name, load_model, output_paths
+    from ..session import SlideSession, is_distance_name, load_model, output_paths
     from ..spatial import PartialGeneSetWarning, split_names
 
     names = split_names(args.genes)
@@ -76,8 +76,8 @@ def planned_outputs(args: argparse.Namespace) -> list[Path]:
 def run(args: argparse.Namespace) -> int:
     from ..cli import user_warning_line
     from ..jobs import TextProgress
-    from ..pipeline import spatialize
     from ..safe_output import refuse_existing, staged_folder
+    from ..session import spatialize
     from ..spatial import PartialGeneSetWarning, split_names
 
     refuse_existing(planned_outputs(args), args.overwrite)  # before any work

@@ -20,7 +20,7 @@ them. The numbers are recomputed a moment after any change (a QTimer debounce) o
 recompute takes tens of milliseconds even at 30,000 tiles, so a worker thread would only
 add latency. Every error becomes a napari notification; the widget stays usable.
 
-The per-slide :class:`~napari_he2rna.pipeline.SlideSession` (grid and tile scores) comes from the shared
+The per-slide :class:`~napari_he2rna.session.SlideSession` (grid and tile scores) comes from the shared
 registry of :mod:`napari_he2rna.napari._state` (the Model widget fills it), or from ``session_provider``.
 """
 
@@ -69,7 +69,7 @@ from ._truth_layers import place_truth_layer, show_truth_layer, style_truth_laye
 if TYPE_CHECKING:
     import napari
 
-    from ..pipeline import SlideSession
+    from ..session import SlideSession
 
 ALL_CLASSES = "(all classes)"
 OTHER_TILES = "(all other tiles)"

@@ -1,7 +1,7 @@
 """The "Export" dock widget: write a slide's tile scores as CSV, AnnData (.h5ad), QuPath GeoJSON tiles or
 heatmap TIFFs.
 
-Only wiring: the files are written by :class:`napari_he2rna.pipeline.SlideSession` (atomically, via
+Only wiring: the files are written by :class:`napari_he2rna.session.SlideSession` (atomically, via
 :mod:`napari_he2rna.spatial`). The names offered are the genes/sets painted on the picked slide (its heatmap
 layers); more can be typed. An existing file is replaced only after the user says so; every outcome is a
 notification naming the written path(s), or the one-sentence reason it failed.
@@ -30,7 +30,7 @@ from qtpy.QtWidgets import (
 
 from .. import spatial
 from ..errors import He2rnaError
-from ..pipeline import safe_name
+from ..session import safe_name
 from ._pickers import SlideLayerPicker
 from ._state import SlideState, get_registry, layer_info
 

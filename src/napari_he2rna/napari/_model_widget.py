@@ -1,6 +1,6 @@
 """The "Model" dock widget: choose a model, run it on a slide, paint gene / gene-set heatmaps.
 
-Only wiring: the work is :class:`napari_he2rna.pipeline.SlideSession` (one per slide layer, kept by
+Only wiring: the work is :class:`napari_he2rna.session.SlideSession` (one per slide layer, kept by
 :mod:`._state`). **Run** computes the slide's tile features in a napari ``thread_worker`` (progress in the
 widget and in napari's activity dock, **Cancel** sets a ``threading.Event`` the compute code checks); the tile
 grid is drawn as a light outline layer as soon as it is known. A pick in the gene box paints an Image
@@ -55,7 +55,7 @@ from qtpy.QtWidgets import (
 
 from .. import ood, readout, spatial
 from ..errors import Cancelled, He2rnaError
-from ..pipeline import DISTANCE_NAME, default_model_path
+from ..session import DISTANCE_NAME, default_model_path
 from ._pickers import SlideLayerPicker
 from ._state import META_KEY, SlideState, get_registry, layer_info
 from ._worker import Failed, ProgressBridge, RunProgress, compute_job
@@ -138,7 +138,7 @@ class ModelWidget(QWidget):
     napari_viewer
         The viewer (napari passes it to dock widgets).
     model_path
-        The model to preselect; default the bundled demo model (:func:`pipeline.default_model_path`).
+        The model to preselect; default the bundled demo model (:func:`session.default_model_path`).
     """
 
     def __init__(self, napari_viewer: napari.viewer.Viewer, model_path: str | Path | None = None) -> None:

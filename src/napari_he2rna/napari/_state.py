@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from psygnal import Signal
 
-from ..pipeline import SlideSession
+from ..session import SlideSession
 from ..slide import Slide
 
 if TYPE_CHECKING:

@@ -1,4 +1,4 @@
-"""pipeline.py (SlideSession, spatialize) and the ``he2rna spatialize`` / ``he2rna view`` commands."""
+"""session.py (SlideSession, spatialize) and the ``he2rna spatialize`` / ``he2rna view`` commands."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_he2rna import pipeline, spatial
+from napari_he2rna import session as slide_session
+from napari_he2rna import spatial
 from napari_he2rna.cli import main
 from napari_he2rna.errors import Cancelled, GeneError, ModelError
 from napari_he2rna.model import HE2RNA, load_bundle, save_bundle
@@ -41,7 +42,7 @@ def cmu_grid(cmu_slide):
 def session(cmu_slide, cmu_grid, tmp_path):
     """The real CMU slide, its real tile grid and random features of a made-up 6-d backbone."""
     bundle = load_bundle(make_bundle(tmp_path / "m.safetensors", 6, backbone="toy"))
-    s = pipeline.SlideSession.open(cmu_slide, model=bundle)
+    s = slide_session.SlideSession.open(cmu_slide, model=bundle)
     grid = cmu_grid
     feats = np.random.default_rng(0).normal(size=(len(grid.table), 6)).astype(np.float32)
     s.set_features(grid, feats, "toy")
@@ -122,11 +123,11 @@ def test_missing_demo_model_is_a_clear_error(monkeypatch, tmp_path):
 
     monkeypatch.setattr(settings, "sample_data_dir", lambda: tmp_path)
     with pytest.raises(ModelError, match="demo model is missing"):
-        pipeline.load_model(None)
+        slide_session.load_model(None)
 
 
 def test_output_paths_are_distinct_per_name():
-    paths = pipeline.output_paths("/x/slide.svs", ["T cells", "T_cells", "MKI67"], "/out")
+    paths = slide_session.output_paths("/x/slide.svs", ["T cells", "T_cells", "MKI67"], "/out")
     pngs = [p.name for p in paths["png"].values()]
     assert pngs == ["slide_T_cells.png", "slide_T_cells_2.png", "slide_MKI67.png"]
     assert paths["slide_csv"].name == "slide_tile_scores_slide.csv"
@@ -151,7 +152,7 @@ def test_spatialize_end_to_end(synthetic, tmp_path):
     slide, model = synthetic
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", spatial.PartialGeneSetWarning)
-        res = pipeline.spatialize(slide, model, "CD3D, T cells,MKI67", tmp_path / "out", device="cpu")
+        res = slide_session.spatialize(slide, model, "CD3D, T cells,MKI67", tmp_path / "out", device="cpu")
     assert res.demo and list(res.scores.columns) == ["CD3D", "T cells", "MKI67"]
     df = pd.read_csv(res.csv_path)
     assert len(df) == res.n_tiles > 0
@@ -190,7 +191,7 @@ def test_spatialize_cancel_in_the_middle_leaves_nothing(synthetic, tmp_path):
         cancel.set()  # the user presses Cancel once extraction has started
 
     with pytest.raises(Cancelled):
-        pipeline.spatialize(
+        slide_session.spatialize(
             slide,
             model,
             ["MKI67"],
