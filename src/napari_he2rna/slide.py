@@ -593,8 +593,9 @@ class _TiffBackend(_Backend):
         w, h = size
         lw, lh = self.level_dimensions[level]
         out = np.empty((h, w, 3), dtype=np.uint8)
-        out[:] = self.background
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):  # partly outside the level
+            _fill(out, self.background)
         if x1 <= x0 or y1 <= y0:
             return out
         index = tuple(
@@ -673,8 +674,9 @@ class _ImageBackend(_Backend):
         w, h = size
         lw, lh = self.level_dimensions[0]
         out = np.empty((h, w, 3), dtype=np.uint8)
-        out[:] = self.background
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):  # partly outside the image
+            _fill(out, self.background)
         if x1 > x0 and y1 > y0:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = self.pixels[y0:y1, x0:x1]
         return out
