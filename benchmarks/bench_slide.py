@@ -2,17 +2,28 @@
 
 Figures per reader (each in a fresh process, in its own environment):
 
-- ``open_s``: path -> napari layer data (the reader's own function);
+- ``open_s``: path -> napari layer data (the reader's own function; imports done before, see
+  :func:`_import_reader`);
 - ``first_view_s``: path -> first rendered view in a real napari canvas (viewer already up);
+  ``first_view_cpu_s`` the CPU seconds of the process meanwhile (steadier than wall time on a busy machine);
 - ``level0_reads_s`` / ``lowest_reads_s``: random 512x512 viewport reads per second on the finest and coarsest
   pyramid level, through dask's threaded scheduler with 2 workers;
 - ``cpu_per_wall``: CPU seconds per wall second during the level-0 reads (about 2 = both cores busy);
 - ``peak_rss_mb``: the process's peak resident memory.
 
-Usage (from the repository root, under a display: ``xvfb-run -a``)::
+A fourth row, ``plain-read_region``, is the library underneath: ``OpenSlide.read_region`` of the same random
+512x512 viewports (same seed, same file) from a thread pool of 1 and of 2 threads, no napari and no dask; its
+``open_s`` is ``OpenSlide(path)``, and it has no first view. The table ends with each reader's figures as
+ratios to ours, and the goals of issue 13 checked.
 
-    .venv/bin/python benchmarks/bench_slide.py                 # make the slide, run all readers, print table
+Usage (from the repository root, under a display with 24-bit depth)::
+
+    xvfb-run -a -s "-screen 0 1920x1080x24" .venv/bin/python benchmarks/bench_slide.py --reads 40 --rounds 3 \
+        --json benchmarks/results/slide_cpu.json
     .venv/bin/python benchmarks/bench_slide.py --slide X.svs   # on your own (multi-level) slide
+
+Our reader runs in the interpreter that runs this script with ``PYTHONPATH=<this checkout>/src``, so a git
+worktree measures its own code (the JSON records the ``module`` path each reader was imported from).
 
 The competitor environments live in ``benchmarks/.venvs/`` (see ``benchmarks/README.md``).
 """
@@ -33,10 +44,14 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 READERS = {
-    "napari-he2rna": REPO / ".venv" / "bin" / "python",
+    # ours and plain read_region: the interpreter running this script (the main .venv), on this checkout's src
+    "napari-he2rna": Path(sys.executable),
     "napari-wsi": HERE / ".venvs" / "napari-wsi" / "bin" / "python",
     "napari-lazy-openslide": HERE / ".venvs" / "lazy-openslide" / "bin" / "python",
+    "plain-read_region": Path(sys.executable),
 }
+PLAIN = "plain-read_region"
+VIEWPORT = 512
 
 
 # ----------------------------------------------------------------------------------------------- the slide
@@ -72,17 +87,30 @@ def make_slide(out: Path, side: int = 16384) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------- readers
-def _import_reader(reader: str) -> None:
-    """Import the reader's modules (and napari) up front: import time is not what is measured."""
+def _import_reader(reader: str) -> str:
+    """Import the reader's modules, the libraries it opens slides with, and napari, before anything is timed.
+
+    Import time is not what is measured: each reader imports its backends at a different moment (at module
+    import, or lazily on the first open), so openslide and tifffile, and each reader's backend module, are
+    imported here for all of them. Returns the file the reader's package was imported from (to check which
+    checkout was measured).
+    """
     import dask.array  # noqa: F401
+    import openslide
+    import tifffile  # noqa: F401
+
+    if reader == PLAIN:
+        return openslide.__file__
     import napari.viewer  # noqa: F401
 
     if reader == "napari-he2rna":
-        import napari_he2rna.napari._reader  # noqa: F401
+        import napari_he2rna.napari._reader as module
     elif reader == "napari-wsi":
-        import napari_wsi.reader  # noqa: F401
+        import napari_wsi.backends.openslide  # noqa: F401
+        import napari_wsi.reader as module
     else:
-        import napari_lazy_openslide.lazy_openslide  # noqa: F401
+        import napari_lazy_openslide.lazy_openslide as module
+    return module.__file__
 
 
 def _peak_rss_mb() -> float:
@@ -120,12 +148,20 @@ def _as_rgb_dask(level):
     return arr[..., :3]
 
 
+def _viewports(rng, h: int, w: int, n: int) -> list[tuple[int, int]]:
+    """``n`` random (y, x) corners of VIEWPORT-px windows inside an h x w level (the same draws for all)."""
+    side_y, side_x = min(VIEWPORT, h), min(VIEWPORT, w)
+    return [(int(rng.integers(0, h - side_y + 1)), int(rng.integers(0, w - side_x + 1))) for _ in range(n)]
+
+
 def measure(reader: str, path: str, n_reads: int, seed: int) -> dict:
     import dask
 
     out: dict = {"reader": reader}
     dask.config.set(scheduler="threads", num_workers=2)
-    _import_reader(reader)
+    out["module"] = _import_reader(reader)
+    if reader == PLAIN:
+        return _measure_plain(out, path, n_reads, seed)
 
     t0 = time.perf_counter()
     data, kwargs = _layer_data(reader, path)
@@ -137,12 +173,11 @@ def measure(reader: str, path: str, n_reads: int, seed: int) -> dict:
     for key, level in (("level0", levels[0]), ("lowest", levels[-1])):
         arr = _as_rgb_dask(level)
         h, w = arr.shape[:2]
-        side_y, side_x = min(512, h), min(512, w)
+        side_y, side_x = min(VIEWPORT, h), min(VIEWPORT, w)
         arr[:side_y, :side_x].compute()  # warm-up: first-call costs (graph code paths, decoder setup)
+        corners = _viewports(rng, h, w, n_reads)
         cpu0, t0 = time.process_time(), time.perf_counter()
-        for _ in range(n_reads):
-            y = int(rng.integers(0, h - side_y + 1))
-            x = int(rng.integers(0, w - side_x + 1))
+        for y, x in corners:
             block = np.asarray(arr[y : y + side_y, x : x + side_x].compute())
             assert block.shape[:2] == (side_y, side_x)
         wall = time.perf_counter() - t0
@@ -150,28 +185,70 @@ def measure(reader: str, path: str, n_reads: int, seed: int) -> dict:
         if key == "level0":
             out["cpu_per_wall"] = (time.process_time() - cpu0) / wall
 
-    out["first_view_s"] = _first_view(reader, path)
+    out["first_view_s"], out["first_view_cpu_s"] = _first_view(reader, path)
     out["peak_rss_mb"] = _peak_rss_mb()
     return out
 
 
-def _first_view(reader: str, path: str) -> float:
-    """Seconds from the path to a drawn canvas showing the whole slide (viewer startup not counted)."""
+def _measure_plain(out: dict, path: str, n_reads: int, seed: int) -> dict:
+    """``OpenSlide.read_region`` of the viewports the readers read, from a pool of 1 and of 2 threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openslide
+
+    t0 = time.perf_counter()
+    slide = openslide.OpenSlide(path)
+    out["open_s"] = time.perf_counter() - t0
+    out["levels"] = [(h, w, 4) for w, h in slide.level_dimensions]
+    rng = np.random.default_rng(seed)
+    lowest = slide.level_count - 1
+    for key, level in (("level0", 0), ("lowest", lowest)):
+        w, h = slide.level_dimensions[level]
+        ds = slide.level_downsamples[level]
+        side = (min(VIEWPORT, w), min(VIEWPORT, h))
+        corners = _viewports(rng, h, w, n_reads)
+
+        def read(corner, level=level, ds=ds, side=side):
+            y, x = corner
+            block = np.asarray(slide.read_region((round(x * ds), round(y * ds)), level, side))
+            assert block.shape[:2] == (side[1], side[0])
+
+        read((0, 0))  # warm-up, as for the readers
+        for threads in (1, 2):
+            with ThreadPoolExecutor(threads) as pool:
+                cpu0, t0 = time.process_time(), time.perf_counter()
+                list(pool.map(read, corners))
+                wall = time.perf_counter() - t0
+            out[f"{key}_reads_s_{threads}t"] = n_reads / wall
+            if key == "level0":
+                out[f"cpu_per_wall_{threads}t"] = (time.process_time() - cpu0) / wall
+    # the figures the table compares: the 2-thread pool (the goal is half of it)
+    out["level0_reads_s"] = out["level0_reads_s_2t"]
+    out["lowest_reads_s"] = out["lowest_reads_s_2t"]
+    out["cpu_per_wall"] = out["cpu_per_wall_2t"]
+    out["peak_rss_mb"] = _peak_rss_mb()
+    slide.close()
+    return out
+
+
+def _first_view(reader: str, path: str) -> tuple[float, float]:
+    """Wall and CPU seconds from the path to a drawn canvas showing the whole slide (viewer startup not
+    counted). The CPU seconds (all threads of the process) are the figure a busy machine disturbs least."""
     import napari
     from qtpy.QtWidgets import QApplication
 
     viewer = napari.Viewer(show=True)
     QApplication.processEvents()
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     data, kwargs = _layer_data(reader, path)
     layer = viewer.add_image(data, **{k: v for k, v in kwargs.items() if k in _IMAGE_KWARGS})
     viewer.reset_view()
     QApplication.processEvents()
     shot = viewer.screenshot(canvas_only=True, flash=False)
-    elapsed = time.perf_counter() - t0
+    elapsed, cpu = time.perf_counter() - t0, time.process_time() - cpu0
     assert shot[..., :3].std() > 5 and layer.loaded, "nothing was drawn"
     viewer.close()
-    return elapsed
+    return elapsed, cpu
 
 
 _IMAGE_KWARGS = {
@@ -215,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             if not python.exists():
                 print(f"skip {reader}: {python} not found (see benchmarks/README.md)", file=sys.stderr)
                 continue
-            env = dict(os.environ, PYTHONPATH=str(REPO / "src") if reader == "napari-he2rna" else "")
+            ours = reader in ("napari-he2rna", PLAIN)
+            env = dict(os.environ, PYTHONPATH=str(REPO / "src") if ours else "")
             cmd = [
                 str(python),
                 __file__,
@@ -236,33 +314,93 @@ def main(argv: list[str] | None = None) -> int:
                 best[reader] = run
             else:  # best figure of the rounds: the machine is shared, the minimum time is the signal
                 for key, value in run.items():
-                    if key.endswith("reads_s") or key == "cpu_per_wall":
+                    if "reads_s" in key or key.startswith("cpu_per_wall"):
                         best[reader][key] = max(best[reader][key], value)
                     elif key.endswith("_s") or key == "peak_rss_mb":
                         best[reader][key] = min(best[reader][key], value)
     results = list(best.values())
-
-    ours = next((r for r in results if r["reader"] == "napari-he2rna"), None)
     print(f"slide: {slide} levels {results[0]['levels'] if results else '?'}")
-    cols = ["open_s", "first_view_s", "level0_reads_s", "lowest_reads_s", "cpu_per_wall", "peak_rss_mb"]
-    print("| reader | " + " | ".join(cols) + " |")
-    print("|---" * (len(cols) + 1) + "|")
-    for r in results:
-        cells = []
-        for c in cols:
-            cell = f"{r[c]:.3g}"
-            if (
-                ours is not None
-                and r is not ours
-                and c in ("open_s", "first_view_s", "level0_reads_s", "lowest_reads_s")
-            ):
-                better = r[c] / ours[c] if c.endswith("_s") and not c.endswith("reads_s") else ours[c] / r[c]
-                cell += f" (ours {better:.2g}x)"
-            cells.append(cell)
-        print(f"| {r['reader']} | " + " | ".join(cells) + " |")
+    print(f"load average at the end: {_load()}; rounds {args.rounds}, {args.reads} viewports per level")
+    print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0
+
+
+def _load() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+FIGURES = [
+    "open_s",
+    "first_view_s",
+    "first_view_cpu_s",
+    "level0_reads_s",
+    "lowest_reads_s",
+    "cpu_per_wall",
+    "peak_rss_mb",
+]
+LOWER_IS_BETTER = ("open_s", "first_view_s", "first_view_cpu_s")
+
+
+def _advantage(ours: dict, other: dict, figure: str) -> float | None:
+    """How many times better ours is than ``other`` on ``figure`` (> 1: ours is better)."""
+    if figure not in ours or figure not in other or not ours[figure] or not other[figure]:
+        return None
+    if figure in LOWER_IS_BETTER:
+        return other[figure] / ours[figure]
+    return ours[figure] / other[figure]
+
+
+def table(results: list[dict]) -> str:
+    """Markdown: the figures per reader, then ours as a multiple of each other reader, then the goals."""
+    lines = ["| reader | " + " | ".join(FIGURES) + " |", "|---" * (len(FIGURES) + 1) + "|"]
+    for r in results:
+        cells = [f"{r[c]:.3g}" if c in r else "-" for c in FIGURES]
+        name = r["reader"] + (" (2 threads)" if r["reader"] == PLAIN else "")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        if r["reader"] == PLAIN:
+            one = [f"{r[c]:.3g}" for c in ("level0_reads_s_1t", "lowest_reads_s_1t", "cpu_per_wall_1t")]
+            lines.append(f"| {PLAIN} (1 thread) | - | - | - | " + " | ".join(one) + " | - |")
+    ours = next((r for r in results if r["reader"] == "napari-he2rna"), None)
+    if ours is None:
+        return "\n".join(lines)
+    compared = ["open_s", "first_view_s", "first_view_cpu_s", "level0_reads_s", "lowest_reads_s"]
+    lines += ["", "ours as a multiple of each (> 1: ours is faster)", ""]
+    lines += ["| vs | " + " | ".join(compared) + " |", "|---" * (len(compared) + 1) + "|"]
+    for r in results:
+        if r is ours:
+            continue
+        cells = []
+        for c in compared:
+            adv = _advantage(ours, r, c)
+            cells.append("-" if adv is None else f"{adv:.2f}x")
+        lines.append(f"| {r['reader']} | " + " | ".join(cells) + " |")
+    lines += ["", "goals (issue 13)", ""]
+    for r in results:
+        if r is ours:
+            continue
+        if r["reader"] == PLAIN:
+            for c in ("level0_reads_s", "lowest_reads_s"):
+                adv = _advantage(ours, r, c)
+                if adv is not None:
+                    ok = "met" if adv >= 0.5 else "NOT met"
+                    lines.append(f"- {c} >= 0.5x plain read_region (2 threads): {adv:.2f}x, {ok}")
+            continue
+        for c, need in (
+            ("level0_reads_s", 1.5),
+            ("lowest_reads_s", 1.5),
+            ("open_s", 1.0),
+            ("first_view_s", 1.0),
+        ):
+            adv = _advantage(ours, r, c)
+            if adv is not None:
+                ok = "met" if adv >= need else "NOT met"
+                lines.append(f"- {c} >= {need}x {r['reader']}: {adv:.2f}x, {ok}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

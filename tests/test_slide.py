@@ -117,12 +117,17 @@ def test_pyramid_is_lazy(cmu_slide):
         pyramid = slide.pyramid()
         assert calls == []  # building the pyramid reads nothing
         chunk = pyramid[0].chunks[0][0]
-        block = pyramid[0].blocks[1, 2].compute()
+        block = pyramid[0].blocks[1, 1].compute()
         assert block.shape == (chunk, chunk, 3)
-        assert calls == [((2 * chunk, chunk), 0, (chunk, chunk))]  # exactly that chunk, through one read
+        assert calls == [((chunk, chunk), 0, (chunk, chunk))]  # exactly that chunk, through one read
         calls.clear()
-        pyramid[0][10:20, 10:20].compute()
-        assert len(calls) == 1 and calls[0][2] == (chunk, chunk)
+        # a viewport reads only what it shows (dask fuses the slice into the chunk's read), in one read
+        pyramid[0][10:20, 15:40].compute()
+        assert calls == [((15, 10), 0, (25, 10))]
+        calls.clear()
+        got = pyramid[0][chunk - 5 : chunk + 7, 3:9].compute()  # across a chunk border: one read per chunk
+        assert sorted(calls) == [((3, chunk - 5), 0, (6, 5)), ((3, chunk), 0, (6, 7))]
+        np.testing.assert_array_equal(got, slide.read_level_region((3, chunk - 5), 0, (6, 12)))
 
 
 def test_thumbnail_and_fingerprint(cmu_slide, tmp_path):

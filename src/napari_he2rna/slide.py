@@ -21,6 +21,7 @@ Nothing here imports Qt or napari.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -32,7 +33,6 @@ from typing import Any
 import dask.array as da
 import dask.threaded
 import numpy as np
-from dask.highlevelgraph import HighLevelGraph
 
 from .errors import MissingMPPError, SlideError
 
@@ -93,14 +93,32 @@ def _parse_background(props: dict[str, str]) -> tuple[int, int, int]:
 
 
 def _composite(rgba: np.ndarray, background: tuple[int, int, int]) -> np.ndarray:
-    """(h, w, 4) uint8 RGBA (not premultiplied) -> (h, w, 3) uint8 RGB over ``background``."""
+    """(h, w, 4) uint8 RGBA (not premultiplied) -> (h, w, 3) uint8 RGB over ``background``.
+
+    One copy of the RGB planes; the blend (in uint16) touches only the pixels that are not opaque, so a
+    region inside the scan costs a copy and an alpha scan, nothing more.
+    """
+    out = np.ascontiguousarray(rgba[..., :3])
     alpha = rgba[..., 3]
-    if alpha.min() == 255:  # the common case inside the tissue scan: no arithmetic needed
-        return np.ascontiguousarray(rgba[..., :3])
-    a = alpha[..., None].astype(np.uint16)
+    if alpha.min() == 255:  # the common case inside the tissue scan
+        return out
+    where = alpha != 255
+    a = alpha[where][:, None].astype(np.uint16)
     bg = np.asarray(background, dtype=np.uint16)
-    out = (rgba[..., :3].astype(np.uint16) * a + bg * (255 - a) + 127) // 255
-    return out.astype(np.uint8)
+    out[where] = ((out[where].astype(np.uint16) * a + bg * (255 - a) + 127) // 255).astype(np.uint8)
+    return out
+
+
+def _fill(out: np.ndarray, colour: tuple[int, int, int]) -> None:
+    """Paint an (h, w, c) uint8 block with one colour.
+
+    ``out[...] = colour`` broadcasts a 3-vector pixel by pixel (1.6 ms for 512 x 512); one row painted, then
+    copied row by row, runs at memory speed.
+    """
+    if out.size == 0:
+        return
+    out[0] = colour
+    out[1:] = out[0]
 
 
 def _float(value: Any) -> float | None:
@@ -151,17 +169,12 @@ def validate_mpp(mpp: Any) -> float:
 
 
 def _chunk_for_tile(tile: int | None, chunk: int) -> int:
-    """A chunk side that is a multiple of the slide's tile side, near ``chunk`` and within 512-1024 px-ish."""
+    """A chunk side that is a whole number of the slide's tiles, at most ``chunk`` (or one large tile)."""
     if not tile or tile <= 0:
         return chunk
     if tile >= chunk:
         return tile if tile <= 4 * chunk else chunk
-    return tile * math.ceil(chunk / tile)
-
-
-def _chunks_1d(total: int, size: int) -> tuple[int, ...]:
-    full, rest = divmod(total, size)
-    return (size,) * full + ((rest,) if rest else ())
+    return tile * (chunk // tile)
 
 
 def _halve(block: np.ndarray) -> np.ndarray:
@@ -303,6 +316,43 @@ NATIVE_VENDORS = ("aperio", "generic-tiff")
 NATIVE_TOLERANCE = 2
 # Decoded tiles kept per slide (bytes): neighbouring tile reads share native tiles.
 NATIVE_CACHE_BYTES = 64 * 2**20
+# Threads that decode the tiles of one region together (the reading thread is one of them): a viewport read
+# by a single dask task still uses every core. imagecodecs releases the GIL while it decodes.
+DECODE_THREADS = max(1, min(4, os.cpu_count() or 1))
+_decode_pool: Any = None
+_decode_pool_lock = threading.Lock()
+
+
+def _in_parallel(work: Any, items: list) -> None:
+    """``work(part)`` for parts of ``items``: one part in this thread, the others on the decode pool.
+
+    A part the pool has not started yet (its threads are busy with another region) is taken back and run
+    here, so a busy pool never leaves this thread waiting idle.
+    """
+    global _decode_pool
+    parts = min(len(items), DECODE_THREADS)
+    if parts < 2:
+        work(items)
+        return
+    if _decode_pool is None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with _decode_pool_lock:
+            if _decode_pool is None:
+                _decode_pool = ThreadPoolExecutor(DECODE_THREADS - 1, thread_name_prefix="he2rna-decode")
+    chunks = [items[i::parts] for i in range(parts)]
+    futures = [_decode_pool.submit(work, part) for part in chunks[1:]]
+    try:
+        work(chunks[0])
+    except BaseException:
+        for future in futures:
+            future.cancel()
+        raise
+    for future, part in zip(futures, chunks[1:], strict=True):
+        if future.cancel():
+            work(part)
+        else:
+            future.result()
 
 
 class NativeTiles:
@@ -351,38 +401,61 @@ class NativeTiles:
         self._cache: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cache_bytes = 0
         self._cache_lock = threading.Lock()
+        # Tile bytes are read with os.pread on a descriptor of our own: no shared file position, so
+        # concurrent reads need no lock (tifffile's handle seeks, and its lock is a no-op unless asked for).
+        # Without os.pread (Windows) they go through tifffile's handle under a lock.
+        self._fd = os.open(str(path), os.O_RDONLY) if hasattr(os, "pread") else None
         self._file_lock = threading.Lock()
+        # per level: (tile height, tile width, tiles across, samples, jpegtables, offsets, byte counts)
+        self._grid = [
+            None
+            if page is None
+            else (
+                int(page.tilelength),
+                int(page.tilewidth),
+                math.ceil(page.imagewidth / page.tilewidth),
+                int(page.samplesperpixel),
+                page.jpegtables,
+                page.dataoffsets,
+                page.databytecounts,
+            )
+            for page in self.pages
+        ]
 
     def has(self, level: int) -> bool:
         return self.pages[level] is not None
 
     def tile_shape(self, level: int) -> tuple[int, int]:
-        page = self.pages[level]
-        return int(page.tilelength), int(page.tilewidth)
+        th, tw = self._grid[level][:2]
+        return th, tw
+
+    def _bytes(self, offset: int, count: int) -> bytes:
+        if self._fd is not None:
+            return os.pread(self._fd, count, offset)
+        fh = self.tif.filehandle
+        with self._file_lock:
+            fh.seek(offset)
+            return fh.read(count)
 
     def _tile(self, level: int, index: int) -> np.ndarray | None:
         """Decoded tile ``index`` of ``level`` as (th, tw, samples) uint8, None for a missing tile."""
         key = (level, index)
         with self._cache_lock:
-            if key in self._cache:
+            tile = self._cache.get(key)
+            if tile is not None:
                 self._cache.move_to_end(key)
-                return self._cache[key]
-        page = self.pages[level]
-        offset, count = int(page.dataoffsets[index]), int(page.databytecounts[index])
+                return tile
+        th, tw, across, samples, jpegtables, offsets, counts = self._grid[level]
+        offset, count = int(offsets[index]), int(counts[index])
         if count == 0 or offset == 0:
             return None
-        fh = self.tif.filehandle
-        with self._file_lock:  # tifffile's own handle lock is a no-op unless asked for
-            fh.seek(offset)
-            data = fh.read(count)
-        th, tw = self.tile_shape(level)
+        data = self._bytes(offset, count)
         try:
             if len(data) != count:
                 raise ValueError(f"{count - len(data)} bytes missing at the end of the file")
-            tile = page.decode(data, index, jpegtables=page.jpegtables)[0]
-            tile = np.asarray(tile).reshape(th, tw, page.samplesperpixel)
+            tile = self.pages[level].decode(data, index, jpegtables=jpegtables)[0]
+            tile = np.asarray(tile).reshape(th, tw, samples)
         except Exception as exc:  # imagecodecs raises its own error types per codec
-            across = math.ceil(page.imagewidth / tw)
             row, col = divmod(index, across)
             raise SlideError(
                 f"{self.name} cannot be read at level {level}, tile ({col * tw}, {row * th}) px of that "
@@ -401,27 +474,47 @@ class NativeTiles:
         x, y = int(location[0]), int(location[1])
         w, h = int(size[0]), int(size[1])
         lw, lh = self.level_dimensions[level]
-        th, tw = self.tile_shape(level)
-        across = math.ceil(lw / tw)
-        samples = self.pages[level].samplesperpixel
+        th, tw, across, samples, *_ = self._grid[level]
         out = np.empty((h, w, samples), dtype=np.uint8)
-        out[..., :3] = self.background
-        if samples == 4:
-            out[..., 3] = 255
+        fill = (*self.background, 255)[:samples]
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
-        for row in range(y0 // th, (y1 - 1) // th + 1 if y1 > y0 else 0):
-            for col in range(x0 // tw, (x1 - 1) // tw + 1 if x1 > x0 else 0):
+        if x1 <= x0 or y1 <= y0:
+            _fill(out, fill)
+            return out[..., :3].copy() if samples == 4 else out
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):  # partly outside the level: only edge chunks
+            _fill(out, fill)
+
+        def paste(cells: list[tuple[int, int]]) -> None:
+            for row, col in cells:
+                ty0, ty1 = max(y0, row * th), min(y1, (row + 1) * th)
+                tx0, tx1 = max(x0, col * tw), min(x1, (col + 1) * tw)
                 tile = self._tile(level, row * across + col)
-                if tile is None:
+                if tile is None:  # a sparse (missing) tile
+                    _fill(out[ty0 - y : ty1 - y, tx0 - x : tx1 - x], fill)
                     continue
-                ty0, tx0 = max(y0, row * th), max(x0, col * tw)
-                ty1, tx1 = min(y1, (row + 1) * th), min(x1, (col + 1) * tw)
                 out[ty0 - y : ty1 - y, tx0 - x : tx1 - x] = tile[
                     ty0 - row * th : ty1 - row * th, tx0 - col * tw : tx1 - col * tw
                 ]
+
+        cells = [
+            (row, col)
+            for row in range(y0 // th, (y1 - 1) // th + 1)
+            for col in range(x0 // tw, (x1 - 1) // tw + 1)
+        ]
+        with self._cache_lock:
+            todo = [(r, c) for r, c in cells if (level, r * across + c) not in self._cache]
+        if todo:
+            decoding = set(todo)
+            paste([cell for cell in cells if cell not in decoding])
+            _in_parallel(paste, todo)
+        else:
+            paste(cells)
         return _composite(out, self.background) if samples == 4 else out
 
     def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
         self.tif.close()
 
 
@@ -500,8 +593,9 @@ class _TiffBackend(_Backend):
         w, h = size
         lw, lh = self.level_dimensions[level]
         out = np.empty((h, w, 3), dtype=np.uint8)
-        out[:] = self.background
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):  # partly outside the level
+            _fill(out, self.background)
         if x1 <= x0 or y1 <= y0:
             return out
         index = tuple(
@@ -580,8 +674,9 @@ class _ImageBackend(_Backend):
         w, h = size
         lw, lh = self.level_dimensions[0]
         out = np.empty((h, w, 3), dtype=np.uint8)
-        out[:] = self.background
         x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if (x0, y0, x1, y1) != (x, y, x + w, y + h):  # partly outside the image
+            _fill(out, self.background)
         if x1 > x0 and y1 > y0:
             out[y0 - y : y1 - y, x0 - x : x1 - x] = self.pixels[y0:y1, x0:x1]
         return out
@@ -700,6 +795,82 @@ def _open_backend(path: Path) -> _Backend:
 
 
 # --------------------------------------------------------------------------------------------------- Slide
+_ARRAY_IDS = itertools.count()
+
+
+def _axis_window(index: Any, n: int) -> tuple[int, int, Any]:
+    """``(lo, hi, local)``: the window ``[lo, hi)`` of an axis of length ``n`` that ``index`` touches, and the
+    index that picks the same elements out of that window."""
+    if isinstance(index, slice):
+        start, stop, step = index.indices(n)
+        if step == 1:
+            return start, max(start, stop), slice(None)
+        picked = range(start, stop, step)
+        if not picked:
+            return 0, 0, slice(0, 0)
+        lo, hi = min(picked[0], picked[-1]), max(picked[0], picked[-1]) + 1
+        end = picked[-1] - lo + (1 if step > 0 else -1)
+        return lo, hi, slice(picked[0] - lo, end if end >= 0 else None, step)
+    if isinstance(index, int | np.integer):
+        i = int(index) + (n if index < 0 else 0)
+        if not 0 <= i < n:
+            raise IndexError(f"index {int(index)} is out of bounds for an axis of {n}")
+        return i, i + 1, 0
+    picked = np.asarray(index)
+    if picked.dtype == bool:
+        picked = np.flatnonzero(picked)
+    picked = np.where(picked < 0, picked + n, picked).astype(np.intp)
+    if picked.size == 0:
+        return 0, 0, picked
+    lo = int(picked.min())
+    return lo, int(picked.max()) + 1, picked - lo
+
+
+class LevelView:
+    """One pyramid level as a NumPy-indexable array: ``view[y0:y1, x0:x1]`` reads just that region.
+
+    It is what the level's dask array is built on (``dask.array.from_array``); indexing it reads through
+    :meth:`Slide.read_level_region`, so a region holds the level's stored pixels at any downsample.
+    """
+
+    def __init__(self, slide: Slide, level: int) -> None:
+        self.slide = slide
+        self.level = level
+        width, height = slide.level_dimensions[level]
+        self.shape = (height, width, 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+
+    def __getitem__(self, index: Any) -> np.ndarray:
+        if not isinstance(index, tuple):
+            index = (index,)
+        if any(i is Ellipsis for i in index):
+            at = next(k for k, i in enumerate(index) if i is Ellipsis)
+            rest = 3 - (len(index) - 1 - sum(i is None for i in index))
+            index = index[:at] + (slice(None),) * rest + index[at + 1 :]
+        spatial: list[tuple[int, int]] = []
+        local: list[Any] = []
+        for i in index:
+            if i is None:
+                local.append(None)
+            elif len(spatial) < 2:
+                lo, hi, pick = _axis_window(i, self.shape[len(spatial)])
+                spatial.append((lo, hi))
+                local.append(pick)
+            else:
+                local.append(i)
+        while len(spatial) < 2:
+            spatial.append((0, self.shape[len(spatial)]))
+        (y0, y1), (x0, x1) = spatial
+        region = self.slide.read_level_region((x0, y0), self.level, (x1 - x0, y1 - y0))
+        if all(isinstance(i, slice) and i == slice(None) for i in local):
+            return region
+        return region[tuple(local)]
+
+    def __repr__(self) -> str:
+        return f"LevelView({self.slide.path.name!r}, level={self.level}, shape={self.shape})"
+
+
 class Slide:
     """An open whole-slide image. Use :func:`open_slide`; close it (or use ``with``) to free the file handle.
 
@@ -853,33 +1024,35 @@ class Slide:
     def _level_array(self, level: int, chunk: int) -> da.Array:
         width, height = self.level_dimensions[level]
         side = _chunk_for_tile(self._tile_sizes[level], chunk)
-        chunks = (_chunks_1d(height, side), _chunks_1d(width, side), (3,))
-        # One task per chunk, written out directly: cheaper to build than map_blocks (which prepares
-        # block_info for every block), and the name must be explicit anyway, since dask would otherwise try
-        # to hash the OpenSlide handle behind self._read.
-        name = f"he2rna-slide-{id(self):x}-level{level}-chunk{side}"
-        row0 = np.cumsum((0,) + chunks[0][:-1])
-        col0 = np.cumsum((0,) + chunks[1][:-1])
-        tasks = {
-            (name, i, j, 0): (self._read_level, (int(c0), int(r0)), level, (cw, rh))
-            for i, (r0, rh) in enumerate(zip(row0, chunks[0], strict=True))
-            for j, (c0, cw) in enumerate(zip(col0, chunks[1], strict=True))
-        }
-        graph = HighLevelGraph.from_collections(name, tasks, dependencies=())
-        return da.Array(graph, name, chunks, dtype=np.uint8, meta=np.empty((0, 0, 0), dtype=np.uint8))
+        # dask.array.from_array over a view that reads regions on demand: dask fuses a viewport's slice of a
+        # chunk into the chunk's read (fancy getter), so a 512 px viewport reads only the tiles it shows,
+        # not its four whole chunks. The name is explicit: dask would otherwise try to hash the slide.
+        return da.from_array(
+            LevelView(self, level),
+            chunks=(side, side, 3),
+            name=f"he2rna-slide-{id(self):x}-{next(_ARRAY_IDS)}-level{level}-chunk{side}",
+            lock=False,
+            asarray=True,
+            fancy=True,
+            inline_array=True,
+            meta=np.empty((0, 0, 0), dtype=np.uint8),
+        )
 
-    def pyramid(self, chunk: int = 512) -> list[da.Array]:
+    def pyramid(self, chunk: int = 1024) -> list[da.Array]:
         """The slide as a lazy multiscale pyramid for napari.
 
-        One dask array per native level, chunked along the slide's own tile grid (a multiple of its tile side
-        near ``chunk``), each chunk read on demand through the one shared handle in the level's own pixel
-        coordinates (:meth:`read_level_region`, so chunks hold the stored pixels at any downsample); then
-        2x-coarsened levels until the smallest fits :data:`PYRAMID_MIN_SIDE` px. Building it reads no pixels.
+        One dask array per native level, chunked along the slide's own tile grid (a whole number of tiles, at
+        most ``chunk`` px), read on demand in the level's own pixel coordinates (:meth:`read_level_region`,
+        so chunks hold the stored pixels at any downsample). A slice of a level reads only the region it
+        covers (dask fuses the slice into each chunk's read), and the tiles of one read are decoded on all
+        cores. Then 2x-coarsened levels until the smallest fits :data:`PYRAMID_MIN_SIDE` px. Building it
+        reads no pixels.
 
         Parameters
         ----------
         chunk : int
-            Preferred chunk side in pixels.
+            Largest chunk side in pixels. Large chunks mean few dask tasks per viewport (dask's per-task
+            scheduling costs more than a tile's decode); a slice still reads only what it covers.
 
         Returns
         -------

@@ -1,0 +1,114 @@
+"""slide.py's read path: a viewport reads only its own tiles, any NumPy index reads the right pixels, tiles
+decode on several threads, transparent pixels are composited exactly."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+
+from napari_he2rna.slide import LevelView, open_slide
+
+TILE = 256
+
+
+@pytest.fixture(scope="module")
+def rgba_tiff(tmp_path_factory) -> tuple[Path, np.ndarray]:
+    """A two-level tiled RGBA TIFF (lossless) with opaque, half-transparent and fully transparent areas."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (700, 900, 4), dtype=np.uint8)
+    image[..., 3] = 255
+    image[100:300, 200:500, 3] = rng.integers(0, 256, (200, 300))
+    image[600:, :, 3] = 0
+    path = tmp_path_factory.mktemp("rgba") / "rgba.tiff"
+    opts = dict(tile=(TILE, TILE), photometric="rgb", extrasamples=["unassalpha"], compression="zlib")
+    with tifffile.TiffWriter(path) as tw:
+        tw.write(image, **opts)
+        tw.write(np.ascontiguousarray(image[::2, ::2]), subfiletype=1, **opts)
+    return path, image
+
+
+def _over_white(rgba: np.ndarray) -> np.ndarray:
+    alpha = rgba[..., 3:].astype(np.uint16)
+    return ((rgba[..., :3].astype(np.uint16) * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
+
+
+def test_rgba_tiles_are_composited_on_white_exactly(rgba_tiff):
+    path, image = rgba_tiff
+    with open_slide(path) as slide:
+        assert slide.vendor == "generic-tiff"
+        np.testing.assert_array_equal(slide.pyramid()[0].compute(), _over_white(image))
+        np.testing.assert_array_equal(
+            slide.read_level_region((850, 650), 0, (100, 80))[:50, :50], _over_white(image[650:, 850:])
+        )
+        assert (slide.read_level_region((850, 650), 0, (100, 80))[50:] == 255).all()  # outside: white
+
+
+def test_a_viewport_decodes_only_the_tiles_it_shows(rgba_tiff):
+    path, image = rgba_tiff
+    with open_slide(path) as slide:
+        native = slide._backend.native
+        assert native is not None
+        level = slide.pyramid()[0]
+        assert slide.pyramid(chunk=600)[0].chunks[0][:2] == (512, 188)  # whole tiles, at most the size asked
+        slide.read_level_region((0, 0), 0, (1, 1))  # the level's first read checks tile 0 against OpenSlide
+        native._cache.clear()
+        got = level[300:520, 250:270].compute()  # rows 1-2, column 0-1 of the 256 px grid
+        np.testing.assert_array_equal(got, _over_white(image[300:520, 250:270]))
+        across = -(-900 // TILE)
+        assert set(native._cache) == {(0, r * across + c) for r in (1, 2) for c in (0, 1)}
+
+
+def test_level_view_indexes_like_numpy(rgba_tiff):
+    path, image = rgba_tiff
+    want = _over_white(image)
+    with open_slide(path) as slide:
+        view = LevelView(slide, 0)
+        assert view.shape == (700, 900, 3) and view.dtype == np.uint8
+        dask_level = slide.pyramid()[0]
+        for index in [
+            (slice(10, 40), slice(5, 900)),
+            (slice(None, None, 3), slice(899, 100, -7)),
+            (5, slice(20, 30), 1),
+            ([3, 650, 7], slice(None)),
+            (Ellipsis, 2),
+            (slice(-30, None), np.arange(900) % 5 == 0),
+            (None, slice(0, 4), slice(0, 4)),
+            (slice(690, 710), slice(0, 0)),
+        ]:
+            got = view[index]
+            assert got.shape == want[index].shape, index
+            np.testing.assert_array_equal(got, want[index], err_msg=str(index))
+            if not any(i is None for i in index):
+                np.testing.assert_array_equal(dask_level[index].compute(), want[index], err_msg=str(index))
+
+
+def test_tiles_decode_on_several_threads_and_concurrent_reads_agree(rgba_tiff, monkeypatch):
+    import napari_he2rna.slide as slide_module
+
+    path, image = rgba_tiff
+    want = _over_white(image)
+    monkeypatch.setattr(slide_module, "DECODE_THREADS", 3)
+    with open_slide(path) as slide:
+        native = slide._backend.native
+        threads: set[str] = set()
+        decode = native._tile
+
+        def tile(level, index):
+            threads.add(threading.current_thread().name)
+            return decode(level, index)
+
+        native._tile = tile
+        np.testing.assert_array_equal(slide.read_level_region((0, 0), 0, (900, 700)), want)
+        assert len(threads) >= 2  # this thread and the decode pool
+
+        native._cache.clear()
+        corners = [(x, y) for x in range(0, 800, 97) for y in range(0, 600, 89)]
+        with ThreadPoolExecutor(4) as pool:
+            blocks = list(pool.map(lambda c: slide.read_level_region(c, 0, (100, 100)), corners))
+        for (x, y), block in zip(corners, blocks, strict=True):
+            np.testing.assert_array_equal(block, want[y : y + 100, x : x + 100])
