@@ -48,7 +48,6 @@ def slide_layer_data(slide: Slide, name: str | None = None) -> LayerData:
         "metadata": {
             "slide": slide,
             "slide_path": str(slide.path),
-            "mpp": mpp,
             "mpp_missing": mpp is None,
             "pyramid_downsamples": slide.pyramid_downsamples,
         },

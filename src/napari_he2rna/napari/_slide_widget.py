@@ -118,7 +118,6 @@ class SlideWidget(Container):
         slide.mpp = mpp
         layer.scale = (mpp, mpp)
         layer.units = ("µm", "µm")
-        layer.metadata["mpp"] = mpp
         layer.metadata["mpp_missing"] = False
         self.viewer.reset_view()
         show_info(f"{slide.path.name}: pixel size set to {mpp:g} µm/px.")
