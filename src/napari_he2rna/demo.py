@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .jobs import CancelToken, ProgressCallback, check_cancel, report
+from .safe_output import atomic_write_text
 
 if TYPE_CHECKING:  # numpy/pandas/torch load when a build runs, not when the CLI lists commands
     import pandas as pd
@@ -231,7 +232,7 @@ def _build(
             progress=lambda d, t, m: stage(0, "slides", d, t, m),
             cancel=cancel,
         )
-        (cohort_dir / "demo_cohort.json").write_text(json.dumps(stamp))
+        atomic_write_text(cohort_dir / "demo_cohort.json", json.dumps(stamp))
     log.info("demo model: cohort took %.1f s", time.perf_counter() - t0)
 
     # 2. Features (the shared zarr cache: a rerun reads them back) and their supertiles.

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from . import settings
+from .safe_output import OutputError, atomic_write_text
 
 __all__ = [
     "BF16_FLAGS",
@@ -157,11 +158,10 @@ def cpu_prefers_bf16(
             entry = {**measure(), "measured": time.strftime("%Y-%m-%dT%H:%M:%S")}
             table = table if isinstance(table, dict) else {}
             table[key] = entry
-            with contextlib.suppress(OSError):  # a read-only cache only costs a measurement next time
+            # A read-only cache only costs a measurement next time.
+            with contextlib.suppress(OSError, OutputError):
                 path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(table, indent=2) + "\n")
-                os.replace(tmp, path)
+                atomic_write_text(path, json.dumps(table, indent=2) + "\n")
         answer = float(entry["speedup"]) >= BF16_MIN_SPEEDUP
         _memo[memo_key] = answer
         return answer
