@@ -43,17 +43,23 @@ def default_model_path() -> Path:
     return settings.sample_data_dir() / "demo_model.safetensors"
 
 
-def warm_up_backbone(backbone, batch_size: int, precision: str = "auto") -> None:
-    """Run a backbone once on a batch of blank tiles, as an extraction would (same batch shape and precision),
-    so that the kernels the first real batch needs are set up. Failures are left to the real run to report."""
+def warm_up_extraction(backbone, batch_size: int, precision: str = "auto") -> None:
+    """Set up what an extraction needs before its first tile, so that the first painted tiles come sooner.
+
+    Runs the backbone once on a batch of blank tiles, as the extraction will (same batch shape and precision:
+    the first batch costs about 1 s more than the next ones, kernel set-up), and imports the clustering
+    library the final supertile step uses (scikit-learn: about 2 s the first time in a process). Meant for a
+    thread while the slide is tiled. Failures are left to the real run to report.
+    """
     from .features import BatchRunner
 
     try:
         px = int(backbone.input_px)
         blank = np.full((int(batch_size), px, px, 3), 255, dtype=np.uint8)
         BatchRunner(backbone, batch_size, precision)(blank)
+        import sklearn.cluster  # noqa: F401
     except Exception:  # noqa: BLE001 - the extraction that follows raises the same error with its context
-        log.debug("backbone warm-up failed", exc_info=True)
+        log.debug("extraction warm-up failed", exc_info=True)
 
 
 def load_model(path: str | Path | None = None) -> ModelBundle:
@@ -202,10 +208,9 @@ class SlideSession:
         if progressive:
             warm = None
             if not cache_path(self.slide, backbone, bundle.tile_um, cache_dir).exists():
-                # The backbone's first batch costs ~1 s more than the next ones (kernel set-up): run it on
-                # blank tiles while the slide is tiled, so that the first painted tiles come that much sooner.
+                # While the slide is tiled: the backbone's first batch and the supertile step's imports.
                 warm = threading.Thread(
-                    target=warm_up_backbone, args=(backbone, batch_size), name="he2rna-warm-up", daemon=True
+                    target=warm_up_extraction, args=(backbone, batch_size), name="he2rna-warm-up", daemon=True
                 )
                 warm.start()
 
