@@ -90,6 +90,7 @@ def test_export_csv_via_dialog_and_never_overwrite_silently(painted, tmp_path, m
     export.set_checked(["CD3D"])
     assert export.export_csv() is None
     assert len(asked) == 1 and str(target) in asked[0]
+    assert str(spatial.tile_metadata_path(target)) in asked[0]  # the sidecar it would replace is named too
     assert target.read_bytes() == before
     # "Yes" replaces it, now with only the ticked column
     _answer(monkeypatch, yes=True)

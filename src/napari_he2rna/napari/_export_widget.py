@@ -201,7 +201,7 @@ class ExportWidget(QWidget):
             return None
         if path.suffix.lower() != ".csv":
             path = path.with_name(path.name + ".csv")
-        if not self.confirm_overwrite([path, spatial.slide_csv_path(path)]):
+        if not self.confirm_overwrite([path, spatial.slide_csv_path(path), spatial.tile_metadata_path(path)]):
             return None
         try:
             written = state.session.export_csv(path, names, overwrite=True)
