@@ -75,9 +75,9 @@ HEATMAP_COLORMAP = "magma"
 HEATMAP_OPACITY = 0.6
 UNCERTAINTY_COLORMAP = "viridis"
 #: Least time between two live repaints during a run (ms): batches can come faster than a redraw. Fast
-#: until the coarse first pass is painted, then once a second: each repaint redraws the canvas, which on a
-#: software-OpenGL machine costs the CPU the extraction needs (at 150 ms throughout, a 2-core CPU extracted
-#: ResNet50 at about half the rate of a headless run).
+#: until the coarse first pass is painted, then once a second: after the coarse map a pathologist gains
+#: little from faster updates, and each repaint redraws the canvas. (In bench_viewer.py the viewer extracts
+#: ResNet50 at about half the headless rate with either interval; the cause is not known yet.)
 LIVE_REPAINT_MS = 150
 LIVE_REPAINT_AFTER_FIRST_PASS_MS = 1000
 DEVICES = ("auto", "cuda", "cpu")
