@@ -236,3 +236,58 @@ def test_view_reads_widget_names_from_manifest(tmp_path):
     )
     assert view.manifest_widgets(manifest) == ["Model", "Gene picker"]
     assert view.manifest_widgets(tmp_path / "missing.yaml") == []
+
+
+def test_warm_up_runs_small_backbones_and_skips_huge_ones_on_the_cpu(monkeypatch):
+    import torch
+
+    from napari_he2rna import features
+
+    calls = []
+
+    class Runner:
+        def __init__(self, backbone, batch_size, precision):
+            calls.append((batch_size, precision))
+
+        def __call__(self, tiles):
+            calls[-1] = (*calls[-1], tiles.shape)
+
+    class Fake(torch.nn.Module):
+        input_px = 16
+
+        def __init__(self, n):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(n), requires_grad=False)
+
+        @property
+        def device(self):
+            return torch.device("cpu")
+
+    monkeypatch.setattr(features, "BatchRunner", Runner)
+    slide_session.warm_up_extraction(Fake(10), 8)
+    assert calls == [(8, "auto", (8, 16, 16, 3))]  # same batch shape as the extraction's first batch
+    monkeypatch.setattr(slide_session, "WARM_UP_MAX_CPU_PARAMS", 5)
+    slide_session.warm_up_extraction(Fake(10), 8)
+    assert len(calls) == 1  # a backbone over the limit is not run on blank tiles
+
+
+def test_a_new_model_gets_its_own_gene_index_and_the_old_one_is_freed(cmu_slide):
+    import gc
+    import weakref
+
+    from napari_he2rna.slide import open_slide
+
+    first = slide_session.load_model(None)
+    gone = weakref.ref(first)
+    with open_slide(cmu_slide) as slide:
+        s = slide_session.SlideSession(slide, first)
+        assert s.resolve("cd3d") == {"CD3D": ["CD3D"]}
+        second = load_bundle(slide_session.default_model_path())
+        second.genes = [g if g != "CD3D" else "CD3D_NEW" for g in second.genes]
+        s.set_model(second)
+        del first
+        gc.collect()
+        assert gone() is None  # nothing of the session (its gene index included) keeps the old model
+        assert s.resolve("cd3d_new") == {"CD3D_NEW": ["CD3D_NEW"]}
+        with pytest.raises(GeneError):
+            s.resolve("CD3D")

@@ -43,20 +43,29 @@ def default_model_path() -> Path:
     return settings.sample_data_dir() / "demo_model.safetensors"
 
 
+#: Largest backbone (parameters) whose blank warm-up batch runs on a CPU. The blank batch costs as much as
+#: a real one: for ResNet50 (25 M) about 1 s, hidden behind the tiling; for a ViT-L/H/g foundation model
+#: (0.3-1.1 G) it would cost several times the tiling it overlaps and delay the first tiles instead.
+WARM_UP_MAX_CPU_PARAMS = 100_000_000
+
+
 def warm_up_extraction(backbone, batch_size: int, precision: str = "auto") -> None:
     """Set up what an extraction needs before its first tile, so that the first painted tiles come sooner.
 
     Runs the backbone once on a batch of blank tiles, as the extraction will (same batch shape and precision:
-    the first batch costs about 1 s more than the next ones, kernel set-up), and imports the clustering
+    the first batch costs about 1 s more than the next ones, kernel set-up; on a CPU only for backbones up to
+    :data:`WARM_UP_MAX_CPU_PARAMS`), and imports the clustering
     library the final supertile step uses (scikit-learn: about 2 s the first time in a process). Meant for a
     thread while the slide is tiled. Failures are left to the real run to report.
     """
     from .features import BatchRunner
 
     try:
-        px = int(backbone.input_px)
-        blank = np.full((int(batch_size), px, px, 3), 255, dtype=np.uint8)
-        BatchRunner(backbone, batch_size, precision)(blank)
+        n_params = sum(p.numel() for p in backbone.parameters())
+        if backbone.device.type != "cpu" or n_params <= WARM_UP_MAX_CPU_PARAMS:
+            px = int(backbone.input_px)
+            blank = np.full((int(batch_size), px, px, 3), 255, dtype=np.uint8)
+            BatchRunner(backbone, batch_size, precision)(blank)
         import sklearn.cluster  # noqa: F401
     except Exception:  # noqa: BLE001 - the extraction that follows raises the same error with its context
         log.debug("extraction warm-up failed", exc_info=True)
@@ -155,6 +164,7 @@ class SlideSession:
             self._resolved.clear()
             self._alias.clear()
             self._hidden, self._hidden_of, self.live = None, None, None
+            self._lookup = None  # the old model's gene index would keep the old model (GBs) alive
             want = (bundle.backbone, int(bundle.feature_dim), float(bundle.tile_um))
             if self._feature_key is not None and self._feature_key != want:
                 self.grid, self.features, self._feature_key = None, None, None
@@ -574,6 +584,7 @@ class SlideSession:
             self.features, self.grid, self.live = None, None, None
             self._hidden, self._hidden_of = None, None
             self._assessment = None
+            self._lookup = None
 
     # ------------------------------------------------------------------------------------------ heatmaps
     def current_grid(self) -> TileGrid:
