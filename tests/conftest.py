@@ -45,3 +45,44 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def cli_in_process():
+    """:func:`run_cli_in_process`, for tests and fixtures of any scope."""
+    return run_cli_in_process
+
+
+def run_cli_in_process(*args, cwd: Path | None = None, env: dict[str, str] | None = None):
+    """Run ``he2rna ARGS`` in this process, as the console script does (``cli.main``), and return what a
+    subprocess would: ``returncode``, ``stdout`` and ``stderr`` (a ``subprocess.CompletedProcess``).
+
+    Many times faster than a subprocess (no interpreter and no torch import per call). For messages and exit
+    codes only: what depends on a separate process (signals, two processes at once, the umask, output
+    streamed while the run goes on) stays in a subprocess.
+    """
+    import contextlib
+    import io
+    import subprocess
+    import warnings
+
+    from napari_he2rna import cli
+
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.ExitStack() as stack:
+        mp = stack.enter_context(pytest.MonkeyPatch.context())
+        for key, value in (env or {}).items():
+            mp.setenv(key, value)
+        if cwd is not None:
+            mp.chdir(cwd)
+        # each run shows its warnings afresh (as a new process would) and cli.main's showwarning is undone
+        stack.enter_context(warnings.catch_warnings())
+        warnings.simplefilter("default")
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        try:
+            code = cli.main(argv)
+        except SystemExit as exc:  # argparse's usage errors
+            code = exc.code if isinstance(exc.code, int) else 1
+    return subprocess.CompletedProcess(["he2rna", *argv], code, out.getvalue(), err.getvalue())

@@ -1,7 +1,9 @@
 """Bad input and faults through the CLI, as a user runs it (issue 11): one test per cause.
 
-Each runs ``he2rna`` in a subprocess and checks the exit code, that an error is one sentence without a
-traceback, and that every file that was there before is byte for byte as it was.
+Each runs ``he2rna`` and checks the exit code, that an error is one sentence without a traceback, and that
+every file that was there before is byte for byte as it was. What needs a process of its own (Ctrl-C, two
+runs at once, the user's umask, lines printed while a run goes on) runs in a subprocess; the rest runs
+``cli.main`` in this process (``conftest.run_cli_in_process``), which is what the console script calls.
 """
 
 from __future__ import annotations
@@ -48,6 +50,17 @@ def he2rna(*args, cwd: Path, timeout: float = 600) -> subprocess.CompletedProces
     )
 
 
+@pytest.fixture(scope="session")
+def he2rna_here(cli_in_process):
+    """``he2rna`` run in this process, with the environment :func:`he2rna` gives a subprocess."""
+
+    def run(*args, cwd: Path) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in _env(cwd).items() if k in ("HE2RNA_OFFLINE", "HE2RNA_CACHE")}
+        return cli_in_process(*args, cwd=cwd, env=env)
+
+    return run
+
+
 def popen(*args, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "napari_he2rna.cli", *map(str, args)],
@@ -79,10 +92,12 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
 
 
 @pytest.fixture(scope="module")
-def earlier_run(tmp_path_factory) -> Path:
+def earlier_run(tmp_path_factory, he2rna_here) -> Path:
     """A folder with one finished ``spatialize`` run (``out``) and its feature cache (``cache``)."""
     root = tmp_path_factory.mktemp("earlier")
-    proc = he2rna("spatialize", SLIDE, "--genes", "CD3D", "--out", "out", "--cache-dir", "cache", cwd=root)
+    proc = he2rna_here(
+        "spatialize", SLIDE, "--genes", "CD3D", "--out", "out", "--cache-dir", "cache", cwd=root
+    )
     assert proc.returncode == 0, proc.stderr
     return root
 
@@ -96,21 +111,21 @@ def work(tmp_path, earlier_run) -> Path:
 
 
 # 1 ------------------------------------------------------------------------------------ absurd sizes
-def test_absurd_pixel_and_tile_sizes_are_refused(tmp_path):
+def test_absurd_pixel_and_tile_sizes_are_refused(tmp_path, he2rna_here):
     for argv in (
         ["spatialize", SLIDE, "--mpp", "1e6", "--genes", "CD3D", "--out", "o"],
         ["predict", SLIDE, "--mpp", "1e6", "--out", "o"],
         ["extract", SLIDE, "--mpp", "1e6", "--backbone", "hed-stats", "--out", "o"],
     ):
-        line = one_sentence(he2rna(*argv, cwd=tmp_path))
+        line = one_sentence(he2rna_here(*argv, cwd=tmp_path))
         assert "1e+06 µm/px" in line and "0.01 and 100 µm/px" in line
     line = one_sentence(
-        he2rna("extract", SLIDE, "--tile-um", "0", "--backbone", "hed-stats", "--out", "o", cwd=tmp_path)
+        he2rna_here("extract", SLIDE, "--tile-um", "0", "--backbone", "hed-stats", "--out", "o", cwd=tmp_path)
     )
     assert "tile size 0 µm" in line and "between 10 and" in line
     assert not any(tmp_path.iterdir())  # refused before anything was made
     # larger than this 1008 µm slide: a failed slide, named, with the range for this slide
-    proc = he2rna(
+    proc = he2rna_here(
         "extract", SLIDE, "--tile-um", "5000", "--backbone", "hed-stats", "--out", "o", cwd=tmp_path
     )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
@@ -119,7 +134,7 @@ def test_absurd_pixel_and_tile_sizes_are_refused(tmp_path):
 
 
 # 2 ------------------------------------------------------------------------------ corrupt caches
-def test_one_flipped_bit_in_a_feature_chunk_is_detected_and_recomputed(work, earlier_run):
+def test_one_flipped_bit_in_a_feature_chunk_is_detected_and_recomputed(work, earlier_run, he2rna_here):
     store = next((work / "cache").glob(STORE_GLOB))
     _, clean, _ = read_cache(next((earlier_run / "cache").glob(STORE_GLOB)))
     chunk = sorted((store / "features" / "c").rglob("*"))
@@ -129,7 +144,7 @@ def test_one_flipped_bit_in_a_feature_chunk_is_detected_and_recomputed(work, ear
     chunk.write_bytes(bytes(data))
     before = snapshot(work / "out")
 
-    proc = he2rna("extract", SLIDE, "--backbone", "hed-stats", "--out", work / "cache", cwd=work)
+    proc = he2rna_here("extract", SLIDE, "--backbone", "hed-stats", "--out", work / "cache", cwd=work)
     assert proc.returncode == 0, proc.stderr
     warned = [line for line in proc.stderr.splitlines() if store.name in line]
     assert len(warned) == 1 and warned[0].startswith("he2rna: warning: ") and "recomputing" in warned[0]
@@ -160,7 +175,7 @@ def read_only(tmp_path):
         ro.chmod(0o755)
 
 
-def test_read_only_folders_and_files_as_folders_are_one_sentence(work, read_only):
+def test_read_only_folders_and_files_as_folders_are_one_sentence(work, read_only, he2rna_here):
     a_file = work / "a_file"
     a_file.write_text("not a folder")
     before, before_ro = snapshot(work), snapshot(read_only)
@@ -184,7 +199,7 @@ def test_read_only_folders_and_files_as_folders_are_one_sentence(work, read_only
         ("info", SLIDE, "--thumbnail", read_only / "thumb.png"): "not writable",
     }
     for argv, expected in cases.items():
-        line = one_sentence(he2rna(*argv, cwd=work))
+        line = one_sentence(he2rna_here(*argv, cwd=work))
         if os.geteuid() == 0 or expected != "Read-only":
             assert expected in line, line
     after = snapshot(work)
@@ -221,7 +236,7 @@ def test_outputs_are_never_replaced_without_overwrite_and_get_the_umask_mode(wor
 
 
 # 5 ------------------------------------------------------------------------------ genes named
-def test_represent_and_slide_ex_name_the_genes_they_leave_out(tmp_path):
+def test_represent_and_slide_ex_name_the_genes_they_leave_out(tmp_path, he2rna_here):
     genes = ["CD3D", "MS4A1", "KRT8"]
     ids = [f"s{i}" for i in range(6)]
     expr = pd.DataFrame(np.arange(18, dtype=float).reshape(6, 3) + 1.0, index=ids, columns=genes)
@@ -235,11 +250,11 @@ def test_represent_and_slide_ex_name_the_genes_they_leave_out(tmp_path):
     )
     sheet.to_csv(tmp_path / "samples.tsv", sep="\t", index=False)
     runs = {
-        "represent": he2rna(
+        "represent": he2rna_here(
             "represent", "--samples", "samples.tsv", "--expression", "expr.tsv", "--model", "r.safetensors",
             "--backbone", "hed-stats", "--no-export", cwd=tmp_path,
         ),
-        "slide-ex": he2rna(
+        "slide-ex": he2rna_here(
             "slide-ex", "--samples", "samples.tsv", "--celltype-expression", "ct", "--out", "s",
             "--backbone", "hed-stats", cwd=tmp_path,
         ),
@@ -295,7 +310,7 @@ def test_two_extract_processes_on_one_cohort(tmp_path):
 
 
 # 8 --------------------------------------------------------------------------- clear messages
-def test_messages_point_at_the_fix(tmp_path):
+def test_messages_point_at_the_fix(tmp_path, he2rna_here):
     # a genes x samples table without --genes-as-rows
     pd.DataFrame({"gene": ["CD3D", "KRT8"], "s1": [1.0, 2.0], "s2": [3.0, 4.0]}).to_csv(
         tmp_path / "expr.tsv", sep="\t", index=False
@@ -304,7 +319,7 @@ def test_messages_point_at_the_fix(tmp_path):
         tmp_path / "samples.tsv", sep="\t", index=False
     )
     line = one_sentence(
-        he2rna(
+        he2rna_here(
             "represent",
             "--samples",
             "samples.tsv",

@@ -271,6 +271,39 @@ def test_warm_up_runs_small_backbones_and_skips_huge_ones_on_the_cpu(monkeypatch
     assert len(calls) == 1  # a backbone over the limit is not run on blank tiles
 
 
+def test_progressive_run_imports_the_last_steps_library_after_the_coarse_map(monkeypatch, tmp_path):
+    """The supertile step's import (1.5-2 s) neither delays the first tiles nor waits for the end."""
+    import threading
+
+    from napari_he2rna.progressive import first_pass_size
+    from napari_he2rna.slide import open_slide
+
+    at_import: list[int] = []
+    imported = threading.Event()
+    batches: list[int] = []
+    opened = {}
+
+    def fake_import():
+        at_import.append(opened["session"].live.n_done)  # tiles extracted when the import starts
+        imported.set()
+
+    monkeypatch.setattr(slide_session, "import_supertile_libraries", fake_import)
+    sample = Path(slide_session.default_model_path()).parent / "sample_slide.tiff"
+    with slide_session.SlideSession(open_slide(sample), slide_session.load_model(None)) as s:
+        opened["session"] = s
+        s.compute_features(
+            device="cpu",
+            cache_dir=tmp_path,
+            progressive=True,
+            batch_size=4,
+            batch_ready=lambda d, t: batches.append(d),
+        )
+        coarse = first_pass_size(s.grid)
+    assert imported.wait(10)
+    assert len(at_import) == 1 and at_import[0] >= coarse  # started once, when the coarse map was done
+    assert batches[0] < coarse < batches[-1]  # ...not before the first tiles, not after the last
+
+
 def test_a_new_model_gets_its_own_gene_index_and_the_old_one_is_freed(cmu_slide):
     import gc
     import weakref

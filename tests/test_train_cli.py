@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 
@@ -20,21 +17,21 @@ def small_cohort(tmp_path_factory):
     return root
 
 
-def train(root, *extra: str, samples: str = "samples.tsv", expression: str = "expression.tsv"):
-    cohort = root / "cohort"
-    out = root / "model.safetensors"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "napari_he2rna.cli",
+@pytest.fixture(scope="session")
+def train(cli_in_process):
+    """``he2rna train`` on the tiny cohort with ``extra`` arguments (in this process: see conftest)."""
+
+    def run(root, *extra: str, samples: str = "samples.tsv", expression: str = "expression.tsv"):
+        cohort = root / "cohort"
+        out = root / "model.safetensors"
+        proc = cli_in_process(
             "train",
             "--samples",
-            str(cohort / samples),
+            cohort / samples,
             "--expression",
-            str(cohort / expression),
+            cohort / expression,
             "--cache-dir",
-            str(root / "features"),
+            root / "features",
             "--backbone",
             "hed-stats",
             "--hidden",
@@ -42,14 +39,12 @@ def train(root, *extra: str, samples: str = "samples.tsv", expression: str = "ex
             "--epochs",
             "2",
             "--out",
-            str(out),
+            out,
             *extra,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    return proc, out
+        )
+        return proc, out
+
+    return run
 
 
 def one_sentence_error(proc) -> str:
@@ -60,14 +55,14 @@ def one_sentence_error(proc) -> str:
     return line[0]
 
 
-def test_too_few_patients_for_the_folds(small_cohort):
+def test_too_few_patients_for_the_folds(small_cohort, train):
     proc, out = train(small_cohort, "--folds", "10")
     msg = one_sentence_error(proc)
     assert "patients, too few for 10 folds" in msg and "--folds" in msg
     assert not out.exists()
 
 
-def test_a_cancer_type_with_one_sample(small_cohort):
+def test_a_cancer_type_with_one_sample(small_cohort, train):
     sheet = pd.read_csv(small_cohort / "cohort" / "samples.tsv", sep="\t")
     sheet.loc[0, "cancer_type"] = "SYN-RARE"
     sheet.to_csv(small_cohort / "cohort" / "samples_rare.tsv", sep="\t", index=False)
@@ -77,7 +72,7 @@ def test_a_cancer_type_with_one_sample(small_cohort):
     assert not out.exists()
 
 
-def test_a_gene_constant_in_a_fold(small_cohort):
+def test_a_gene_constant_in_a_fold(small_cohort, train):
     expr = pd.read_csv(small_cohort / "cohort" / "expression.tsv", sep="\t", index_col=0)
     expr["CD3D"] = 1.5
     expr.to_csv(small_cohort / "cohort" / "expression_const.tsv", sep="\t")
@@ -87,7 +82,7 @@ def test_a_gene_constant_in_a_fold(small_cohort):
     assert not out.exists()
 
 
-def test_a_validation_fraction_out_of_range(small_cohort):
+def test_a_validation_fraction_out_of_range(small_cohort, train):
     proc, out = train(small_cohort, "--folds", "2", "--val-fraction", "1.5")
     assert "validation fraction" in one_sentence_error(proc)
     assert not out.exists()

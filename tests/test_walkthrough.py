@@ -6,9 +6,6 @@ epoch's weights): the planted genes must then come out significant and the contr
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pandas as pd
 import pytest
 
@@ -18,14 +15,8 @@ from napari_he2rna.synthetic import GENE_PANEL
 pytestmark = pytest.mark.slow
 
 
-def he2rna(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "napari_he2rna.cli", *args], capture_output=True, text=True, timeout=900
-    )
-
-
 @pytest.fixture(scope="module")
-def walkthrough(tmp_path_factory):
+def walkthrough(tmp_path_factory, cli_in_process):
     root = tmp_path_factory.mktemp("walkthrough")
     cohort, feats, model, report = (
         root / "cohort",
@@ -73,7 +64,7 @@ def walkthrough(tmp_path_factory):
     ]
     logs = []
     for step in steps:
-        proc = he2rna(*step)
+        proc = cli_in_process(*step)  # cli.main, what the console script runs
         logs.append(proc.stdout + proc.stderr)
         assert proc.returncode == 0, f"he2rna {step[0]} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return model, report, logs

@@ -26,7 +26,7 @@ import pandas as pd
 from . import jobs, ood, progressive, readout, spatial
 from .errors import GeneError, ModelError
 from .jobs import CancelToken, ProgressCallback
-from .progressive import spread_order
+from .progressive import first_pass_size, spread_order
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +54,8 @@ def warm_up_extraction(backbone, batch_size: int, precision: str = "auto") -> No
 
     Runs the backbone once on a batch of blank tiles, as the extraction will (same batch shape and precision:
     the first batch costs about 1 s more than the next ones, kernel set-up; on a CPU only for backbones up to
-    :data:`WARM_UP_MAX_CPU_PARAMS`), and imports the clustering
-    library the final supertile step uses (scikit-learn: about 2 s the first time in a process). Meant for a
-    thread while the slide is tiled. Failures are left to the real run to report.
+    :data:`WARM_UP_MAX_CPU_PARAMS`). Meant for a thread while the slide is tiled. Failures are left to the
+    real run to report.
     """
     from .features import BatchRunner
 
@@ -66,9 +65,20 @@ def warm_up_extraction(backbone, batch_size: int, precision: str = "auto") -> No
             px = int(backbone.input_px)
             blank = np.full((int(batch_size), px, px, 3), 255, dtype=np.uint8)
             BatchRunner(backbone, batch_size, precision)(blank)
-        import sklearn.cluster  # noqa: F401
     except Exception:  # noqa: BLE001 - the extraction that follows raises the same error with its context
         log.debug("extraction warm-up failed", exc_info=True)
+
+
+def import_supertile_libraries() -> None:
+    """Import the clustering library of the run's last step (scikit-learn: 1.5-2 s the first time).
+
+    Meant for a thread started once the coarse map is painted: then it overlaps the rest of the extraction
+    instead of delaying either the first tiles or the end of the run.
+    """
+    try:
+        import sklearn.cluster  # noqa: F401
+    except Exception:  # noqa: BLE001 - the supertile step raises the same error with its context
+        log.debug("scikit-learn import failed", exc_info=True)
 
 
 def load_model(path: str | Path | None = None) -> ModelBundle:
@@ -217,8 +227,9 @@ class SlideSession:
         extra: dict[str, Any] = {}
         if progressive:
             warm = None
+            coarse = {"size": None, "imports": None}
             if not cache_path(self.slide, backbone, bundle.tile_um, cache_dir).exists():
-                # While the slide is tiled: the backbone's first batch and the supertile step's imports.
+                # While the slide is tiled: the backbone's first batch.
                 warm = threading.Thread(
                     target=warm_up_extraction, args=(backbone, batch_size), name="he2rna-warm-up", daemon=True
                 )
@@ -231,12 +242,21 @@ class SlideSession:
 
             def on_grid(grid: TileGrid) -> None:
                 self._start_live(grid, bundle, backbone.dim)
+                coarse["size"] = first_pass_size(grid)
                 if grid_ready is not None:
                     grid_ready(grid)
 
             def on_batch(rows: np.ndarray, feats: np.ndarray) -> None:
                 live = self._take_batch(bundle, rows, feats)
-                if batch_ready is not None and live is not None:
+                if live is None:
+                    return
+                if coarse["imports"] is None and live.n_done >= (coarse["size"] or 0):
+                    # The coarse map is there: the last step's import now overlaps the rest of the extraction.
+                    coarse["imports"] = threading.Thread(
+                        target=import_supertile_libraries, name="he2rna-imports", daemon=True
+                    )
+                    coarse["imports"].start()
+                if batch_ready is not None:
                     batch_ready(live.n_done, len(live.done))
 
             extra = {"order": order, "batch_ready": on_batch, "grid_ready": on_grid}

@@ -2,7 +2,7 @@
 
 Only wiring: the work is :class:`napari_he2rna.session.SlideSession` (one per slide layer, kept by
 :mod:`._state`). **Run** computes the slide's tile features in a napari ``thread_worker`` (progress in the
-widget and in napari's activity dock, **Cancel** sets a ``threading.Event`` the compute code checks); the tile
+widget, **Cancel** sets a ``threading.Event`` the compute code checks); the tile
 grid is drawn as a light outline layer as soon as it is known. A pick in the gene box paints an Image
 layer named after the gene/set: one pixel per tile, NaN off tissue, in µm over the slide layer. Errors a user
 can act on (:class:`~napari_he2rna.errors.He2rnaError`) become notifications, never tracebacks.
@@ -58,7 +58,7 @@ from ..errors import Cancelled, He2rnaError
 from ..session import DISTANCE_NAME, default_model_path
 from ._pickers import SlideLayerPicker
 from ._state import META_KEY, SlideState, get_registry, layer_info
-from ._worker import Failed, ProgressBridge, RunProgress, compute_job
+from ._worker import Failed, ProgressBridge, compute_job
 
 if TYPE_CHECKING:
     import napari
@@ -76,10 +76,13 @@ HEATMAP_OPACITY = 0.6
 UNCERTAINTY_COLORMAP = "viridis"
 #: Least time between two live repaints during a run (ms): batches can come faster than a redraw. Fast
 #: until the coarse first pass is painted, then once a second: after the coarse map a pathologist gains
-#: little from faster updates, and each repaint redraws the canvas. (In bench_viewer.py the viewer extracts
-#: ResNet50 at about half the headless rate with either interval; the cause is not known yet.)
+#: little from faster updates, and each repaint redraws the canvas.
 LIVE_REPAINT_MS = 150
 LIVE_REPAINT_AFTER_FIRST_PASS_MS = 1000
+#: Least time between two updates of the dock's progress bar and status line during a run (ms). Any widget
+#: update recomposes the whole window with the OpenGL canvas: on software OpenGL (Mesa llvmpipe: remote
+#: desktops, virtual displays) one per batch cost the extraction CPU time (benchmarks/README.md).
+PROGRESS_UPDATE_MS = 500
 DEVICES = ("auto", "cuda", "cpu")
 
 
@@ -152,7 +155,10 @@ class ModelWidget(QWidget):
         self.bundle: ModelBundle | None = None
         self.worker = None
         self._run_state: SlideState | None = None
-        self._pbar: RunProgress | None = None
+        self._progress: tuple[int, int, str] | None = None  # the latest report not shown yet
+        self._progress_timer = QTimer(self)
+        self._progress_timer.setSingleShot(True)
+        self._progress_timer.timeout.connect(self._show_progress)
         self._pending_paint: str | None = None
         self._bridge = ProgressBridge(self)  # a child: deleted (and silenced) with the widget
         self._bridge.progressed.connect(self._on_progress)
@@ -470,9 +476,9 @@ class ModelWidget(QWidget):
         device = self.device_combo.currentText()
         self.progress_bar.setRange(0, 0)  # busy until the first progress report
         self.status_label.setText(f"Tiling {state.layer.name}…")
-        self._pbar = RunProgress(
-            total=0, desc=f"HE2RNA features: {state.layer.name}", cancel_callback=self.cancel
-        )
+        # No napari activity-dock progress: this dock has its own bar and Cancel, and the activity
+        # indicator is an animated GIF that recomposes the window about 30 times a second, which on
+        # software OpenGL took about a third of a core from the extraction (benchmarks/README.md).
         worker = create_worker(
             compute_job,
             state,
@@ -513,15 +519,22 @@ class ModelWidget(QWidget):
             self._on_finished(self._run_state)
 
     def _on_progress(self, done: int, total: int, message: str) -> None:
+        """A progress report from the worker: shown at once, then at most every :data:`PROGRESS_UPDATE_MS`."""
+        self._progress = (done, total, message)
+        if not self._progress_timer.isActive():
+            self._show_progress()
+            self._progress_timer.start(PROGRESS_UPDATE_MS)
+
+    def _show_progress(self) -> None:
+        if self._progress is None or not self.running:
+            return
+        done, total, message = self._progress
+        self._progress = None
         if total > 0:
             self.progress_bar.setRange(0, total)
             self.progress_bar.setValue(min(done, total))
         label = message or "features"
         self.status_label.setText(f"{label}: {done}/{total} tiles")
-        if self._pbar is not None:
-            if self._pbar.total != total:
-                self._pbar.total = total
-            self._pbar.update(max(done - self._pbar.n, 0))
 
     def _on_grid_ready(self, grid: TileGrid) -> None:
         state = self._run_state
@@ -567,6 +580,8 @@ class ModelWidget(QWidget):
         if state.freed:
             return
         self._live_timer.stop()
+        self._progress_timer.stop()
+        self._progress = None
         self._show_tiles(state, grid)
         self.progress_bar.setRange(0, 1)
         self.progress_bar.setValue(1)
@@ -577,6 +592,8 @@ class ModelWidget(QWidget):
 
     def _on_errored(self, state: SlideState, exc: BaseException) -> None:
         self._live_timer.stop()
+        self._progress_timer.stop()
+        self._progress = None
         kept = not state.freed and state.session.painted
         if not state.freed and not kept:
             self._remove_tiles_if_not_ready(state)
@@ -604,9 +621,8 @@ class ModelWidget(QWidget):
 
     def _on_finished(self, state: SlideState) -> None:
         self.registry.release_after_run(state)
-        if self._pbar is not None:
-            self._pbar.close()
-            self._pbar = None
+        self._progress_timer.stop()
+        self._progress = None
         self.worker = None
         self._run_state = None
         self._update_buttons()

@@ -9,21 +9,11 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING
 
-from napari.utils import cancelable_progress
 from qtpy.QtCore import QObject, Signal
 
 if TYPE_CHECKING:
     from ..model import ModelBundle
     from ._state import SlideState
-
-
-class RunProgress(cancelable_progress):
-    """napari activity-dock progress whose Cancel button also cancels the run."""
-
-    def cancel(self) -> None:
-        super().cancel()
-        if self.cancel_callback is not None:
-            self.cancel_callback()
 
 
 class Failed:
