@@ -767,7 +767,8 @@ def build_hub_backbone(
 class BackboneSpec:
     """A registry entry: how to build a backbone, and what it outputs (``dim`` None: known once built).
 
-    ``factory(weights, download) -> Backbone``; ``hub`` says how a hub encoder is built (None otherwise).
+    ``factory(weights, download) -> Backbone``; ``hub`` says how a hub encoder is built (None otherwise);
+    ``libraries`` are the modules the factory imports (see :func:`import_backbone_libraries`).
     """
 
     name: str
@@ -776,6 +777,7 @@ class BackboneSpec:
     input_px: int = 224
     description: str = ""
     hub: HubModel | None = None
+    libraries: tuple[str, ...] = ()
 
 
 BACKBONES: dict[str, BackboneSpec] = {}
@@ -788,9 +790,25 @@ def register_backbone(
     input_px: int = 224,
     description: str = "",
     hub: HubModel | None = None,
+    libraries: Sequence[str] = (),
 ) -> None:
     """Add a backbone to the registry; ``factory(weights, download) -> Backbone``."""
-    BACKBONES[name] = BackboneSpec(name, factory, dim, input_px, description, hub)
+    libs = tuple(libraries) or ((hub.library,) if hub is not None else ())
+    BACKBONES[name] = BackboneSpec(name, factory, dim, input_px, description, hub, libs)
+
+
+def import_backbone_libraries(name: str) -> None:
+    """Import the libraries backbone ``name`` is built with (torchvision: about 2 s the first time in a
+    process; timm or transformers for hub encoders). Meant for a thread started when a model is chosen, so
+    that its Run does not wait for them. Unknown names and failed imports are left to :func:`get_backbone`."""
+    import importlib
+
+    spec = BACKBONES.get(name)
+    for module in spec.libraries if spec is not None else ():
+        try:
+            importlib.import_module(module)
+        except Exception:  # noqa: BLE001 - get_backbone says what is missing, in one sentence
+            return
 
 
 def register_hub_backbone(name: str, model: HubModel, description: str = "") -> None:
@@ -807,6 +825,7 @@ register_backbone(
     _resnet50_factory,
     2048,
     description="torchvision ResNet50, ImageNet weights, global average pool (the paper's)",
+    libraries=("torchvision.models",),
 )
 register_backbone(
     "hed-stats",

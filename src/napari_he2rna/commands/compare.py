@@ -27,13 +27,14 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from ..errors import DataError
 from ..safe_output import atomic_write_text, prepare_folder
 from ._common import add_slide_column_argument
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 #: The annotation truth's name in the metrics tables, and its column in the per-tile table.
 ANNOTATION = "annotation"
@@ -167,6 +168,8 @@ def compare_one(
     maps a truth drawn on its moving slide onto this one and replaces ``alignment``: the truth's µm are then
     read at the moving slide's pixel size.
     """
+    import pandas as pd  # on use: keeps `he2rna --help` from importing it
+
     from .. import compare, truth
     from ..comparison import Comparison
 
@@ -286,6 +289,8 @@ def _transform(path: Path | None):
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
+    import pandas as pd  # on use: keeps `he2rna --help` from importing it
+
     keys = [
         "score",
         "truth",
@@ -359,6 +364,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_manifest(args: argparse.Namespace, common: dict[str, Any]) -> int:
+    import pandas as pd  # on use: keeps `he2rna --help` from importing it
+
     from ..cohort import slide_column
     from ..compare import summarize_slides
 

@@ -24,8 +24,6 @@ import glob
 import sys
 from pathlib import Path
 
-import pandas as pd
-
 from ..errors import DataError
 from ._common import add_cache_dir_argument, add_slide_column_argument
 
@@ -125,6 +123,8 @@ def register(subparsers) -> None:
 
 
 def _from_manifest(path: Path, slide_column_name: str | None = None) -> list[Path]:
+    import pandas as pd  # on use: keeps `he2rna --help` from importing it
+
     from ..cohort import SLIDE_COLUMN_NAMES, resolve_slide_paths, slide_column
 
     sep = "\t" if path.suffix.lower() == ".tsv" else ","

@@ -5,13 +5,16 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import MissingMPPError, TissueError
 from ..safe_output import atomic_write, prepare_folder, refuse_existing
-from ..slide import Slide, open_slide
 from ._common import add_overwrite_argument
+
+if TYPE_CHECKING:
+    from ..slide import Slide
 
 
 def register(subparsers) -> None:
@@ -40,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if args.thumbnail is not None:  # before the slide is read
         refuse_existing([args.thumbnail], args.overwrite)
         prepare_folder(Path(args.thumbnail).parent, "thumbnail's folder")
+    from ..slide import open_slide  # on use: the reader's libraries (dask, scipy) take ~1 s to import
+
     with open_slide(args.slide, mpp=args.mpp) as slide:
         for key, value in slide.facts().items():
             print(f"{key:>11}: {value}")

@@ -16,7 +16,7 @@ from ._common import (
 
 
 def register(subparsers) -> None:
-    from ..transfer import DEFAULT_RATIOS, METHODS
+    from ..transfer.params import DEFAULT_RATIOS, METHODS
 
     p = subparsers.add_parser(
         "transfer",

@@ -348,6 +348,7 @@ class ModelWidget(QWidget):
 
     def load_model(self, path: str | Path) -> ModelBundle | None:
         """Load a model bundle and make it the current model (errors as notifications)."""
+        from ..backbones import import_backbone_libraries
         from ..model import load_bundle
 
         path = Path(path)
@@ -357,6 +358,10 @@ class ModelWidget(QWidget):
             show_error(str(exc))
             return None
         self.bundle = bundle
+        # The backbone's libraries load while the user picks a slide and presses Run (torchvision: ~2 s).
+        threading.Thread(
+            target=import_backbone_libraries, args=(bundle.backbone,), name="he2rna-imports", daemon=True
+        ).start()
         idx = self.model_combo.findData(str(path))
         if idx < 0:
             self.model_combo.addItem(path.name, str(path))

@@ -24,90 +24,74 @@ small sizes, and the sizes are parameters.
 
 The package: :mod:`.networks` (the networks, their training, the representation), :mod:`.labels` (labels,
 patients, folds), :mod:`.experiment` (the A/B experiment), :mod:`.report` (figure, summary, result folder),
-:mod:`.files` (representation model and feature tables).
+:mod:`.files` (representation model and feature tables), :mod:`.params` (the experiment's ratios and
+methods).
+
+The names below are imported on first use (PEP 562): ``he2rna --help`` reads :mod:`.params` without importing
+torch (2-3 s).
 """
 
 from __future__ import annotations
 
-from ..evaluation import pearson_columns as pearson_per_gene  # the package's one per-gene Pearson R
-from ..folds import patient_auc
-from .experiment import (
-    AUC_COLUMNS,
-    DEFAULT_RATIOS,
-    METHODS,
-    TEST_COLUMNS,
-    TransferConfig,
-    TransferResult,
-    parse_ratio,
-    run_transfer_experiment,
-    wilcoxon_tests,
-)
-from .files import (
-    REPRESENTATION_FORMAT,
-    SlideFeatures,
-    load_representation_model,
-    load_slide_features,
-    read_feature_table,
-    representation_frame,
-    save_representation_model,
-    write_representation,
-)
-from .labels import binary_labels, group_folds, patient_labels
-from .networks import (
-    Autoencoder,
-    MLPClassifier,
-    SimpleHE2RNA,
-    Standardize,
-    check_matrix,
-    encode,
-    oof_predictions,
-    predict_proba,
-    represent,
-    train_autoencoder,
-    train_classifier,
-    train_representation,
-    train_simple_he2rna,
-)
-from .report import load_transfer_results, plot_transfer, summary_markdown, write_transfer_results
+import importlib
+from typing import Any
 
-__all__ = [
-    "AUC_COLUMNS",
-    "DEFAULT_RATIOS",
-    "METHODS",
-    "REPRESENTATION_FORMAT",
-    "TEST_COLUMNS",
-    "Autoencoder",
-    "MLPClassifier",
-    "SimpleHE2RNA",
-    "SlideFeatures",
-    "Standardize",
-    "TransferConfig",
-    "TransferResult",
-    "binary_labels",
-    "check_matrix",
-    "encode",
-    "group_folds",
-    "load_representation_model",
-    "load_slide_features",
-    "load_transfer_results",
-    "oof_predictions",
-    "parse_ratio",
-    "patient_auc",
-    "patient_labels",
-    "pearson_per_gene",
-    "plot_transfer",
-    "predict_proba",
-    "read_feature_table",
-    "represent",
-    "representation_frame",
-    "run_transfer_experiment",
-    "save_representation_model",
-    "summary_markdown",
-    "train_autoencoder",
-    "train_classifier",
-    "train_representation",
-    "train_simple_he2rna",
-    "wilcoxon_tests",
-    "write_representation",
-    "write_transfer_results",
-]
+# name -> (module, attribute). Written out rather than with lazy_loader.attach, which only attaches the
+# package's own submodules: two names come from sibling modules.
+_EXPORTS: dict[str, tuple[str, str]] = {
+    "pearson_per_gene": ("..evaluation", "pearson_columns"),  # the package's one per-gene Pearson R
+    "patient_auc": ("..folds", "patient_auc"),
+    "AUC_COLUMNS": (".experiment", "AUC_COLUMNS"),
+    "TEST_COLUMNS": (".experiment", "TEST_COLUMNS"),
+    "TransferConfig": (".experiment", "TransferConfig"),
+    "TransferResult": (".experiment", "TransferResult"),
+    "parse_ratio": (".experiment", "parse_ratio"),
+    "run_transfer_experiment": (".experiment", "run_transfer_experiment"),
+    "wilcoxon_tests": (".experiment", "wilcoxon_tests"),
+    "DEFAULT_RATIOS": (".params", "DEFAULT_RATIOS"),
+    "METHODS": (".params", "METHODS"),
+    "REPRESENTATION_FORMAT": (".files", "REPRESENTATION_FORMAT"),
+    "SlideFeatures": (".files", "SlideFeatures"),
+    "load_representation_model": (".files", "load_representation_model"),
+    "load_slide_features": (".files", "load_slide_features"),
+    "read_feature_table": (".files", "read_feature_table"),
+    "representation_frame": (".files", "representation_frame"),
+    "save_representation_model": (".files", "save_representation_model"),
+    "write_representation": (".files", "write_representation"),
+    "binary_labels": (".labels", "binary_labels"),
+    "group_folds": (".labels", "group_folds"),
+    "patient_labels": (".labels", "patient_labels"),
+    "Autoencoder": (".networks", "Autoencoder"),
+    "MLPClassifier": (".networks", "MLPClassifier"),
+    "SimpleHE2RNA": (".networks", "SimpleHE2RNA"),
+    "Standardize": (".networks", "Standardize"),
+    "check_matrix": (".networks", "check_matrix"),
+    "encode": (".networks", "encode"),
+    "oof_predictions": (".networks", "oof_predictions"),
+    "predict_proba": (".networks", "predict_proba"),
+    "represent": (".networks", "represent"),
+    "train_autoencoder": (".networks", "train_autoencoder"),
+    "train_classifier": (".networks", "train_classifier"),
+    "train_representation": (".networks", "train_representation"),
+    "train_simple_he2rna": (".networks", "train_simple_he2rna"),
+    "load_transfer_results": (".report", "load_transfer_results"),
+    "plot_transfer": (".report", "plot_transfer"),
+    "summary_markdown": (".report", "summary_markdown"),
+    "write_transfer_results": (".report", "write_transfer_results"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module, attr = _EXPORTS[name]
+    except KeyError:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module, __name__), attr)
+    globals()[name] = value  # the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

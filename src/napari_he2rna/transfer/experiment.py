@@ -25,10 +25,7 @@ from .networks import (
     train_classifier,
     train_simple_he2rna,
 )
-
-DEFAULT_RATIOS: tuple[float, ...] = (5 / 6, 3 / 4, 2 / 3, 1 / 2, 1 / 3, 1 / 4, 1 / 6, 0.0)
-METHODS: tuple[str, ...] = ("direct", "representation", "autoencoder_A", "autoencoder_B")
-
+from .params import DEFAULT_RATIOS, METHODS
 
 # ------------------------------------------------------------------------------------------ experiment
 
