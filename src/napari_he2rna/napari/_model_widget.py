@@ -479,7 +479,10 @@ class ModelWidget(QWidget):
         state.cancel, state.running = cancel, True
         self._run_state = state
         device = self.device_combo.currentText()
-        self.progress_bar.setRange(0, 0)  # busy until the first progress report
+        # Empty until the first progress report, not "busy": Qt animates a busy bar about 30 times a second,
+        # and on software OpenGL each frame recomposes the window while the slide is being tiled.
+        self.progress_bar.setRange(0, 1)
+        self.progress_bar.setValue(0)
         self.status_label.setText(f"Tiling {state.layer.name}…")
         # No napari activity-dock progress: this dock has its own bar and Cancel, and the activity
         # indicator is an animated GIF that recomposes the window about 30 times a second, which on
