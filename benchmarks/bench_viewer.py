@@ -95,8 +95,14 @@ def _wait(app, cond, timeout=600.0, on_tick=None, tick_ms=20) -> None:
 
 
 def _cpu_times() -> tuple[int, int]:
-    """(steal, total) jiffies of this machine: a virtual machine's CPU taken by its host is "steal"."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    """(steal, total) jiffies of this machine: a virtual machine's CPU taken by its host is "steal".
+
+    (0, 0) where there is no ``/proc/stat`` (macOS, Windows): the steal share is then not reported.
+    """
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return 0, 0
     return (fields[7] if len(fields) > 7 else 0), sum(fields[:8])
 
 
@@ -249,7 +255,9 @@ def progressive_figures(app, viewer, tmp: Path, side_px: int) -> dict:
         "progressive_coarse_map_fraction_of_full": round(marks.get("coarse", float("nan")) / full, 3),
         "progressive_tiles_per_s": round(n / full, 2),
         # share of this machine's CPU time its host took during the run (a virtual machine's "steal")
-        "progressive_cpu_steal_fraction": round((steal1 - steal0) / max(total1 - total0, 1), 3),
+        "progressive_cpu_steal_fraction": (
+            round((steal1 - steal0) / (total1 - total0), 3) if total1 > total0 else None
+        ),
     }
 
 

@@ -76,9 +76,13 @@ def run_cli_in_process(*args, cwd: Path | None = None, env: dict[str, str] | Non
             mp.setenv(key, value)
         if cwd is not None:
             mp.chdir(cwd)
-        # each run shows its warnings afresh (as a new process would) and cli.main's showwarning is undone
+        # each run shows its warnings afresh and filtered as in a new interpreter (Python's default filters,
+        # not pytest's), and cli.main's showwarning is undone afterwards
         stack.enter_context(warnings.catch_warnings())
+        warnings.resetwarnings()
         warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.simplefilter("ignore", category)
         stack.enter_context(contextlib.redirect_stdout(out))
         stack.enter_context(contextlib.redirect_stderr(err))
         try:

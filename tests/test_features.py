@@ -110,6 +110,31 @@ def test_resnet50_pipeline_equals_a_one_tile_loop(cmu, small_grid, resnet, resne
     assert [d for d, _, _ in seen] == [2, 3]
 
 
+def test_resnet50_built_on_the_meta_device_is_torchvisions_network(resnet_weights, cmu, small_grid):
+    """Our ResNet50 is built empty and given the file's tensors: it must be torchvision's own network, also
+    for files written before BatchNorm counted its batches (no ``num_batches_tracked``) and fp16 files."""
+    from torchvision.models import resnet50
+
+    from napari_he2rna.backbones import ResNet50Backbone
+
+    state = torch.load(resnet_weights, weights_only=True)
+    reference = resnet50()
+    reference.load_state_dict(state)
+    reference.fc = torch.nn.Identity()
+    reference.eval()
+    x = ResNet50Backbone(state, "x").preprocess(read_tile(cmu, small_grid, 0)[None])
+    with torch.inference_mode():
+        expected = reference(x).numpy()
+    old = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    for variant, tol in ((state, 1e-6), (old, 1e-6), (half, 2e-2)):
+        ours = ResNet50Backbone(variant, "x").eval()
+        tensors = [*ours.parameters(), *ours.buffers()]
+        assert not any(t.is_meta for t in tensors) and all(t.dtype != torch.float16 for t in tensors)
+        with torch.inference_mode():
+            np.testing.assert_allclose(ours(x).numpy(), expected, rtol=tol, atol=tol)
+
+
 def test_safetensors_weights_give_the_same_network(tmp_path, resnet_weights, resnet, cmu, small_grid):
     from safetensors.torch import save_file
 
