@@ -28,15 +28,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from napari_he2rna import backbones, feature_cache
-from napari_he2rna.cohort import cohort_features, load_expression, load_samples, match_cohort
-from napari_he2rna.compare import tile_metrics
-from napari_he2rna.fitting import evaluate_result, fit, null_predictions
-from napari_he2rna.folds import cv_folds
-from napari_he2rna.slide import open_slide
-from napari_he2rna.spatial import GENE_SETS
+from napari_he2rna.features import backbones
+from napari_he2rna.features import cache as feature_cache
+from napari_he2rna.cohorts.cohort import cohort_features, load_expression, load_samples, match_cohort
+from napari_he2rna.validation.metrics import tile_metrics
+from napari_he2rna.model.fitting import evaluate_result, fit, null_predictions
+from napari_he2rna.model.folds import cv_folds
+from napari_he2rna.slides.slide import open_slide
+from napari_he2rna.maps.spatial import GENE_SETS
 from napari_he2rna.synthetic import GENE_PANEL
-from napari_he2rna.training import TrainConfig
+from napari_he2rna.model.training import TrainConfig
 
 #: The README walkthrough's settings (``he2rna train --supertiles --hidden 256 256``), the starting point.
 BASE = TrainConfig(mode="supertiles", hidden=(256, 256))

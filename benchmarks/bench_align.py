@@ -26,7 +26,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from napari_he2rna import align
+from napari_he2rna.validation import align
 from napari_he2rna.errors import He2rnaError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def main() -> None:
     rows.append(_row("ANHIR rat kidney H&E / pan-CK", dims, f_xy, m_xy, lambda: align.align_slides(he, ihc)))
     with tempfile.TemporaryDirectory() as tmp:
         for src_name, rel in SOURCES.items():
-            from napari_he2rna.slide import open_slide
+            from napari_he2rna.slides.slide import open_slide
 
             with open_slide(args.data / rel) as slide:
                 w, h = slide.dimensions

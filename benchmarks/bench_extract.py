@@ -29,12 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from napari_he2rna.backbones import get_backbone
-from napari_he2rna.devices import resolve_device
+from napari_he2rna.features.backbones import get_backbone
+from napari_he2rna.features.devices import resolve_device
 from napari_he2rna.errors import WeightsError
-from napari_he2rna.features import BatchRunner, extract_features
-from napari_he2rna.slide import open_slide
-from napari_he2rna.tiling import read_tile, read_tiles, tile_grid
+from napari_he2rna.features.extraction import BatchRunner, extract_features
+from napari_he2rna.slides.slide import open_slide
+from napari_he2rna.slides.tiling import read_tile, read_tiles, tile_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SLIDE = ROOT / "sample_data" / "sample_slide.tiff"

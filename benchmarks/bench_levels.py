@@ -22,7 +22,7 @@ import openslide
 import tifffile
 from PIL import Image
 
-from napari_he2rna.slide import NativeTiles
+from napari_he2rna.slides.slide import NativeTiles
 
 ROOT = Path(__file__).resolve().parents[1]
 CMU = ROOT.parent / "shared" / "data" / "slides" / "cmu-1-small-region.svs"

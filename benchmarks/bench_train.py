@@ -39,8 +39,8 @@ import torch
 from bench_extract import _cpu_name  # same folder: run as a script, benchmarks/ is on sys.path
 from torch import nn
 
-from napari_he2rna.model import HE2RNA, load_bundle, save_bundle, topk_mean
-from napari_he2rna.training import SlideBatches
+from napari_he2rna.model.bundle import HE2RNA, load_bundle, save_bundle, topk_mean
+from napari_he2rna.model.training import SlideBatches
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = (1, 2, 5, 10, 20, 50, 100)

@@ -135,7 +135,7 @@ def run_to_first_heatmap(app, viewer, widget, layer) -> float:
 
 
 def fake_grid(n_tiles: int, mpp: float = 0.5, tile_um: float = 112.0):
-    from napari_he2rna.tiling import TileGrid
+    from napari_he2rna.slides.tiling import TileGrid
 
     side = int(np.ceil(np.sqrt(n_tiles / 0.8)))  # tissue covers ~80 % of a square grid
     rng = np.random.default_rng(0)
@@ -160,7 +160,7 @@ def make_model(path: Path, n_genes: int) -> None:
     """A 5-fold 2048-1024-1024-n_genes bundle; random weights (a repaint costs the same whatever they are)."""
     import torch
 
-    from napari_he2rna.model import HE2RNA, save_bundle
+    from napari_he2rna.model.bundle import HE2RNA, save_bundle
 
     torch.manual_seed(0)
     genes = [f"GENE{i:05d}" for i in range(n_genes)]
@@ -172,7 +172,7 @@ def make_resnet_model(path: Path, n_genes: int = 100) -> None:
     """A 1-fold ResNet50-input model (2048 features) of a few genes: the progressive run scores it."""
     import torch
 
-    from napari_he2rna.model import HE2RNA, save_bundle
+    from napari_he2rna.model.bundle import HE2RNA, save_bundle
 
     torch.manual_seed(0)
     genes = [f"GENE{i:05d}" for i in range(n_genes)]
@@ -192,8 +192,8 @@ def progressive_figures(app, viewer, tmp: Path, side_px: int) -> dict:
     import torch
     from torchvision.models import resnet50
 
-    from napari_he2rna import progressive
-    from napari_he2rna.backbones import RESNET50_FILE
+    from napari_he2rna.maps import progressive
+    from napari_he2rna.features.backbones import RESNET50_FILE
     from napari_he2rna.napari._model_widget import ModelWidget
     from napari_he2rna.napari._state import get_registry
 

@@ -36,7 +36,7 @@ def profile(path: Path, reads: int, seed: int = 0) -> dict:
     import dask
 
     import napari_he2rna
-    from napari_he2rna.slide import open_slide
+    from napari_he2rna.slides.slide import open_slide
 
     out: dict = {"module": napari_he2rna.__file__, "load": os.getloadavg()}
     slide = open_slide(path)

@@ -11,11 +11,11 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from napari_he2rna import align
+from napari_he2rna.validation import align
 from napari_he2rna.cli import main
 from napari_he2rna.errors import AlignmentError, TissueError
-from napari_he2rna.slide import open_slide
-from napari_he2rna.truth import Alignment
+from napari_he2rna.slides.slide import open_slide
+from napari_he2rna.validation.truth import Alignment
 
 TILE_UM = 112.0
 

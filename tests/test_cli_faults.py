@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_he2rna.feature_cache import read_cache
+from napari_he2rna.features.cache import read_cache
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 SLIDE = SRC / "napari_he2rna" / "sample_data" / "sample_slide.tiff"

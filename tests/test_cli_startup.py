@@ -23,7 +23,7 @@ def test_the_parser_imports_no_heavy_library():
 
 def test_every_transfer_name_resolves_on_first_use():
     from napari_he2rna import transfer
-    from napari_he2rna.evaluation import pearson_columns
+    from napari_he2rna.model.evaluation import pearson_columns
     from napari_he2rna.transfer import experiment, params
 
     for name in transfer.__all__:

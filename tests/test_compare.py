@@ -10,9 +10,9 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from napari_he2rna import compare
+from napari_he2rna.validation import metrics
 from napari_he2rna.cli import main
-from napari_he2rna.tiling import TileGrid
+from napari_he2rna.slides.tiling import TileGrid
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -23,7 +23,7 @@ def test_tile_metrics_agree_with_scipy_and_sklearn(seed):
     counts = rng.poisson(np.exp(0.8 * scores)).astype(float)
     scores[:5] = np.nan  # tiles without a score are left out
     counts[5:9] = np.nan
-    m = compare.tile_metrics(scores, counts, thresholds=(2,), top_n=50)
+    m = metrics.tile_metrics(scores, counts, thresholds=(2,), top_n=50)
     ok = np.isfinite(scores) & np.isfinite(counts)
     s, t = scores[ok], counts[ok]
     assert m.n_tiles == ok.sum() == n - 9
@@ -54,19 +54,19 @@ def test_single_class_and_constant_scores_give_nan_with_reason():
     rng = np.random.default_rng(3)
     scores = rng.normal(size=500)
     zeros = np.zeros(500)
-    m = compare.tile_metrics(scores, zeros)
+    m = metrics.tile_metrics(scores, zeros)
     assert math.isnan(m.pearson_r) and "truth is constant" in m.correlation_note
     assert all(math.isnan(v) for v in m.auc.values())
     assert "no tile has a truth above 0" in m.auc_note["p75"]
     counts = rng.poisson(2, size=500).astype(float)
-    flat = compare.tile_metrics(np.full(500, 0.7), counts)
+    flat = metrics.tile_metrics(np.full(500, 0.7), counts)
     assert math.isnan(flat.pearson_r) and "scores are constant" in flat.correlation_note
     assert math.isnan(flat.auc["p75"]) and "constant" in flat.auc_note["p75"]
     assert math.isnan(flat.median_truth_top_n)
     assert "constant" in flat.as_dict()["note"]
-    few = compare.tile_metrics([1.0, 2.0], [3.0, 1.0])
+    few = metrics.tile_metrics([1.0, 2.0], [3.0, 1.0])
     assert math.isnan(few.pearson_r) and "only 2 tiles" in few.correlation_note
-    auc, note, roc = compare.binary_auc(scores, np.ones(500, bool))
+    auc, note, roc = metrics.binary_auc(scores, np.ones(500, bool))
     assert math.isnan(auc) and "no negative tile" in note and roc is None
 
 
@@ -75,14 +75,14 @@ def test_annotation_metrics_agree_with_sklearn():
     labels = (rng.random(3000) < 0.3).astype(float)
     scores = labels + rng.normal(scale=1.0, size=3000)
     labels[:100] = np.nan  # tiles in no annotation are left out
-    m = compare.annotation_metrics(scores, labels, top_n=200)
+    m = metrics.annotation_metrics(scores, labels, top_n=200)
     ok = np.isfinite(labels)
     assert m.n_tiles == ok.sum()
     assert m.auc == pytest.approx(roc_auc_score(labels[ok] > 0.5, scores[ok]), abs=1e-12)
     top = np.argsort(-scores[ok])[:200]
     assert m.top_n_share_positive == pytest.approx((labels[ok][top] > 0.5).mean())
     assert m.top_n_share_positive > m.positive_rate
-    one = compare.annotation_metrics(scores, np.ones(3000))
+    one = metrics.annotation_metrics(scores, np.ones(3000))
     assert math.isnan(one.auc) and "no negative" in one.auc_note
 
 
@@ -92,7 +92,7 @@ def test_spatial_null_matches_brute_force_shifts():
     b = 0.6 * a + rng.normal(size=a.shape)
     a[:3, :4] = np.nan  # off tissue
     b[5:7, :] = np.nan
-    res = compare.spatial_null_p(a, b, n=None, min_shift=1, min_overlap=0.0)
+    res = metrics.spatial_null_p(a, b, n=None, min_shift=1, min_overlap=0.0)
     ok = np.isfinite(a) & np.isfinite(b)
     assert res["r"] == pytest.approx(stats.pearsonr(a[ok], b[ok]).statistic, abs=1e-9)
     for shift in [(3, 5), (17, 1), (9, 22)]:
@@ -113,8 +113,8 @@ def test_spatial_null_is_not_fooled_by_smooth_independent_maps():
     for _ in range(5):
         a = gaussian_filter(rng.normal(size=(60, 60)), 6, mode="wrap")
         b = gaussian_filter(rng.normal(size=(60, 60)), 6, mode="wrap")
-        naive = compare.tile_metrics(a.ravel(), b.ravel()).pearson_p
-        null = compare.spatial_null_p(a, b, n=999)
+        naive = metrics.tile_metrics(a.ravel(), b.ravel()).pearson_p
+        null = metrics.spatial_null_p(a, b, n=999)
         hits += (naive < 0.05) and (null["p"] >= 0.05)
         assert 0 < null["p"] <= 1 and null["n_shifts"] == 999
     assert hits >= 1
@@ -125,19 +125,19 @@ def test_compare_models_and_tables():
     truth = rng.poisson(3, 400).astype(float)
     tiles = pd.DataFrame({"tile_id": np.arange(400), "row": np.arange(400) // 20, "col": np.arange(400) % 20})
     scores = pd.DataFrame({"T cells": truth + rng.normal(size=400), "B cells": rng.normal(size=400)})
-    res = compare.compare_models(scores, ["T cells", "B cells"], truth)
+    res = metrics.compare_models(scores, ["T cells", "B cells"], truth)
     assert res["T cells"].pearson_r > 0.5 > res["B cells"].pearson_r
     assert res["T cells"].auc["p90"] > res["B cells"].auc["p90"]
-    long = compare.metrics_table(res, truth_name="CD3 count")
+    long = metrics.metrics_table(res, truth_name="CD3 count")
     assert set(long["score"]) == {"T cells", "B cells"} and (long["truth"] == "CD3 count").all()
-    per_tile = compare.compare_table(tiles, scores, {"CD3 count": truth})
+    per_tile = metrics.compare_table(tiles, scores, {"CD3 count": truth})
     assert list(per_tile.columns) == ["tile_id", "row", "col", "T cells", "B cells", "CD3 count"]
     with pytest.raises(Exception, match="no score column 'CD8'"):
-        compare.compare_models(scores, ["CD8"], truth)
+        metrics.compare_models(scores, ["CD8"], truth)
     per_slide = pd.DataFrame(
         {"slide": ["a", "b", "c"], "score": "T cells", "truth": "CD3", "pearson_r": [0.2, 0.4, 0.9]}
     )
-    summary = compare.summarize_slides(per_slide)
+    summary = metrics.summarize_slides(per_slide)
     assert list(summary["slide"]) == ["mean", "median", "sd"]
     assert summary["pearson_r"].iloc[0] == pytest.approx(0.5)
     assert summary["pearson_r"].iloc[1] == pytest.approx(0.4)
@@ -150,7 +150,8 @@ def test_compare_models_and_tables():
 @pytest.fixture(scope="module")
 def scored_slide(tmp_path_factory):
     """A synthetic slide, its truth files and a tile-scores CSV where "T cells" tracks the CD3 truth."""
-    from napari_he2rna import spatial, synthetic
+    from napari_he2rna import synthetic
+    from napari_he2rna.maps import spatial
     out = tmp_path_factory.mktemp("scored")
     t = synthetic.make_slide(out / "s1.tiff", seed=11, size_px=(1120, 896))
     tiles = pd.read_csv(out / "s1_tiles.csv")
@@ -173,7 +174,7 @@ def scored_slide(tmp_path_factory):
 
 def test_read_tile_scores_round_trip(scored_slide):
     s = scored_slide
-    grid, scores = compare.read_tile_scores(s["csv"], slide_dimensions=s["grid"].slide_dimensions)
+    grid, scores = metrics.read_tile_scores(s["csv"], slide_dimensions=s["grid"].slide_dimensions)
     assert list(scores.columns) == ["T cells", "B cells"]
     np.testing.assert_allclose(scores.to_numpy(), s["scores"].to_numpy(), rtol=1e-5)
     assert grid.tile_px == s["grid"].tile_px and grid.mpp == pytest.approx(s["grid"].mpp)
@@ -188,7 +189,7 @@ def test_read_tile_scores_reads_the_old_commented_header_form(scored_slide, tmp_
     w, h = s["grid"].slide_dimensions
     header = f"# napari-he2rna tile scores (x); slide=s1.tiff; mpp=0.25; slide_width={w}; slide_height={h}\n"
     old.write_text(header + table.to_csv(index=False))
-    grid, scores = compare.read_tile_scores(old)
+    grid, scores = metrics.read_tile_scores(old)
     assert list(scores.columns) == ["T cells", "B cells"]
     assert grid.mpp == pytest.approx(0.25) and grid.slide_dimensions == (w, h)
 
@@ -196,7 +197,7 @@ def test_read_tile_scores_reads_the_old_commented_header_form(scored_slide, tmp_
 def test_read_tile_scores_takes_facts_from_the_sidecar(scored_slide):
     s = scored_slide
     assert not s["csv"].read_text().startswith("#")
-    grid, _ = compare.read_tile_scores(s["csv"])  # no slide given: its size comes from the sidecar
+    grid, _ = metrics.read_tile_scores(s["csv"])  # no slide given: its size comes from the sidecar
     assert grid.slide_dimensions == tuple(s["grid"].slide_dimensions)
     assert grid.mpp == pytest.approx(s["grid"].mpp)
 
@@ -279,7 +280,7 @@ def test_read_tile_scores_reads_the_earlier_predict_form(scored_slide, tmp_path)
     old = tmp_path / "old_predict_tile_scores.csv"
     table[["tile_id", "row", "col", "x", "y", "T cells", "B cells"]].to_csv(old, index=False)
     dims, mpp = s["grid"].slide_dimensions, s["grid"].mpp
-    grid, scores = compare.read_tile_scores(old, slide_dimensions=dims, mpp=mpp)
+    grid, scores = metrics.read_tile_scores(old, slide_dimensions=dims, mpp=mpp)
     assert list(scores.columns) == ["T cells", "B cells"]
     assert grid.tile_px == s["grid"].tile_px and grid.tile_side_um == pytest.approx(s["grid"].tile_side_um)
     assert (grid.n_rows, grid.n_cols) == (s["grid"].n_rows, s["grid"].n_cols)

@@ -11,10 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_he2rna import compare, truth
-from napari_he2rna.comparison import Comparison
+from napari_he2rna.validation import metrics
+from napari_he2rna.validation import truth
+from napari_he2rna.validation.comparison import Comparison
 from napari_he2rna.errors import DataError
-from napari_he2rna.tiling import TileGrid
+from napari_he2rna.slides.tiling import TileGrid
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,7 +52,7 @@ def test_cells_metrics_filters_and_tables(tmp_path):
     assert len(c.points_um()) == counts.sum()
     scores = {"good": counts + rng.normal(scale=0.1, size=len(counts)), "noise": rng.normal(size=len(counts))}
     results = c.compute(scores)
-    expected = compare.tile_metrics(scores["good"], counts)
+    expected = metrics.tile_metrics(scores["good"], counts)
     assert results["good"].pearson_r == pytest.approx(expected.pearson_r)
     assert results["good"].as_dict() == pytest.approx(expected.as_dict(), nan_ok=True)
     metrics = c.metrics_table()
@@ -155,7 +156,7 @@ def test_annotations_roles_and_labels(tmp_path):
     labels = c.truth_per_tile().reshape(4, 4)
     assert np.isnan(labels[0, 3]) and labels[3, 3] == 0.0
     res = c.compute({"s": np.arange(16.0)})["s"]
-    assert isinstance(res, compare.AnnotationMetrics) and res.n_tiles == 8
+    assert isinstance(res, metrics.AnnotationMetrics) and res.n_tiles == 8
 
 
 def test_comparison_runs_without_qt(tmp_path):
@@ -164,8 +165,8 @@ def test_comparison_runs_without_qt(tmp_path):
         f"""
         import sys
         import numpy as np, pandas as pd
-        from napari_he2rna.comparison import Comparison
-        from napari_he2rna.tiling import TileGrid
+        from napari_he2rna.validation.comparison import Comparison
+        from napari_he2rna.slides.tiling import TileGrid
         rr, cc = np.mgrid[0:3, 0:4]
         t = pd.DataFrame({{"tile_id": (rr * 4 + cc).ravel(), "row": rr.ravel(), "col": cc.ravel()}})
         t["x"], t["y"], t["size"], t["tissue_fraction"] = t["col"] * 100, t["row"] * 100, 100, 1.0

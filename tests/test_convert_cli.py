@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from napari_he2rna.cli import main
-from napari_he2rna.model import load_bundle
+from napari_he2rna.model.bundle import load_bundle
 
 GENES = ["CD3D", "MKI67", "KRT8"]
 

@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_he2rna.demo import build_demo_model, planted_gene_sets, significance_counts
-from napari_he2rna.model import load_bundle
+from napari_he2rna.model.demo import build_demo_model, planted_gene_sets, significance_counts
+from napari_he2rna.model.bundle import load_bundle
 from napari_he2rna.synthetic import GENE_PANEL, HOUSEKEEPING
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,8 +37,8 @@ def bundle():
 @pytest.fixture(scope="module")
 def sample_tiles(tmp_path_factory):
     """hed-stats features of the sample slide's tiles and the truth of those tiles, row-aligned."""
-    from napari_he2rna.feature_cache import load_or_extract
-    from napari_he2rna.slide import open_slide
+    from napari_he2rna.features.cache import load_or_extract
+    from napari_he2rna.slides.slide import open_slide
 
     cache = tmp_path_factory.mktemp("demo-features")
     with open_slide(SAMPLE / "sample_slide.tiff") as slide:

@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
-from napari_he2rna.evaluation import (
+from napari_he2rna.model.evaluation import (
     adjust_p,
     empirical_p,
     evaluate,
@@ -183,7 +183,7 @@ def test_read_gmt(tmp_path):
 
 
 def test_summary_has_the_literature_figures_pooled_r_and_a_small_fold_warning(tmp_path):
-    from napari_he2rna.evaluation import comparison_table, small_fold_warning, write_report
+    from napari_he2rna.model.evaluation import comparison_table, small_fold_warning, write_report
 
     rng = np.random.default_rng(3)
     n, g = 48, 6

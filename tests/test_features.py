@@ -16,7 +16,7 @@ from PIL import Image
 from torch import nn
 
 from napari_he2rna import __version__, settings
-from napari_he2rna.backbones import (
+from napari_he2rna.features.backbones import (
     HED_STATS_FEATURES,
     RESNET50_FILE,
     RESNET50_URL,
@@ -26,11 +26,11 @@ from napari_he2rna.backbones import (
 )
 from napari_he2rna.cli import main
 from napari_he2rna.errors import Cancelled, He2rnaError, WeightsError
-from napari_he2rna.extract_cohort import extract_cohort
-from napari_he2rna.feature_cache import cache_path, load_or_extract, read_cache, read_supertiles
-from napari_he2rna.features import extract_features, supertiles
-from napari_he2rna.slide import open_slide
-from napari_he2rna.tiling import read_tile, tile_grid
+from napari_he2rna.features.cohort_tasks import extract_cohort
+from napari_he2rna.features.cache import cache_path, load_or_extract, read_cache, read_supertiles
+from napari_he2rna.features.extraction import extract_features, supertiles
+from napari_he2rna.slides.slide import open_slide
+from napari_he2rna.slides.tiling import read_tile, tile_grid
 
 
 class CountingBackbone(Backbone):
@@ -115,7 +115,7 @@ def test_resnet50_built_on_the_meta_device_is_torchvisions_network(resnet_weight
     for files written before BatchNorm counted its batches (no ``num_batches_tracked``) and fp16 files."""
     from torchvision.models import resnet50
 
-    from napari_he2rna.backbones import ResNet50Backbone
+    from napari_he2rna.features.backbones import ResNet50Backbone
 
     state = torch.load(resnet_weights, weights_only=True)
     reference = resnet50()
@@ -173,7 +173,7 @@ def test_weights_that_do_not_fit_or_are_unsafe_are_refused(tmp_path):
 
 
 def test_foundation_models_are_registered_with_their_dims(monkeypatch, tmp_path):
-    from napari_he2rna.backbones import BACKBONES
+    from napari_he2rna.features.backbones import BACKBONES
 
     assert {n: BACKBONES[n].dim for n in BACKBONES if BACKBONES[n].hub is not None} == {
         "uni": 1024,
@@ -249,7 +249,7 @@ def test_resnet50_bf16_features_match_fp32_on_the_sample_slide(resnet_weights):
 
 
 def test_auto_precision_follows_the_cpu(tmp_path, monkeypatch):
-    from napari_he2rna import precision
+    from napari_he2rna.features import precision
 
     def never():
         raise AssertionError("measured although the flags decide")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_he2rna.backbones import (
+from napari_he2rna.features.backbones import (
     BACKBONES,
     HubBackbone,
     HubModel,
@@ -26,10 +26,10 @@ from napari_he2rna.backbones import (
 )
 from napari_he2rna.cli import main
 from napari_he2rna.errors import MissingExtraError, WeightsError
-from napari_he2rna.feature_cache import load_or_extract
-from napari_he2rna.features import extract_features
-from napari_he2rna.slide import open_slide
-from napari_he2rna.tiling import tile_grid
+from napari_he2rna.features.cache import load_or_extract
+from napari_he2rna.features.extraction import extract_features
+from napari_he2rna.slides.slide import open_slide
+from napari_he2rna.slides.tiling import tile_grid
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -123,8 +123,8 @@ def offline_hub(tmp_path, monkeypatch):
 @pytest.fixture
 def registry(monkeypatch):
     """Registry changes made by a test are undone after it."""
-    monkeypatch.setattr("napari_he2rna.backbones.BACKBONES", dict(BACKBONES))
-    from napari_he2rna import backbones
+    monkeypatch.setattr("napari_he2rna.features.backbones.BACKBONES", dict(BACKBONES))
+    from napari_he2rna.features import backbones
 
     return backbones.BACKBONES
 
@@ -142,7 +142,7 @@ def grid(cmu):
 
 def _by_hand(net, slide, grid, pool):
     """What the model card's code computes for the same tiles (preprocessing as published)."""
-    from napari_he2rna.tiling import read_tiles
+    from napari_he2rna.slides.tiling import read_tiles
 
     tiles = read_tiles(slide, grid, np.arange(len(grid.table)), 224, 1)
     x = torch.from_numpy(tiles).permute(0, 3, 1, 2).float() / 255.0

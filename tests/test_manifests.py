@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from napari_he2rna import cohort, spatial
+from napari_he2rna.cohorts import cohort
+from napari_he2rna.maps import spatial
 from napari_he2rna.cli import main
 from napari_he2rna.commands.extract import expand_slides
 from napari_he2rna.errors import DataError

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from napari_he2rna.errors import GeneError, ModelError
-from napari_he2rna.model import (
+from napari_he2rna.model.bundle import (
     HE2RNA,
     SUPERTILE_KS,
     convert_checkpoint,
@@ -21,7 +21,7 @@ from napari_he2rna.model import (
     topk_mean,
     topk_mean_multi,
 )
-from napari_he2rna.spatial import TILE_CSV_COLUMNS
+from napari_he2rna.maps.spatial import TILE_CSV_COLUMNS
 
 GENES = ["CD3D", "CD3E", "MKI67", "KRT8", "TP63"]
 
@@ -238,7 +238,7 @@ def test_tampered_bundles_are_refused(bundle_path, tmp_path):
 def test_bundle_with_wrong_shapes_or_keys_is_refused(tmp_path):
     from safetensors.torch import save
 
-    from napari_he2rna import model as model_mod
+    from napari_he2rna.model import bundle as model_mod
 
     models = _models(1)
     tensors = {f"fold0.{k}": v.clone() for k, v in models[0].state_dict().items()}
@@ -358,7 +358,7 @@ def test_convert_refuses_what_does_not_fit(tmp_path):
 
 
 def test_predict_command_on_a_real_slide(cmu_slide, tmp_path, capsys):
-    from napari_he2rna.backbones import backbone_info
+    from napari_he2rna.features.backbones import backbone_info
     from napari_he2rna.cli import main
 
     dim = backbone_info("hed-stats").dim
@@ -406,7 +406,7 @@ def test_a_renamed_pickle_is_called_a_checkpoint(tmp_path):
     import torch
 
     from napari_he2rna.errors import ModelError
-    from napari_he2rna.model import load_bundle
+    from napari_he2rna.model.bundle import load_bundle
 
     path = tmp_path / "renamed.safetensors"
     torch.save({"w": torch.zeros(2)}, path)  # a zip-format pickle under a bundle's name

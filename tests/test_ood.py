@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_he2rna import ood
+from napari_he2rna.model import ood
 from napari_he2rna.cli import main
 from napari_he2rna.errors import ModelError
-from napari_he2rna.model import HE2RNA, load_bundle, save_bundle
+from napari_he2rna.model.bundle import HE2RNA, load_bundle, save_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SLIDE = REPO / "sample_data" / "sample_slide.tiff"
@@ -180,8 +180,8 @@ def test_dead_resnet_channels_do_not_decide_alone():
 def test_warning_is_drawn_on_the_heatmap_png(tmp_path):
     from PIL import Image
 
-    from napari_he2rna import spatial
-    from napari_he2rna.tiling import TileGrid
+    from napari_he2rna.maps import spatial
+    from napari_he2rna.slides.tiling import TileGrid
 
     table = pd.DataFrame(
         {
@@ -211,8 +211,8 @@ def test_warning_is_drawn_on_the_heatmap_png(tmp_path):
 @pytest.fixture(scope="module")
 def synthetic_bundle(tmp_path_factory) -> Path:
     """A small hed-stats bundle whose reference is fitted on eight generated synthetic slides."""
-    from napari_he2rna.feature_cache import load_or_extract
-    from napari_he2rna.slide import open_slide
+    from napari_he2rna.features.cache import load_or_extract
+    from napari_he2rna.slides.slide import open_slide
     from napari_he2rna.synthetic import make_slide
 
     root = tmp_path_factory.mktemp("synref")
@@ -272,7 +272,7 @@ def test_predict_warns_and_writes_the_distance(synthetic_bundle, cmu_slide, tmp_
 
 def test_demo_bundle_flags_real_slide(cmu_slide, tmp_path, capsys):
     """The committed demo bundle (synthetic slides) warns on a real H&E region and not on the sample slide."""
-    from napari_he2rna.session import default_model_path
+    from napari_he2rna.maps.session import default_model_path
 
     assert ood.bundle_reference(load_bundle(default_model_path())) is not None
     for slide, warned in ((cmu_slide, True), (SAMPLE_SLIDE, False)):

@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from napari_he2rna.backbones import HED_STATS_FEATURES
+from napari_he2rna.features.backbones import HED_STATS_FEATURES
 from napari_he2rna.cli import main
-from napari_he2rna.model import HE2RNA, save_bundle
-from napari_he2rna.spatial import TILE_CSV_COLUMNS
+from napari_he2rna.model.bundle import HE2RNA, save_bundle
+from napari_he2rna.maps.spatial import TILE_CSV_COLUMNS
 
 SLIDE = Path(__file__).resolve().parents[1] / "sample_data" / "sample_slide.tiff"
 GENES = ["CD3D", "CD3E", "CD3G", "CD247", "MKI67"]
@@ -66,9 +66,9 @@ def test_the_h5ad_reads_back_and_its_spatial_coordinates_are_the_csv_px(predicte
 
 
 def test_the_tile_scores_read_back_as_a_grid(predicted):
-    from napari_he2rna import compare
+    from napari_he2rna.validation import metrics
 
-    grid, scores = compare.read_tile_scores(predicted / "sample_slide_tile_scores.csv")
+    grid, scores = metrics.read_tile_scores(predicted / "sample_slide_tile_scores.csv")
     assert grid.tile_px == 224 and grid.tile_side_um == pytest.approx(112.0)
     assert list(scores.columns) == ["MKI67", "CD3D+CD3E", "T cells", "T2"]
 

@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_he2rna import session as slide_session
-from napari_he2rna import spatial
+from napari_he2rna.maps import session as slide_session
+from napari_he2rna.maps import spatial
 from napari_he2rna.cli import main
 from napari_he2rna.errors import Cancelled, GeneError, ModelError
-from napari_he2rna.model import HE2RNA, load_bundle, save_bundle
+from napari_he2rna.model.bundle import HE2RNA, load_bundle, save_bundle
 
 GENES = ["CD3D", "CD3E", "CD3G", "CD247", "CD19", "MKI67", "KRT8", "GAPDH"]
 
@@ -31,8 +31,8 @@ def make_bundle(path: Path, dim: int, backbone: str = "hed-stats", tile_um: floa
 # ----------------------------------------------------------------------------- SlideSession (real slide)
 @pytest.fixture(scope="module")
 def cmu_grid(cmu_slide):
-    from napari_he2rna.slide import open_slide
-    from napari_he2rna.tiling import tile_grid
+    from napari_he2rna.slides.slide import open_slide
+    from napari_he2rna.slides.tiling import tile_grid
 
     with open_slide(cmu_slide) as s:
         return tile_grid(s, tile_um=112.0)
@@ -137,7 +137,7 @@ def test_output_paths_are_distinct_per_name():
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory):
     """A small synthetic sample slide and a random-weight demo bundle for the hed-stats backbone."""
-    from napari_he2rna import backbones
+    from napari_he2rna.features import backbones
     from napari_he2rna.synthetic import make_slide
 
     root = tmp_path_factory.mktemp("syn")
@@ -164,9 +164,9 @@ def test_spatialize_end_to_end(synthetic, tmp_path):
     assert list(adata.var_names) == ["CD3D", "T cells", "MKI67"] and adata.uns["napari_he2rna"]["demo"]
     np.testing.assert_allclose(df["T cells"], res.scores["T cells"], rtol=1e-5)
     bundle = load_bundle(model)
-    from napari_he2rna.backbones import get_backbone
-    from napari_he2rna.feature_cache import load_or_extract
-    from napari_he2rna.slide import open_slide
+    from napari_he2rna.features.backbones import get_backbone
+    from napari_he2rna.features.cache import load_or_extract
+    from napari_he2rna.slides.slide import open_slide
 
     with open_slide(slide) as s:  # the cache is reused: same features, same scores
         grid, feats = load_or_extract(s, get_backbone("hed-stats"), tile_um=112.0)
@@ -241,7 +241,7 @@ def test_view_reads_widget_names_from_manifest(tmp_path):
 def test_warm_up_runs_small_backbones_and_skips_huge_ones_on_the_cpu(monkeypatch):
     import torch
 
-    from napari_he2rna import features
+    from napari_he2rna.features import extraction as features
 
     calls = []
 
@@ -275,8 +275,8 @@ def test_progressive_run_imports_the_last_steps_library_after_the_coarse_map(mon
     """The supertile step's import (1.5-2 s) neither delays the first tiles nor waits for the end."""
     import threading
 
-    from napari_he2rna.progressive import first_pass_size
-    from napari_he2rna.slide import open_slide
+    from napari_he2rna.maps.progressive import first_pass_size
+    from napari_he2rna.slides.slide import open_slide
 
     at_import: list[int] = []
     imported = threading.Event()
@@ -308,7 +308,7 @@ def test_a_new_model_gets_its_own_gene_index_and_the_old_one_is_freed(cmu_slide)
     import gc
     import weakref
 
-    from napari_he2rna.slide import open_slide
+    from napari_he2rna.slides.slide import open_slide
 
     first = slide_session.load_model(None)
     gone = weakref.ref(first)

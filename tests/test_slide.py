@@ -13,7 +13,7 @@ from PIL import Image
 
 from napari_he2rna import cli
 from napari_he2rna.errors import MissingMPPError, SlideError
-from napari_he2rna.slide import PYRAMID_MIN_SIDE, Slide, open_slide
+from napari_he2rna.slides.slide import PYRAMID_MIN_SIDE, Slide, open_slide
 
 
 def _openslide_rgb(path: Path, location, level, size) -> np.ndarray:

@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from napari_he2rna import slide_ex as sx
-from napari_he2rna.cohort import Cohort, load_samples
+from napari_he2rna.cohorts.cohort import Cohort, load_samples
 from napari_he2rna.errors import DataError
-from napari_he2rna.model import HE2RNA, load_bundle
-from napari_he2rna.spatial import score_tiles
-from napari_he2rna.training import bundle_oof_predictions
+from napari_he2rna.model.bundle import HE2RNA, load_bundle
+from napari_he2rna.maps.spatial import score_tiles
+from napari_he2rna.model.training import bundle_oof_predictions
 
 TINY = dict(
     outer_folds=3,

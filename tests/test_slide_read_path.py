@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from napari_he2rna.slide import LevelView, open_slide
+from napari_he2rna.slides.slide import LevelView, open_slide
 
 TILE = 256
 
@@ -88,7 +88,7 @@ def test_level_view_indexes_like_numpy(rgba_tiff):
 
 
 def test_tiles_decode_on_several_threads_and_concurrent_reads_agree(rgba_tiff, monkeypatch):
-    import napari_he2rna.slide as slide_module
+    import napari_he2rna.slides.slide as slide_module
 
     path, image = rgba_tiff
     want = _over_white(image)

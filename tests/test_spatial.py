@@ -12,10 +12,10 @@ import pandas as pd
 import pytest
 
 import napari_he2rna
-from napari_he2rna import spatial
+from napari_he2rna.maps import spatial
 from napari_he2rna.errors import GeneError, He2rnaError
-from napari_he2rna.model import HE2RNA, load_bundle, save_bundle
-from napari_he2rna.tiling import TileGrid
+from napari_he2rna.model.bundle import HE2RNA, load_bundle, save_bundle
+from napari_he2rna.slides.tiling import TileGrid
 
 GENES = ["CD3D", "CD3E", "CD3G", "CD19", "MKI67", "KRT8", "GAPDH", "ACTB"]  # no CD247/MS4A1/TP63/KRT18
 DIM = 12

@@ -9,8 +9,8 @@ from PIL import Image
 
 from napari_he2rna import settings
 from napari_he2rna.errors import TissueError
-from napari_he2rna.slide import open_slide
-from napari_he2rna.tiling import (
+from napari_he2rna.slides.slide import open_slide
+from napari_he2rna.slides.tiling import (
     TileGrid,
     pen_mask,
     read_tile,
@@ -180,7 +180,7 @@ def test_synthetic_kept_tiles_match_the_planted_tissue(synthetic):
 
 
 def _ink_case(shared_data, name):
-    from napari_he2rna.tiling import tissue_and_ink_masks
+    from napari_he2rna.slides.tiling import tissue_and_ink_masks
 
     image = np.asarray(Image.open(shared_data / name))
     return tissue_and_ink_masks(image), tissue_and_ink_masks(image, remove_ink=False)
@@ -235,7 +235,7 @@ def test_ink_removal_keeps_the_tissue_of_stained_images(shared_data, name):
 
 
 def test_ink_removal_keeps_the_cmu_tiles(cmu, cmu_grid):
-    from napari_he2rna.tiling import mask_method
+    from napari_he2rna.slides.tiling import mask_method
 
     old = tile_grid(cmu, remove_ink=False)
     pd.testing.assert_frame_equal(old.table[["tile_id"]], cmu_grid.table[["tile_id"]])
@@ -243,7 +243,7 @@ def test_ink_removal_keeps_the_cmu_tiles(cmu, cmu_grid):
 
 
 def test_a_grid_from_its_exported_tile_table():
-    from napari_he2rna import spatial
+    from napari_he2rna.maps import spatial
 
     rows, cols = np.array([0, 0, 1, 2]), np.array([1, 2, 2, 0])
     table = pd.DataFrame(

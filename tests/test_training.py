@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from napari_he2rna.cohort import load_expression, load_samples, match_cohort
+from napari_he2rna.cohorts.cohort import load_expression, load_samples, match_cohort
 from napari_he2rna.errors import Cancelled, DataError
-from napari_he2rna.evaluation import evaluate
-from napari_he2rna.folds import choose_criterion, cv_folds, validation_split
-from napari_he2rna.model import load_bundle, save_bundle
-from napari_he2rna.training import (
+from napari_he2rna.model.evaluation import evaluate
+from napari_he2rna.model.folds import choose_criterion, cv_folds, validation_split
+from napari_he2rna.model.bundle import load_bundle, save_bundle
+from napari_he2rna.model.training import (
     TrainConfig,
     bundle_metadata,
     bundle_oof_predictions,

@@ -272,7 +272,7 @@ def test_representation_model_reloads_and_rejects_bad_files(tmp_path):
 @pytest.fixture(scope="module")
 def small_cohort(tmp_path_factory):
     """12 synthetic slides (10 patients) with cached hed-stats features; labels alternate by patient."""
-    from napari_he2rna.cohort import load_samples
+    from napari_he2rna.cohorts.cohort import load_samples
     from napari_he2rna.synthetic import make_cohort
     from napari_he2rna.transfer import load_slide_features
 

@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_he2rna import truth
+from napari_he2rna.validation import truth
 from napari_he2rna.errors import DataError
-from napari_he2rna.tiling import TileGrid
+from napari_he2rna.slides.tiling import TileGrid
 
 REPO = Path(__file__).resolve().parents[1]
 

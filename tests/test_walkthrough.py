@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from napari_he2rna.model import load_bundle
+from napari_he2rna.model.bundle import load_bundle
 from napari_he2rna.synthetic import GENE_PANEL
 
 pytestmark = pytest.mark.slow

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from napari_he2rna import align
+from napari_he2rna.validation import align
 from napari_he2rna.napari._compare_widget import CompareWidget
 from napari_he2rna.napari._reader import slide_layer_data
-from napari_he2rna.slide import open_slide
+from napari_he2rna.slides.slide import open_slide
 
 MPP = 2.0  # the shared JPEGs do not say their pixel size: give one, as the Slide widget would
 

@@ -15,11 +15,11 @@ import pandas as pd
 import pytest
 import torch
 
-from napari_he2rna.backbones import HED_STATS_FEATURES
-from napari_he2rna.model import HE2RNA, load_bundle, save_bundle
+from napari_he2rna.features.backbones import HED_STATS_FEATURES
+from napari_he2rna.model.bundle import HE2RNA, load_bundle, save_bundle
 from napari_he2rna.napari._compare_widget import ALL_CLASSES, NO_SCORE, CompareWidget
 from napari_he2rna.napari._state import get_registry
-from napari_he2rna.tiling import tile_grid
+from napari_he2rna.slides.tiling import tile_grid
 
 SAMPLE = Path(__file__).resolve().parents[2] / "sample_data"
 SLIDE = SAMPLE / "sample_slide.tiff"
@@ -38,7 +38,7 @@ def bundle(tmp_path):
 @pytest.fixture(scope="module")
 def grid():
     """The sample slide's tile grid (112 µm tiles), computed once for the module."""
-    from napari_he2rna.slide import open_slide
+    from napari_he2rna.slides.slide import open_slide
 
     with open_slide(SLIDE) as slide:
         return tile_grid(slide, tile_um=112.0)

@@ -15,8 +15,8 @@ import tifffile
 import torch
 from qtpy.QtWidgets import QFileDialog, QMessageBox
 
-from napari_he2rna import spatial
-from napari_he2rna.model import HE2RNA, save_bundle
+from napari_he2rna.maps import spatial
+from napari_he2rna.model.bundle import HE2RNA, save_bundle
 from napari_he2rna.napari._export_widget import ExportWidget
 from napari_he2rna.napari._model_widget import ModelWidget
 from napari_he2rna.napari._state import get_registry

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from napari_he2rna import spatial
-from napari_he2rna.model import HE2RNA, save_bundle
+from napari_he2rna.maps import spatial
+from napari_he2rna.model.bundle import HE2RNA, save_bundle
 from napari_he2rna.napari._model_widget import DEMO_WARNING, ModelWidget, tile_outline
 from napari_he2rna.napari._state import get_registry, layer_info
 
@@ -191,7 +191,7 @@ def test_cancel_leaves_nothing_half_made(
     widget = _widget(viewer, model_path)
 
     # Hold the job once the grid is known until Cancel is pressed, so the cancel lands mid-run every time.
-    from napari_he2rna.session import SlideSession
+    from napari_he2rna.maps.session import SlideSession
 
     real_compute = SlideSession.compute_features
 
@@ -269,7 +269,7 @@ def test_demo_model_paints_the_planted_t_cell_tiles(make_napari_viewer, qtbot, s
     """The bundled demo model (preselected) puts the hot "T cells" tiles where the sample planted T cells."""
     from scipy.stats import spearmanr
 
-    from napari_he2rna.session import default_model_path
+    from napari_he2rna.maps.session import default_model_path
 
     truth_path = sample_slide.with_name("sample_slide_tiles.csv")
     assert default_model_path().is_file() and truth_path.is_file(), "committed demo model or truth missing"

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from napari_he2rna import ood
-from napari_he2rna.model import HE2RNA, save_bundle
+from napari_he2rna.model import ood
+from napari_he2rna.model.bundle import HE2RNA, save_bundle
 from napari_he2rna.napari._model_widget import ModelWidget
 from napari_he2rna.napari._state import get_registry
-from napari_he2rna.session import DISTANCE_NAME
+from napari_he2rna.maps.session import DISTANCE_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_SLIDE = REPO / "sample_data" / "sample_slide.tiff"
@@ -25,8 +25,8 @@ def reference_model(tmp_path_factory) -> Path:
     slides): the Model dock must warn on a real H&E slide and not on the synthetic sample slide."""
     import torch
 
-    from napari_he2rna.model import load_bundle
-    from napari_he2rna.session import default_model_path
+    from napari_he2rna.model.bundle import load_bundle
+    from napari_he2rna.maps.session import default_model_path
 
     root = tmp_path_factory.mktemp("qtref")
     reference = ood.bundle_reference(load_bundle(default_model_path()))

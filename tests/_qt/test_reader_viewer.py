@@ -12,7 +12,7 @@ from napari_he2rna.errors import SlideError
 from napari_he2rna.napari import _sample_data
 from napari_he2rna.napari._reader import get_reader
 from napari_he2rna.napari._slide_widget import SlideWidget
-from napari_he2rna.slide import Slide
+from napari_he2rna.slides.slide import Slide
 
 
 def test_viewer_opens_cmu_slide_in_microns(make_napari_viewer, cmu_slide, qtbot):

@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from napari_he2rna import readout
-from napari_he2rna import session as slide_session
-from napari_he2rna.model import HE2RNA, load_bundle, save_bundle
+from napari_he2rna.maps import readout
+from napari_he2rna.maps import session as slide_session
+from napari_he2rna.model.bundle import HE2RNA, load_bundle, save_bundle
 from napari_he2rna.napari._model_widget import ModelWidget
 from napari_he2rna.napari._panel import HE2RNAPanel
 from napari_he2rna.napari._state import get_registry, layer_info
-from napari_he2rna.slide import open_slide
+from napari_he2rna.slides.slide import open_slide
 
 REPO = Path(__file__).resolve().parents[2]
 GENES = ["CD3D", "CD3E", "CD3G", "CD247", "CD19", "MS4A1", "MKI67", "TP63", "KRT8", "KRT18", "ACTB", "GAPDH"]

@@ -56,7 +56,7 @@ def _fmt_um(value) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import align
+    from ..validation import align
     from ..errors import DataError
     from ..jobs import TextProgress
 

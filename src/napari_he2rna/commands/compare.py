@@ -124,7 +124,7 @@ def _slide_facts(
     slide: Path | None, size: Any, mpp: float | None
 ) -> tuple[tuple[int, int] | None, float | None]:
     if slide is not None and Path(slide).is_file():
-        from ..slide import open_slide
+        from ..slides.slide import open_slide
 
         with open_slide(slide, mpp=mpp) as s:
             return tuple(s.dimensions), s.mpp
@@ -170,11 +170,12 @@ def compare_one(
     """
     import pandas as pd  # on use: keeps `he2rna --help` from importing it
 
-    from .. import compare, truth
-    from ..comparison import Comparison
+    from ..validation import metrics
+    from ..validation import truth
+    from ..validation.comparison import Comparison
 
     dims, mpp = _slide_facts(slide, slide_size, mpp)
-    grid, scores = compare.read_tile_scores(scores_path, slide_dimensions=dims, mpp=mpp)
+    grid, scores = metrics.read_tile_scores(scores_path, slide_dimensions=dims, mpp=mpp)
     truth_mpp = grid.mpp  # µm per px of the scan the truth was drawn on
     if transform is not None:
         expected = tuple(int(v) for v in transform.fixed_dimensions)
@@ -243,7 +244,7 @@ def compare_one(
         ANNOTATION_COLUMN if name == ANNOTATION else name: c.truth_per_tile()
         for name, c in comparisons.items()
     }
-    tiles = compare.compare_table(grid.table, scores, truths)
+    tiles = metrics.compare_table(grid.table, scores, truths)
     long_parts, rows = [], []
     for (col, name), res in results.items():
         t = res.table()
@@ -272,7 +273,7 @@ def compare_one(
 
 
 def _alignment(args: argparse.Namespace):
-    from ..truth import Alignment
+    from ..validation.truth import Alignment
 
     a = Alignment.from_offset_scale(args.offset_um, args.scale, args.rotation)
     if args.transform is not None and not a.is_identity:
@@ -283,7 +284,7 @@ def _alignment(args: argparse.Namespace):
 def _transform(path: Path | None):
     if path is None:
         return None
-    from ..align import AlignmentResult
+    from ..validation.align import AlignmentResult
 
     return AlignmentResult.read(path)
 
@@ -366,8 +367,8 @@ def run(args: argparse.Namespace) -> int:
 def _run_manifest(args: argparse.Namespace, common: dict[str, Any]) -> int:
     import pandas as pd  # on use: keeps `he2rna --help` from importing it
 
-    from ..cohort import slide_column
-    from ..compare import summarize_slides
+    from ..cohorts.cohort import slide_column
+    from ..validation.metrics import summarize_slides
 
     path = args.manifest
     if not path.is_file() or path.stat().st_size == 0:

@@ -34,7 +34,7 @@ def register(subparsers) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..errors import DataError
-    from ..model import convert_checkpoint, load_bundle
+    from ..model.bundle import convert_checkpoint, load_bundle
 
     if not args.genes.is_file():
         raise DataError(f"Gene list {args.genes} does not exist (one gene name per line, in output order).")

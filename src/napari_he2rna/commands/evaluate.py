@@ -50,10 +50,10 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing([Path(args.out) / "report.md", Path(args.out) / "per_gene.csv"], args.overwrite)
     import numpy as np
 
-    from ..evaluation import read_gmt, write_report
-    from ..fitting import evaluate_result, fit, null_predictions
-    from ..model import load_bundle
-    from ..training import TrainConfig, bundle_oof_predictions
+    from ..model.evaluation import read_gmt, write_report
+    from ..model.fitting import evaluate_result, fit, null_predictions
+    from ..model.bundle import load_bundle
+    from ..model.training import TrainConfig, bundle_oof_predictions
     from .train import load_cohort, print_summary
 
     bundle = load_bundle(args.model)

@@ -125,7 +125,7 @@ def register(subparsers) -> None:
 def _from_manifest(path: Path, slide_column_name: str | None = None) -> list[Path]:
     import pandas as pd  # on use: keeps `he2rna --help` from importing it
 
-    from ..cohort import SLIDE_COLUMN_NAMES, resolve_slide_paths, slide_column
+    from ..cohorts.cohort import SLIDE_COLUMN_NAMES, resolve_slide_paths, slide_column
 
     sep = "\t" if path.suffix.lower() == ".tsv" else ","
     try:
@@ -181,13 +181,13 @@ def _print_result(r: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import settings
-    from ..backbones import backbone_info, get_backbone
-    from ..extract_cohort import extract_cohort
-    from ..features import ExtractOptions
+    from ..features.backbones import backbone_info, get_backbone
+    from ..features.cohort_tasks import extract_cohort
+    from ..features.extraction import ExtractOptions
     from ..jobs import TextProgress
     from ..safe_output import prepare_folder
-    from ..slide import validate_mpp
-    from ..tiling import check_tile_size
+    from ..slides.slide import validate_mpp
+    from ..slides.tiling import check_tile_size
 
     slides = expand_slides(args.slides, args.slide_column)
     if not slides:

@@ -14,7 +14,7 @@ from ..safe_output import atomic_write, prepare_folder, refuse_existing
 from ._common import add_overwrite_argument
 
 if TYPE_CHECKING:
-    from ..slide import Slide
+    from ..slides.slide import Slide
 
 
 def register(subparsers) -> None:
@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     if args.thumbnail is not None:  # before the slide is read
         refuse_existing([args.thumbnail], args.overwrite)
         prepare_folder(Path(args.thumbnail).parent, "thumbnail's folder")
-    from ..slide import open_slide  # on use: the reader's libraries (dask, scipy) take ~1 s to import
+    from ..slides.slide import open_slide  # on use: the reader's libraries (dask, scipy) take ~1 s to import
 
     with open_slide(args.slide, mpp=args.mpp) as slide:
         for key, value in slide.facts().items():
@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _tissue_mask(thumbnail: np.ndarray) -> np.ndarray:
     try:
-        from ..tiling import tissue_mask
+        from ..slides.tiling import tissue_mask
     except ImportError:  # tiling.py not there: a plain Otsu on saturation does for an outline
         from skimage.color import rgb2hsv
         from skimage.filters import threshold_otsu

@@ -9,7 +9,7 @@ from ._common import add_overwrite_argument, refuse_existing
 
 
 def register(subparsers) -> None:
-    from ..demo import (
+    from ..model.demo import (
         DEFAULT_EPOCHS,
         DEFAULT_HIDDEN,
         DEFAULT_LR,
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     out = args.out.with_suffix(".safetensors")
     report = args.report or out.with_name(f"{out.stem}_report")
     refuse_existing([out, Path(report) / "report.md"], args.overwrite)
-    from ..demo import build_demo_model, significance_counts
+    from ..model.demo import build_demo_model, significance_counts
     from ..jobs import TextProgress
 
     out, ev = build_demo_model(

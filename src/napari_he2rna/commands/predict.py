@@ -55,8 +55,8 @@ def register(subparsers) -> None:
 
 def output_paths(slide: str | Path, out: str | Path) -> dict[str, Path]:
     """Where ``predict`` writes: ``slide_csv``, ``csv`` (tile scores), ``metadata`` (sidecar), ``h5ad``."""
-    from .. import spatial
-    from ..session import output_paths as spatialize_paths
+    from ..maps import spatial
+    from ..maps.session import output_paths as spatialize_paths
 
     paths = spatialize_paths(slide, [], out, geojson=False)
     stem = Path(slide).stem
@@ -73,12 +73,13 @@ def run(args: argparse.Namespace) -> int:
 
     import pandas as pd
 
-    from .. import readout, spatial
-    from ..feature_cache import load_or_extract
+    from ..maps import readout
+    from ..maps import spatial
+    from ..features.cache import load_or_extract
     from ..jobs import TextProgress
     from ..safe_output import atomic_write_text, prepare_folder, refuse_existing, staged_folder
-    from ..session import SlideSession, load_model
-    from ..slide import open_slide
+    from ..maps.session import SlideSession, load_model
+    from ..slides.slide import open_slide
 
     out = Path(args.out)
     paths = output_paths(args.slide, out)

@@ -138,9 +138,9 @@ def default_output(args: argparse.Namespace, model_path: Path) -> Path:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..cohort import dropped_genes_summary, genes_as_rows_hint, load_expression, load_samples
+    from ..cohorts.cohort import dropped_genes_summary, genes_as_rows_hint, load_expression, load_samples
     from ..errors import DataError
-    from ..evaluation import pearson_columns
+    from ..model.evaluation import pearson_columns
     from ..jobs import TextProgress
     from ..transfer import (
         load_representation_model,

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing([out / "summary.csv", out / "per_gene.csv", out / "models"], args.overwrite)
     import torch
 
-    from ..cohort import cohort_features, dropped_genes_summary, load_samples
+    from ..cohorts.cohort import cohort_features, dropped_genes_summary, load_samples
     from ..errors import DataError
     from ..jobs import TextProgress
     from ..slide_ex import NestedCVConfig, load_deconvolved, read_responders, run_slide_ex, write_slide_ex

@@ -51,8 +51,8 @@ def register(subparsers) -> None:
 
 def planned_outputs(args: argparse.Namespace) -> list[Path]:
     """The files ``spatialize`` will write into ``--out`` (known from the model's genes, before any work)."""
-    from ..session import SlideSession, is_distance_name, load_model, output_paths
-    from ..spatial import PartialGeneSetWarning, split_names
+    from ..maps.session import SlideSession, is_distance_name, load_model, output_paths
+    from ..maps.spatial import PartialGeneSetWarning, split_names
 
     names = split_names(args.genes)
     with SlideSession.open(args.slide, mpp=args.mpp, model=load_model(args.model)) as session:
@@ -77,8 +77,8 @@ def run(args: argparse.Namespace) -> int:
     from ..cli import user_warning_line
     from ..jobs import TextProgress
     from ..safe_output import refuse_existing, staged_folder
-    from ..session import spatialize
-    from ..spatial import PartialGeneSetWarning, split_names
+    from ..maps.session import spatialize
+    from ..maps.spatial import PartialGeneSetWarning, split_names
 
     refuse_existing(planned_outputs(args), args.overwrite)  # before any work
     out = Path(args.out)

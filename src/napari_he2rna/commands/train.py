@@ -132,7 +132,7 @@ def add_cohort_arguments(p: argparse.ArgumentParser, backbone: bool = True) -> N
 
 def load_cohort(args: argparse.Namespace, backbone: str, tile_um: float, supertiles: bool, genes=None):
     """Expression + sample sheet + cached features, matched; prints what did not match or was left out."""
-    from ..cohort import cohort_features, dropped_genes_summary, load_expression, load_samples, match_cohort
+    from ..cohorts.cohort import cohort_features, dropped_genes_summary, load_expression, load_samples, match_cohort
     from ..jobs import TextProgress
 
     expression = load_expression(
@@ -170,10 +170,10 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing([out, out.with_suffix(".safetensors"), report], args.overwrite)
     import numpy as np
 
-    from ..fitting import evaluate_result, fit, null_predictions, save_result
+    from ..model.fitting import evaluate_result, fit, null_predictions, save_result
     from ..jobs import TextProgress
-    from ..model import load_bundle
-    from ..training import TrainConfig
+    from ..model.bundle import load_bundle
+    from ..model.training import TrainConfig
 
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
@@ -223,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     )
     extra = {"fine_tuned_from": str(args.init_model)} if init else None
     save_result(result, cohort, out, backbone, tile_um, extra, demo=args.demo)
-    from ..evaluation import pearson_by_type
+    from ..model.evaluation import pearson_by_type
 
     r = pearson_by_type(cohort.expression.to_numpy(), result.oof.to_numpy(), result.cancer_types).to_numpy()
     print(
@@ -232,7 +232,7 @@ def run(args: argparse.Namespace) -> int:
         f"{np.nanmedian(r) if np.isfinite(r).any() else float('nan'):.3f})"
     )
     if args.report:
-        from ..evaluation import write_report
+        from ..model.evaluation import write_report
 
         null = null_predictions(cohort, config, args.null_inits)
         ev = evaluate_result(cohort, result.oof, result.folds, null)
@@ -249,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
 
 def print_summary(ev, baseline=None) -> None:
     """The per-type figures on stdout (side by side with the baseline when there is one)."""
-    from ..evaluation import SUMMARY_COLUMNS, comparison_table, small_fold_warning
+    from ..model.evaluation import SUMMARY_COLUMNS, comparison_table, small_fold_warning
 
     if baseline is not None:
         print(comparison_table({"HE2RNA": ev, "ridge": baseline}).to_string(index=False))

@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing([Path(args.out) / "aucs.csv", Path(args.out) / "summary.md"], args.overwrite)
     import numpy as np
 
-    from ..cohort import (
+    from ..cohorts.cohort import (
         dropped_genes_summary,
         find_column,
         genes_as_rows_hint,

@@ -58,10 +58,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .. import align, compare, spatial, truth
-from ..comparison import Comparison, layer_affine
+from ..validation import align
+from ..validation import metrics
+from ..maps import spatial
+from ..validation import truth
+from ..validation.comparison import Comparison, layer_affine
 from ..errors import Cancelled, DataError, He2rnaError, SlideError
-from ..slide import SLIDE_SUFFIXES, open_slide
+from ..slides.slide import SLIDE_SUFFIXES, open_slide
 from ._roc_canvas import RocCanvas
 from ._state import META_KEY, get_registry, is_slide_layer, layer_info
 from ._truth_layers import place_truth_layer, show_truth_layer, style_truth_layer
@@ -69,7 +72,7 @@ from ._truth_layers import place_truth_layer, show_truth_layer, style_truth_laye
 if TYPE_CHECKING:
     import napari
 
-    from ..session import SlideSession
+    from ..maps.session import SlideSession
 
 ALL_CLASSES = "(all classes)"
 OTHER_TILES = "(all other tiles)"
@@ -99,7 +102,7 @@ _METRIC_NAMES = {
 }
 _CAVEAT_TIP = (
     "Neighbouring tiles are correlated, so this tile-level p-value (which treats tiles as independent) is "
-    "optimistic; read it as a rough guide, not a test. " + compare.P_VALUE_CAVEAT
+    "optimistic; read it as a rough guide, not a test. " + metrics.P_VALUE_CAVEAT
 )
 
 
@@ -187,9 +190,9 @@ class CompareWidget(QWidget):
         self._align_signals.progressed.connect(self._on_align_progress)
         # Results of the last recompute, for the exports and the tests.
         self.truth_values: np.ndarray | None = None
-        self.results: dict[str, compare.TileMetrics | compare.AnnotationMetrics] = {}
+        self.results: dict[str, metrics.TileMetrics | metrics.AnnotationMetrics] = {}
         self.score_values: dict[str, np.ndarray] = {}
-        self.metrics: pd.DataFrame = compare.metrics_table({})
+        self.metrics: pd.DataFrame = metrics.metrics_table({})
 
         self._build_ui()
         self._timer = QTimer(self)
@@ -877,7 +880,7 @@ class CompareWidget(QWidget):
         """
         self._timer.stop()
         self.results, self.score_values, self.truth_values = {}, {}, None
-        self.metrics = compare.metrics_table({})
+        self.metrics = metrics.metrics_table({})
         session = self.session
         message = ""
         if self.slide_layer is None:

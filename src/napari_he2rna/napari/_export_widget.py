@@ -28,9 +28,9 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .. import spatial
+from ..maps import spatial
 from ..errors import He2rnaError
-from ..session import safe_name
+from ..maps.session import safe_name
 from ._pickers import SlideLayerPicker
 from ._state import SlideState, get_registry, layer_info
 

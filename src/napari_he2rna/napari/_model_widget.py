@@ -53,9 +53,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .. import ood, progressive, readout, spatial
+from ..model import ood
+from ..maps import progressive
+from ..maps import readout
+from ..maps import spatial
 from ..errors import Cancelled, He2rnaError
-from ..session import DISTANCE_NAME, default_model_path
+from ..maps.session import DISTANCE_NAME, default_model_path
 from ._pickers import SlideLayerPicker
 from ._state import META_KEY, SlideState, get_registry, layer_info
 from ._worker import Failed, ProgressBridge, compute_job
@@ -63,8 +66,8 @@ from ._worker import Failed, ProgressBridge, compute_job
 if TYPE_CHECKING:
     import napari
 
-    from ..model import ModelBundle
-    from ..tiling import TileGrid
+    from ..model.bundle import ModelBundle
+    from ..slides.tiling import TileGrid
 
 log = logging.getLogger(__name__)
 
@@ -348,8 +351,8 @@ class ModelWidget(QWidget):
 
     def load_model(self, path: str | Path) -> ModelBundle | None:
         """Load a model bundle and make it the current model (errors as notifications)."""
-        from ..backbones import import_backbone_libraries
-        from ..model import load_bundle
+        from ..features.backbones import import_backbone_libraries
+        from ..model.bundle import load_bundle
 
         path = Path(path)
         try:

@@ -20,7 +20,7 @@ from typing import Any
 from napari.utils.notifications import show_error, show_warning
 
 from ..errors import SlideError
-from ..slide import IMAGE_SUFFIXES, SLIDE_SUFFIXES, TIFF_SUFFIXES, Slide, open_slide
+from ..slides.slide import IMAGE_SUFFIXES, SLIDE_SUFFIXES, TIFF_SUFFIXES, Slide, open_slide
 
 LayerData = tuple[Any, dict[str, Any], str]
 # napari's "opened without layers" sentinel: the reader took the file (and told the user what was wrong),

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 
-from .. import compare
+from ..validation import metrics
 
 
 class RocCanvas:
@@ -24,7 +24,7 @@ class RocCanvas:
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(min_height)
 
-    def draw(self, results: Mapping[str, compare.TileMetrics | compare.AnnotationMetrics]) -> None:
+    def draw(self, results: Mapping[str, metrics.TileMetrics | metrics.AnnotationMetrics]) -> None:
         """One panel per name: the ROC curve of each AUC cut (or inside vs outside), and the chance line."""
         fig = self.figure
         names = list(results)
@@ -49,7 +49,7 @@ class RocCanvas:
             ax.set_prop_cycle(None)  # the same colour for the same cut in every redraw
             res = results[name]
             ax.plot([0, 1], [0, 1], color="0.6", lw=0.8, ls="--")
-            if isinstance(res, compare.AnnotationMetrics):
+            if isinstance(res, metrics.AnnotationMetrics):
                 if res.roc is not None:
                     ax.plot(*res.roc, lw=1.5, label=f"inside AUC {res.auc:.2f}")
             else:

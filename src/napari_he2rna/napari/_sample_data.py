@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import SlideError
 from ..settings import sample_data_dir
-from ..slide import open_slide
+from ..slides.slide import open_slide
 from ._reader import slide_layer_data, watch_layer_removal
 
 SAMPLE_SLIDE_NAME = "sample_slide.tiff"

@@ -13,8 +13,8 @@ from magicgui.widgets import Container, FileEdit, Label, LineEdit, PushButton
 from napari.utils.notifications import show_error, show_info
 
 from ..errors import SlideError
-from ..slide import SLIDE_SUFFIXES, Slide, validate_mpp
-from ..tiling import slide_masks
+from ..slides.slide import SLIDE_SUFFIXES, Slide, validate_mpp
+from ..slides.tiling import slide_masks
 from ._reader import open_slide_layer
 from ._state import get_registry, is_slide_layer
 

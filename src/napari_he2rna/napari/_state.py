@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 from psygnal import Signal
 
-from ..session import SlideSession
-from ..slide import Slide
+from ..maps.session import SlideSession
+from ..slides.slide import Slide
 
 if TYPE_CHECKING:
     import napari

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .. import truth
-from ..comparison import Comparison
+from ..validation import truth
+from ..validation.comparison import Comparison
 
 #: Edge colour of an annotation outline by its role in the comparison.
 ROLE_COLOURS = {"inside": "red", "outside": "cyan", "other": "gray"}

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from qtpy.QtCore import QObject, Signal
 
 if TYPE_CHECKING:
-    from ..model import ModelBundle
+    from ..model.bundle import ModelBundle
     from ._state import SlideState
 
 
@@ -41,7 +41,7 @@ def compute_job(
     (see ``ModelWidget._on_errored``).
     """
     from .. import jobs
-    from ..devices import resolve_device
+    from ..features.devices import resolve_device
 
     session = state.session
     try:

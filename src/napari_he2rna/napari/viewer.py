@@ -46,7 +46,7 @@ def open_viewer(slide: str | None = None, mpp: float | None = None, show: bool =
     import napari
 
     from ..errors import SlideError
-    from ..slide import validate_mpp
+    from ..slides.slide import validate_mpp
 
     if slide is not None and not Path(slide).exists():
         raise SlideError(f"{slide} does not exist.")

@@ -41,7 +41,7 @@ bundles), :mod:`.report` (the output folder).
 
 from __future__ import annotations
 
-from ..folds import patient_auc
+from ..model.folds import patient_auc
 from .bundles import bundle_models, pad_hidden, save_result_bundle
 from .experiment import (
     SlideExResult,

@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..evaluation import Evaluation
-from ..model import HE2RNA, save_bundle
-from ..scaling import FeatureScaler
+from ..model.evaluation import Evaluation
+from ..model.bundle import HE2RNA, save_bundle
+from ..model.scaling import FeatureScaler
 from .nested_cv import NestedCVResult
 
 # ------------------------------------------------------------------------------------------ bundles

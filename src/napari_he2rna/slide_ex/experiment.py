@@ -10,13 +10,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..cohort import Cohort
+from ..cohorts.cohort import Cohort
 from ..errors import DataError
-from ..evaluation import Evaluation, evaluate
-from ..folds import patient_auc
+from ..model.evaluation import Evaluation, evaluate
+from ..model.folds import patient_auc
 from ..jobs import CancelToken, ProgressCallback, report
-from ..scaling import FeatureScaler, ScaledFeatures
-from ..training import (
+from ..model.scaling import FeatureScaler, ScaledFeatures
+from ..model.training import (
     untrained_predictions,
 )
 from .nested_cv import NestedCVConfig, NestedCVResult, nested_cross_validate, outer_folds

@@ -11,14 +11,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..devices import resolve_device
+from ..features.devices import resolve_device
 from ..errors import DataError
-from ..evaluation import mean_r_by_type, pearson_columns
-from ..folds import group_folds, patient_auc
+from ..model.evaluation import mean_r_by_type, pearson_columns
+from ..model.folds import group_folds, patient_auc
 from ..jobs import CancelToken, ProgressCallback, check_cancel, report
-from ..model import HE2RNA, SUPERTILE_KS
-from ..scaling import FeatureScaler, ScaledFeatures
-from ..training import (
+from ..model.bundle import HE2RNA, SUPERTILE_KS
+from ..model.scaling import FeatureScaler, ScaledFeatures
+from ..model.training import (
     SlideBatches,
     TrainConfig,
     predict_slides,

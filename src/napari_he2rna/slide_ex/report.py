@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..model import json_default
+from ..model.bundle import json_default
 from ..safe_output import atomic_write_text, staged_folder
 from .bundles import save_result_bundle
 from .experiment import SlideExResult
@@ -125,7 +125,7 @@ def _write_into(
 
 
 def _report(result: SlideExResult, summary: pd.DataFrame, per_gene: pd.DataFrame, doc: dict) -> str:
-    from ..evaluation import md_table
+    from ..model.evaluation import md_table
 
     cfg = result.config or NestedCVConfig()
     lines = [

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..cohort import load_expression, read_table
+from ..cohorts.cohort import load_expression, read_table
 from ..errors import DataError
 
 ABUNDANCE = "abundance"

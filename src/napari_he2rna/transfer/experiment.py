@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
-from ..folds import patient_auc
+from ..model.folds import patient_auc
 from ..jobs import CancelToken, ProgressCallback, check_cancel, report
 from .labels import group_folds
 from .networks import (

@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..errors import DataError, ModelError, unreadable_as
 from ..jobs import CancelToken, ProgressCallback, check_cancel
-from ..model import json_default
+from ..model.bundle import json_default
 from ..safe_output import atomic_write, atomic_write_text, prepare_folder
 from .networks import SimpleHE2RNA
 
@@ -38,7 +38,7 @@ def save_representation_model(
     """
     from safetensors.torch import save
 
-    from ..model import atomic_write_bytes
+    from ..model.bundle import atomic_write_bytes
 
     models = list(models)
     if not models:
@@ -118,7 +118,7 @@ def read_feature_table(path: str | Path) -> pd.DataFrame:
                 else:
                     df = pd.DataFrame({k: np.asarray(z[k]).reshape(-1) for k in keys}).T
         else:
-            from ..cohort import read_table
+            from ..cohorts.cohort import read_table
 
             tab = read_table(path)
             df = tab.set_index(tab.columns[0])
@@ -205,7 +205,7 @@ def load_slide_features(
     tiles are read once: the mean is taken while they are loaded
     (:meth:`napari_he2rna.cohort.LazyFeatures.tile_mean`).
     """
-    from ..cohort import cohort_features
+    from ..cohorts.cohort import cohort_features
 
     feats, failed = cohort_features(
         samples, backbone, tile_um, cache_dir, supertiles=with_supertiles, supertile_k=supertile_k,

@@ -25,7 +25,7 @@ def group_folds(
     scikit-learn's ``StratifiedGroupKFold`` via :mod:`napari_he2rna.training` (which falls back to dealing
     patients round-robin when a stratum is too small for scikit-learn).
     """
-    from ..folds import group_folds as grouped
+    from ..model.folds import group_folds as grouped
 
     groups = np.asarray(groups).astype(str)
     y = np.zeros(len(groups), dtype=np.int64) if strata is None else np.asarray(strata).astype(str)

@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import DataError, ModelError
 from ..jobs import CancelToken, ProgressCallback, check_cancel, report
-from ..scaling import FeatureScaler
+from ..model.scaling import FeatureScaler
 from .labels import group_folds
 
 # ------------------------------------------------------------------------------------------- networks
@@ -147,7 +147,7 @@ def _fit(
     cancel: CancelToken | None = None,
 ) -> nn.Module:
     """Adam on shuffled minibatches for a fixed number of epochs (the paper: 50, no early stopping)."""
-    from ..devices import resolve_device
+    from ..features.devices import resolve_device
 
     dev = resolve_device(device)
     model.to(dev).train()

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from .safe_output import staged_folder
+from ..safe_output import staged_folder
 
 # ------------------------------------------------------------------------------------------ correlation
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .backbones import Backbone, get_backbone
-from .errors import Cancelled, He2rnaError
-from .feature_cache import cache_path, is_cached, load_or_extract
-from .features import ExtractOptions
-from .jobs import CancelToken, ProgressCallback, check_cancel, report
+from ..errors import Cancelled, He2rnaError
+from .cache import cache_path, is_cached, load_or_extract
+from .extraction import ExtractOptions
+from ..jobs import CancelToken, ProgressCallback, check_cancel, report
 
 __all__ = ["extract_cohort", "extract_slide_task"]
 
@@ -64,7 +64,7 @@ def extract_slide_task(
     dict with ``slide`` (path), ``status`` (``"ok"``, ``"cached"``, ``"failed"``), ``reason`` (why it
     failed, else ``""``), ``n_tiles`` and ``store`` (the zarr store's path, ``""`` when failed).
     """
-    from .slide import open_slide
+    from ..slides.slide import open_slide
 
     result = _failed(str(path), "")
     try:

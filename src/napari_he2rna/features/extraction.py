@@ -31,9 +31,9 @@ import torch
 
 from .backbones import Backbone
 from .devices import resolve_device
-from .jobs import CancelToken, ProgressCallback, check_cancel, report
+from ..jobs import CancelToken, ProgressCallback, check_cancel, report
 from .precision import precision_name, resolve_precision
-from .tiling import TileGrid, read_tiles
+from ..slides.tiling import TileGrid, read_tiles
 
 __all__ = [
     "ExtractOptions",

@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import settings
+from .. import settings
 from .devices import resolve_device
-from .errors import MissingExtraError, WeightsError
+from ..errors import MissingExtraError, WeightsError
 
 __all__ = [
     "Backbone",

@@ -55,7 +55,7 @@ class FeatureScaler:
         Raises :class:`~napari_he2rna.errors.DataError` naming a sample whose features are not a non-empty
         ``(n, dim)`` matrix of the same width as the others, or hold NaN or infinite values.
         """
-        from .errors import DataError
+        from ..errors import DataError
 
         def checked():
             dim = None

@@ -28,12 +28,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .errors import ModelError
+from ..errors import ModelError
 
 if TYPE_CHECKING:
     import pandas as pd
 
-    from .model import ModelBundle
+    from .bundle import ModelBundle
 
 #: ``ModelBundle.metadata`` key of the feature reference (the dict from :meth:`ReferenceBuilder.finish`).
 REFERENCE_KEY = "feature_reference"

@@ -27,14 +27,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from . import compare
+from . import metrics
 from . import truth as truth_io
-from .errors import DataError
+from ..errors import DataError
 
 if TYPE_CHECKING:
-    from .tiling import TileGrid
+    from ..slides.tiling import TileGrid
 
-Metrics = compare.TileMetrics | compare.AnnotationMetrics
+Metrics = metrics.TileMetrics | metrics.AnnotationMetrics
 
 
 def layer_affine(alignment: truth_io.Alignment | None) -> np.ndarray:
@@ -89,7 +89,7 @@ class Comparison:
     mask_downsample: float | None = None
     mask_mpp: float | None = None
     alignment: truth_io.Alignment | None = None
-    percentiles: Sequence[float] = compare.DEFAULT_PERCENTILES
+    percentiles: Sequence[float] = metrics.DEFAULT_PERCENTILES
     thresholds: Sequence[float] = ()
     top_n: int = 100
     scores: dict[str, np.ndarray] = field(default_factory=dict)
@@ -293,8 +293,8 @@ class Comparison:
         values = self.truth_per_tile()
         s = np.asarray(scores, dtype=np.float64)
         if self.kind == "annotations":
-            return compare.annotation_metrics(s, values, top_n=self.top_n)
-        return compare.tile_metrics(s, values, self.percentiles, self.thresholds, self.top_n)
+            return metrics.annotation_metrics(s, values, top_n=self.top_n)
+        return metrics.tile_metrics(s, values, self.percentiles, self.thresholds, self.top_n)
 
     def compute(self, scores: Mapping[str, Any]) -> dict[str, Metrics]:
         """Metrics of each named (N,) score array, kept in :attr:`results` with the truth they were
@@ -308,23 +308,23 @@ class Comparison:
 
     def metrics_table(self) -> pd.DataFrame:
         """The long metrics table of :attr:`results` (see :func:`napari_he2rna.compare.metrics_table`)."""
-        return compare.metrics_table(self.results, self.truth_label)
+        return metrics.metrics_table(self.results, self.truth_label)
 
     def per_tile_table(self) -> pd.DataFrame:
         """Tile id and position, each score of :attr:`results` and the truth per tile they were compared
         with (see :func:`napari_he2rna.compare.compare_table`)."""
         if self.grid is None or self.truth_values is None:
             raise DataError("nothing compared yet: load a truth file and pick a gene or set")
-        return compare.compare_table(
+        return metrics.compare_table(
             self.grid.table, dict(self.scores), {self.truth_label: self.truth_values}
         )
 
     def spatial_null(self, scores: Any, n: int) -> dict[str, Any]:
         """:func:`napari_he2rna.compare.spatial_null_p` of one score array against the truth per tile."""
-        from .spatial import heatmap_raster
+        from ..maps.spatial import heatmap_raster
 
         grid = self.grid
-        return compare.spatial_null_p(
+        return metrics.spatial_null_p(
             heatmap_raster(grid, np.asarray(scores, dtype=float)),
             heatmap_raster(grid, self.truth_per_tile()),
             n,

@@ -23,22 +23,26 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from . import jobs, ood, progressive, readout, spatial
-from .errors import GeneError, ModelError
-from .jobs import CancelToken, ProgressCallback
+from .. import jobs
+from ..model import ood
+from . import progressive
+from . import readout
+from . import spatial
+from ..errors import GeneError, ModelError
+from ..jobs import CancelToken, ProgressCallback
 from .progressive import first_pass_size, spread_order
 
 log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
-    from .model import ModelBundle
-    from .slide import Slide
-    from .tiling import TileGrid
+    from ..model.bundle import ModelBundle
+    from ..slides.slide import Slide
+    from ..slides.tiling import TileGrid
 
 
 def default_model_path() -> Path:
     """The bundled demo model (trained on the synthetic sample slides)."""
-    from . import settings
+    from .. import settings
 
     return settings.sample_data_dir() / "demo_model.safetensors"
 
@@ -57,7 +61,7 @@ def warm_up_extraction(backbone, batch_size: int, precision: str = "auto") -> No
     :data:`WARM_UP_MAX_CPU_PARAMS`). Meant for a thread while the slide is tiled. Failures are left to the
     real run to report.
     """
-    from .features import BatchRunner
+    from ..features.extraction import BatchRunner
 
     try:
         n_params = sum(p.numel() for p in backbone.parameters())
@@ -83,7 +87,7 @@ def import_supertile_libraries() -> None:
 
 def load_model(path: str | Path | None = None) -> ModelBundle:
     """Load a model bundle; ``None`` means the bundled demo model (a clear error if it is missing)."""
-    from .model import load_bundle
+    from ..model.bundle import load_bundle
 
     p = Path(path) if path is not None else default_model_path()
     if path is None and not p.is_file():
@@ -156,7 +160,7 @@ class SlideSession:
     @classmethod
     def open(cls, path: str | Path, mpp: float | None = None, model: ModelBundle | str | Path | None = None):
         """Open a slide (and optionally a model: a bundle or its path) into a new session."""
-        from .slide import open_slide
+        from ..slides.slide import open_slide
 
         bundle = load_model(model) if isinstance(model, str | Path) else model
         return cls(open_slide(path, mpp=mpp), bundle)
@@ -215,8 +219,8 @@ class SlideSession:
         expects, ``TissueError`` for a slide without tissue, ``Cancelled`` when ``cancel`` is set (the
         session keeps its previous state).
         """
-        from .backbones import get_backbone
-        from .feature_cache import cache_path, load_or_extract
+        from ..features.backbones import get_backbone
+        from ..features.cache import cache_path, load_or_extract
 
         bundle = self._require_bundle()
         self.slide.require_mpp()

@@ -19,7 +19,7 @@ import numpy as np
 from . import spatial
 
 if TYPE_CHECKING:
-    from .model import ModelBundle
+    from ..model.bundle import ModelBundle
 
 #: R from which a gene is marked reliable when the bundle has no evaluation of its own.
 RELIABLE_R = 0.4

@@ -19,7 +19,7 @@ from PIL import Image
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
-from .errors import TileSizeError, TissueError
+from ..errors import TileSizeError, TissueError
 from .ink import INK_METHOD, channel_max, channel_min, ink_mask, optical_density, pen_mask
 
 __all__ = [

@@ -33,7 +33,7 @@ from scipy import stats
 from sklearn.metrics import auc as area_under_curve
 from sklearn.metrics import roc_curve
 
-from .tiling import TileGrid
+from ..slides.tiling import TileGrid
 
 DEFAULT_PERCENTILES = (75, 90, 95, 99)
 
@@ -428,7 +428,7 @@ def compare_models(
     """:func:`tile_metrics` of several score columns (e.g. "T cells" vs "B cells") against one truth."""
     missing = [c for c in columns if c not in tile_scores.columns]
     if missing:
-        from .errors import GeneError
+        from ..errors import GeneError
 
         raise GeneError(
             f"no score column {', '.join(map(repr, missing))}; "
@@ -587,7 +587,7 @@ def read_tile_scores(
     """
     from pathlib import Path
 
-    from .errors import DataError
+    from ..errors import DataError
 
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:

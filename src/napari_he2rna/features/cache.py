@@ -29,14 +29,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import __version__, settings
+from .. import __version__, settings
 from .backbones import Backbone, get_backbone
 from .devices import resolve_device
-from .errors import CacheError, CacheWarning
-from .features import ExtractOptions, effective_precision, iter_features, supertiles
-from .jobs import CancelToken, ProgressCallback, check_cancel, report
-from .safe_output import OutputError, exclusive_lock, prepare_folder
-from .tiling import TileGrid, check_tile_size, mask_method, tile_grid
+from ..errors import CacheError, CacheWarning
+from .extraction import ExtractOptions, effective_precision, iter_features, supertiles
+from ..jobs import CancelToken, ProgressCallback, check_cancel, report
+from ..safe_output import OutputError, exclusive_lock, prepare_folder
+from ..slides.tiling import TileGrid, check_tile_size, mask_method, tile_grid
 
 __all__ = [
     "CACHE_FORMAT",

@@ -23,11 +23,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from .errors import GeneError, He2rnaError
+from ..errors import GeneError, He2rnaError
 
 if TYPE_CHECKING:  # only for type hints: keeps this module importable before tiling/model exist
-    from .model import ModelBundle
-    from .tiling import TileGrid
+    from ..model.bundle import ModelBundle
+    from ..slides.tiling import TileGrid
 
 #: Units of every tile score and slide prediction (the HE2RNA training target).
 SCORE_UNITS = "predicted log10(1+FPKM-UQ)"
@@ -446,8 +446,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], overwrit
     folder is missing or read-only or the write fails; no temporary file is left behind on any error
     (including :class:`~napari_he2rna.errors.Cancelled` or ``KeyboardInterrupt`` raised by ``write``).
     """
-    from .safe_output import OutputError
-    from .safe_output import atomic_write as safe_atomic_write
+    from ..safe_output import OutputError
+    from ..safe_output import atomic_write as safe_atomic_write
 
     path = Path(path)
     _check_writable([path], overwrite)
@@ -527,7 +527,7 @@ def tile_metadata(
     ``mpp``, ``slide_width`` / ``slide_height`` (level-0 px), ``coordinates``, ``score_columns`` and
     ``slide_predictions`` (name -> value, or ``{}``).
     """
-    from . import __version__
+    from .. import __version__
 
     width, height = (int(v) for v in grid.slide_dimensions)
     meta: dict[str, Any] = {

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import GeneError, ModelError
+from ..errors import GeneError, ModelError
 
 FORMAT_NAME = "napari-he2rna-model"
 FORMAT_VERSION = 1
@@ -205,8 +205,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
     The file gets the user's umask mode (:func:`napari_he2rna.safe_output.atomic_write_bytes`).
     """
-    from .safe_output import atomic_write_bytes as write_bytes
-    from .safe_output import prepare_folder
+    from ..safe_output import atomic_write_bytes as write_bytes
+    from ..safe_output import prepare_folder
 
     prepare_folder(Path(path).parent, "model's folder")
     write_bytes(path, data)

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from ..errors import DataError
 
 try:  # shapely repairs invalid polygons (make_valid) and computes exact centroids; optional but preferred
     import shapely

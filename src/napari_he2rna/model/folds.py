@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
+from ..errors import DataError
 
 #: A cancer type needs this many validation samples for its own Pearson R to be the early-stopping score.
 MIN_VAL_PER_TYPE = 5

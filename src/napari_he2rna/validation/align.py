@@ -44,8 +44,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import AlignmentError, DataError, TissueError
-from .jobs import CancelToken, ProgressCallback, check_cancel, report
+from ..errors import AlignmentError, DataError, TissueError
+from ..jobs import CancelToken, ProgressCallback, check_cancel, report
 
 __all__ = [
     "AlignmentResult",
@@ -361,7 +361,7 @@ class AlignmentResult:
 
     def write(self, path: str | Path, overwrite: bool = False) -> Path:
         """Write the JSON atomically; an existing file is kept unless ``overwrite``."""
-        from .spatial import atomic_write
+        from ..maps.spatial import atomic_write
 
         text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
         return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), overwrite)
@@ -670,7 +670,7 @@ def align_slides(
     -------
     AlignmentResult
     """
-    from .slide import Slide, open_slide
+    from ..slides.slide import Slide, open_slide
 
     opened = []
 

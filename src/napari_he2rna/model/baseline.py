@@ -23,11 +23,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cohort import Cohort, tile_mean
-from .errors import DataError
+from ..cohorts.cohort import Cohort, tile_mean
+from ..errors import DataError
 from .folds import cv_folds, group_folds
-from .jobs import CancelToken, ProgressCallback, check_cancel, report
-from .model import HE2RNA
+from ..jobs import CancelToken, ProgressCallback, check_cancel, report
+from .bundle import HE2RNA
 from .scaling import FeatureScaler
 from .training import CVResult, check_targets
 

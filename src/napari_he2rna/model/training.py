@@ -31,13 +31,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .cohort import Cohort
-from .devices import resolve_device
-from .errors import DataError
+from ..cohorts.cohort import Cohort
+from ..features.devices import resolve_device
+from ..errors import DataError
 from .evaluation import mean_r_by_type, pearson_by_type, pearson_columns
 from .folds import choose_criterion, cv_folds, validation_split
-from .jobs import CancelToken, ProgressCallback, check_cancel, report
-from .model import (
+from ..jobs import CancelToken, ProgressCallback, check_cancel, report
+from .bundle import (
     FULL_TILE_KS,
     HE2RNA,
     SUPERTILE_KS,
@@ -696,7 +696,7 @@ def bundle_oof_predictions(
     (pd.DataFrame, np.ndarray)
         Predictions ``(n_samples, n_genes)`` for ``bundle.genes`` and the fold per sample.
     """
-    from .cohort import tile_mean
+    from ..cohorts.cohort import tile_mean
 
     fold_map = {str(k): int(v) for k, v in (bundle.metadata.get("folds") or {}).items()}
     ids = cohort.sample_ids

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from .tiling import TileGrid
+    from ..slides.tiling import TileGrid
 
 
 def coarse_step(n_tiles: int) -> int:

@@ -34,7 +34,7 @@ import dask.array as da
 import dask.threaded
 import numpy as np
 
-from .errors import MissingMPPError, SlideError
+from ..errors import MissingMPPError, SlideError
 
 __all__ = ["Slide", "open_slide", "WSI_SUFFIXES", "IMAGE_SUFFIXES", "TIFF_SUFFIXES", "SLIDE_SUFFIXES"]
 

@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .jobs import CancelToken, ProgressCallback, check_cancel, report
-from .safe_output import atomic_write_text
+from ..jobs import CancelToken, ProgressCallback, check_cancel, report
+from ..safe_output import atomic_write_text
 
 if TYPE_CHECKING:  # numpy/pandas/torch load when a build runs, not when the CLI lists commands
     import pandas as pd
@@ -47,7 +47,7 @@ DEFAULT_NULL_INITS = 100  # 100 x 37 genes null R per type: smallest empirical p
 
 def planted_gene_sets() -> dict[str, list[str]]:
     """The synthetic panel grouped by planted driver (``t_density`` -> T-cell genes, ...)."""
-    from .synthetic import GENE_PANEL
+    from ..synthetic import GENE_PANEL
 
     sets: dict[str, list[str]] = {}
     for gene, (driver, *_rest) in GENE_PANEL.items():
@@ -64,7 +64,7 @@ def significance_counts(per_gene: pd.DataFrame, column: str = "significant") -> 
     per_gene
         ``Evaluation.per_gene`` (or the committed ``per_gene.csv``): ``cancer_type``, ``gene``, ``column``.
     """
-    from .synthetic import GENE_PANEL, is_control_gene
+    from ..synthetic import GENE_PANEL, is_control_gene
 
     out: dict[str, dict[str, int]] = {}
     for t, sub in per_gene.groupby("cancer_type", sort=True):
@@ -200,10 +200,10 @@ def _build(
     cancel,
 ):
 
-    from .cohort import cohort_features, load_expression, load_samples, match_cohort
+    from ..cohorts.cohort import cohort_features, load_expression, load_samples, match_cohort
     from .evaluation import SUMMARY_COLUMNS, write_report
     from .fitting import evaluate_result, fit, null_predictions, save_result
-    from .synthetic import is_control_gene, make_cohort
+    from ..synthetic import is_control_gene, make_cohort
     from .training import TrainConfig
 
     out = Path(out_path)
@@ -250,7 +250,7 @@ def _build(
         cancel=cancel,
     )
     if failed:
-        from .errors import DataError
+        from ..errors import DataError
 
         sid, why = next(iter(failed.items()))
         raise DataError(f"{len(failed)} synthetic slides gave no features (e.g. {sid}: {why}).")

@@ -18,9 +18,9 @@ from typing import Any
 
 import numpy as np
 
-from .cohort import Cohort, all_tiles
-from .errors import DataError
-from .jobs import CancelToken, ProgressCallback, check_cancel
+from ..cohorts.cohort import Cohort, all_tiles
+from ..errors import DataError
+from ..jobs import CancelToken, ProgressCallback, check_cancel
 from .training import CVResult, TrainConfig
 
 MODEL_TYPES = ("he2rna", "ridge")
@@ -88,7 +88,7 @@ def save_result(
     cancel: CancelToken | None = None,
 ) -> Path:
     """Write ``result`` as one ``.safetensors`` bundle (see :func:`napari_he2rna.model.save_bundle`)."""
-    from .model import save_bundle
+    from .bundle import save_bundle
     from .training import bundle_metadata
 
     meta = bundle_metadata(result, cohort, extra)

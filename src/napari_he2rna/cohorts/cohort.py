@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .errors import DataError
-from .jobs import CancelToken, ProgressCallback, check_cancel, report
+from ..errors import DataError
+from ..jobs import CancelToken, ProgressCallback, check_cancel, report
 
 FeatureSource = Mapping[str, np.ndarray] | Callable[[str], np.ndarray]
 
@@ -480,11 +480,11 @@ def cohort_features(
         reads all tiles of a sample, ``tile_mean`` their mean), and ``{sample_id: reason}`` for those whose
         slide could not be read.
     """
-    from . import feature_cache
-    from .backbones import get_backbone
-    from .errors import Cancelled, He2rnaError
-    from .features import supertiles as make_supertiles
-    from .slide import open_slide
+    from ..features import cache as feature_cache
+    from ..features.backbones import get_backbone
+    from ..errors import Cancelled, He2rnaError
+    from ..features.extraction import supertiles as make_supertiles
+    from ..slides.slide import open_slide
 
     if "slide" not in samples.columns:
         raise DataError("The sample sheet has no 'slide' column: features cannot be found for the samples.")

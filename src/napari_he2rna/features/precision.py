@@ -26,8 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import settings
-from .safe_output import OutputError, atomic_write_text
+from .. import settings
+from ..safe_output import OutputError, atomic_write_text
 
 __all__ = [
     "BF16_FLAGS",
