@@ -1,7 +1,7 @@
 """Ablation of HE2RNA's training settings on a synthetic cohort with planted truth (docs/training.md).
 
 For each variant: 5-fold patient-grouped cross-validation through the library's one training path
-(:func:`napari_he2rna.fitting.fit`), evaluation against the untrained null (the same null and folds for every
+(:func:`napari_he2rna.model.fitting.fit`), evaluation against the untrained null (the same null and folds for every
 variant), planted vs control genes significant per cancer type, and tile-level agreement on held-out slides:
 each slide is scored by the fold model that did not train on it, the T-cell set (CD3D+CD3E+CD3G+CD247) against
 the CD3+ count per tile, the B-cell set (CD19+MS4A1) against the CD20+ count, the epithelium set
@@ -28,16 +28,16 @@ import numpy as np
 import pandas as pd
 import torch
 
+from napari_he2rna.cohorts.cohort import cohort_features, load_expression, load_samples, match_cohort
 from napari_he2rna.features import backbones
 from napari_he2rna.features import cache as feature_cache
-from napari_he2rna.cohorts.cohort import cohort_features, load_expression, load_samples, match_cohort
-from napari_he2rna.validation.metrics import tile_metrics
+from napari_he2rna.maps.gene_sets import GENE_SETS
 from napari_he2rna.model.fitting import evaluate_result, fit, null_predictions
 from napari_he2rna.model.folds import cv_folds
-from napari_he2rna.slides.slide import open_slide
-from napari_he2rna.maps.spatial import GENE_SETS
-from napari_he2rna.synthetic import GENE_PANEL
 from napari_he2rna.model.training import TrainConfig
+from napari_he2rna.slides.slide import open_slide
+from napari_he2rna.synthetic import GENE_PANEL
+from napari_he2rna.validation.metrics import tile_metrics
 
 #: The README walkthrough's settings (``he2rna train --supertiles --hidden 256 256``), the starting point.
 BASE = TrainConfig(mode="supertiles", hidden=(256, 256))

@@ -1,12 +1,13 @@
-"""Accuracy and time of ``he2rna align`` (napari_he2rna.align) on real and synthetic H&E/IHC pairs.
+"""Accuracy and time of ``he2rna align`` (napari_he2rna.validation.align) on real and synthetic H&E/IHC pairs.
 
 Pairs:
 
 - the ANHIR rat-kidney consecutive sections (H&E and pan-cytokeratin, 69 matched landmarks) in
   ``../shared/data/he_ihc_pairs``;
-- synthetic pairs built from real H&E images by :func:`napari_he2rna.align.synthetic_pair`: the image is
-  restained as a DAB/haematoxylin IHC (another haematoxylin hue, eosin dropped, DAB blobs, blur, noise) and
-  moved by a known affine (rotation, anisotropic scale, shear, shift); 50 landmarks are drawn on the tissue.
+- synthetic pairs built from real H&E images by
+  :func:`napari_he2rna.validation.synthetic_sections.synthetic_pair`: the image is restained as a
+  DAB/haematoxylin IHC (another haematoxylin hue, eosin dropped, DAB blobs, blur, noise) and moved by a known
+  affine (rotation, anisotropic scale, shear, shift); 50 landmarks are drawn on the tissue.
 
 For each pair: the median and maximum landmark error as a fraction of the fixed image's diagonal (ANHIR's
 rTRE) and in px, before and after alignment, and the wall and CPU time of the alignment itself (reading the
@@ -26,8 +27,10 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from napari_he2rna.validation import align
 from napari_he2rna.errors import He2rnaError
+from napari_he2rna.validation import align
+from napari_he2rna.validation.landmarks import landmark_errors, match_landmarks, read_landmarks
+from napari_he2rna.validation.synthetic_sections import synthetic_pair
 
 REPO = Path(__file__).resolve().parents[1]
 MOTIONS = {
@@ -50,12 +53,12 @@ def _timed(fn):
 
 
 def _row(name, fixed_dims, f_xy, m_xy, fn) -> dict:
-    before = align.landmark_errors(np.eye(3), f_xy, m_xy, fixed_dimensions=fixed_dims)
+    before = landmark_errors(np.eye(3), f_xy, m_xy, fixed_dimensions=fixed_dims)
     try:
         result, wall, cpu = _timed(fn)
     except He2rnaError as exc:
         return {"pair": name, "error": str(exc), "median_rtre_before": before["median_rtre"]}
-    after = align.landmark_errors(result.affine_px, f_xy, m_xy, fixed_dimensions=fixed_dims)
+    after = landmark_errors(result.affine_px, f_xy, m_xy, fixed_dimensions=fixed_dims)
     return {
         "pair": name,
         "median_rtre_before": before["median_rtre"],
@@ -78,9 +81,9 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     pairs = args.data / "he_ihc_pairs"
-    fixed_lm = align.read_landmarks(pairs / "Rat-Kidney_HE.csv")
-    moving_lm = align.read_landmarks(pairs / "Rat-Kidney_PanCytokeratin.csv")
-    f_xy, m_xy = align.match_landmarks(fixed_lm, moving_lm)
+    fixed_lm = read_landmarks(pairs / "Rat-Kidney_HE.csv")
+    moving_lm = read_landmarks(pairs / "Rat-Kidney_PanCytokeratin.csv")
+    f_xy, m_xy = match_landmarks(fixed_lm, moving_lm)
     he, ihc = pairs / "Rat-Kidney_HE.jpg", pairs / "Rat-Kidney_PanCytokeratin.jpg"
     dims = Image.open(he).size
     rows.append(_row("ANHIR rat kidney H&E / pan-CK", dims, f_xy, m_xy, lambda: align.align_slides(he, ihc)))
@@ -96,7 +99,7 @@ def main() -> None:
             for i, (motion_name, motion) in enumerate(MOTIONS.items()):
                 hh, ww = rgb.shape[:2]
                 a = align.affine_from_parts(center_px=(ww / 2, hh / 2), **motion)
-                moving_rgb, _, f_pts, m_pts = align.synthetic_pair(rgb, a, seed=i)
+                moving_rgb, _, f_pts, m_pts = synthetic_pair(rgb, a, seed=i)
                 moving = Path(tmp) / "moving.png"
                 Image.fromarray(moving_rgb).save(moving)
                 rows.append(

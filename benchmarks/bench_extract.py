@@ -2,7 +2,7 @@
 
 For each backbone, on the same tiles of one slide:
 
-* ``pipeline``: :func:`napari_he2rna.features.extract_features` (reader threads decode the next batches while
+* ``pipeline``: :func:`napari_he2rna.features.extraction.extract_features` (reader threads decode the next batches while
   the model runs on the current one);
 * ``backbone_only``: the same batches, already decoded into memory, through the backbone alone: the ceiling
   the pipeline should reach (goal: at least 90%, i.e. reading never starves the model);
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from napari_he2rna.errors import WeightsError
 from napari_he2rna.features.backbones import get_backbone
 from napari_he2rna.features.devices import resolve_device
-from napari_he2rna.errors import WeightsError
 from napari_he2rna.features.extraction import BatchRunner, extract_features
 from napari_he2rna.slides.slide import open_slide
 from napari_he2rna.slides.tiling import read_tile, read_tiles, tile_grid

@@ -3,7 +3,7 @@
 Builds two-level pyramids of real H&E (the CMU region, mirror-tiled) with a real TCGA frozen slide's odd
 sizes, 4443 x 3567 -> 2221 x 1783 (downsample 2.0005), as Aperio SVS in JPEG and in JPEG 2000 (33005), then
 for each level reads every 480 px tile-aligned window of unseen tiles (fresh handles) with OpenSlide's
-``read_region`` (level-0 coordinates) and with :class:`napari_he2rna.slide.NativeTiles`, and reports the
+``read_region`` (level-0 coordinates) and with :class:`napari_he2rna.slides.backends.NativeTiles`, and reports the
 seconds and the largest difference of each to the level read from its origin. Run::
 
     python benchmarks/bench_levels.py
@@ -22,7 +22,7 @@ import openslide
 import tifffile
 from PIL import Image
 
-from napari_he2rna.slides.slide import NativeTiles
+from napari_he2rna.slides.native_tiles import NativeTiles
 
 ROOT = Path(__file__).resolve().parents[1]
 CMU = ROOT.parent / "shared" / "data" / "slides" / "cmu-1-small-region.svs"

@@ -5,8 +5,8 @@ Two figures, each measured in one run as a ratio (the machine is shared; absolut
 1. **Seconds per training epoch** on a supertile cohort (default 1,000 slides x 100 supertiles x 2048
    features, 2,000 genes, hidden 1024-1024, batch 16, one k per batch from (1, 2, 5, 10, 20, 50, 100), Adam):
 
-   * ``ours``: :class:`napari_he2rna.model.HE2RNA`, :func:`napari_he2rna.model.topk_mean` and the batches of
-     :mod:`napari_he2rna.training` (padding + explicit tile mask);
+   * ``ours``: :class:`napari_he2rna.model.network.HE2RNA`, :func:`napari_he2rna.model.network.topk_mean` and the batches of
+     :mod:`napari_he2rna.model.training` (padding + explicit tile mask);
    * ``plain``: the paper's model as one would write it plainly in PyTorch: ``nn.Sequential`` of
      ``Conv1d(kernel 1)``, ReLU and dropout, top-k by a full ``torch.sort`` of the tile scores, mean of the
      first k, padded tiles pushed down by a large negative fill.
@@ -39,8 +39,9 @@ import torch
 from bench_extract import _cpu_name  # same folder: run as a script, benchmarks/ is on sys.path
 from torch import nn
 
-from napari_he2rna.model.bundle import HE2RNA, load_bundle, save_bundle, topk_mean
-from napari_he2rna.model.training import SlideBatches
+from napari_he2rna.model.bundle import load_bundle, save_bundle
+from napari_he2rna.model.cohort_prediction import SlideBatches
+from napari_he2rna.model.network import HE2RNA, topk_mean
 
 ROOT = Path(__file__).resolve().parents[1]
 KS = (1, 2, 5, 10, 20, 50, 100)

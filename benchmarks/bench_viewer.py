@@ -160,7 +160,8 @@ def make_model(path: Path, n_genes: int) -> None:
     """A 5-fold 2048-1024-1024-n_genes bundle; random weights (a repaint costs the same whatever they are)."""
     import torch
 
-    from napari_he2rna.model.bundle import HE2RNA, save_bundle
+    from napari_he2rna.model.bundle import save_bundle
+    from napari_he2rna.model.network import HE2RNA
 
     torch.manual_seed(0)
     genes = [f"GENE{i:05d}" for i in range(n_genes)]
@@ -172,7 +173,8 @@ def make_resnet_model(path: Path, n_genes: int = 100) -> None:
     """A 1-fold ResNet50-input model (2048 features) of a few genes: the progressive run scores it."""
     import torch
 
-    from napari_he2rna.model.bundle import HE2RNA, save_bundle
+    from napari_he2rna.model.bundle import save_bundle
+    from napari_he2rna.model.network import HE2RNA
 
     torch.manual_seed(0)
     genes = [f"GENE{i:05d}" for i in range(n_genes)]
@@ -192,8 +194,8 @@ def progressive_figures(app, viewer, tmp: Path, side_px: int) -> dict:
     import torch
     from torchvision.models import resnet50
 
+    from napari_he2rna.features.resnet import RESNET50_FILE
     from napari_he2rna.maps import progressive
-    from napari_he2rna.features.backbones import RESNET50_FILE
     from napari_he2rna.napari._model_widget import ModelWidget
     from napari_he2rna.napari._state import get_registry
 

@@ -11,11 +11,13 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from napari_he2rna.validation import align
 from napari_he2rna.cli import main
 from napari_he2rna.errors import AlignmentError, TissueError
 from napari_he2rna.slides.slide import open_slide
-from napari_he2rna.validation.truth import Alignment
+from napari_he2rna.validation import align
+from napari_he2rna.validation.landmarks import landmark_errors, match_landmarks, read_landmarks
+from napari_he2rna.validation.synthetic_sections import synthetic_pair
+from napari_he2rna.validation.transform import Alignment
 
 TILE_UM = 112.0
 
@@ -23,9 +25,9 @@ TILE_UM = 112.0
 @pytest.fixture(scope="module")
 def rat_kidney(shared_data):
     d = shared_data / "he_ihc_pairs"
-    fixed_xy, moving_xy = align.match_landmarks(
-        align.read_landmarks(d / "Rat-Kidney_HE.csv"),
-        align.read_landmarks(d / "Rat-Kidney_PanCytokeratin.csv"),
+    fixed_xy, moving_xy = match_landmarks(
+        read_landmarks(d / "Rat-Kidney_HE.csv"),
+        read_landmarks(d / "Rat-Kidney_PanCytokeratin.csv"),
     )
     return d / "Rat-Kidney_HE.jpg", d / "Rat-Kidney_PanCytokeratin.jpg", fixed_xy, moving_xy
 
@@ -33,13 +35,13 @@ def rat_kidney(shared_data):
 def test_landmark_files_ids_order_and_qupath_points(rat_kidney, shared_data, tmp_path):
     d = shared_data / "he_ihc_pairs"
     he, ihc = (
-        align.read_landmarks(d / "Rat-Kidney_HE.csv"),
-        align.read_landmarks(d / "Rat-Kidney_PanCytokeratin.csv"),
+        read_landmarks(d / "Rat-Kidney_HE.csv"),
+        read_landmarks(d / "Rat-Kidney_PanCytokeratin.csv"),
     )
     assert (len(he), len(ihc)) == (71, 69)  # the H&E lists two more: matched by id, 69 pairs
     assert len(rat_kidney[2]) == 69
-    pts = align.read_landmarks(d / "Rat-Kidney_PanCytokeratin.pts")  # no ids: matched by order
-    f, m = align.match_landmarks(he, pts)
+    pts = read_landmarks(d / "Rat-Kidney_PanCytokeratin.pts")  # no ids: matched by order
+    f, m = match_landmarks(he, pts)
     np.testing.assert_array_equal(m, ihc[["x", "y"]].to_numpy())
     np.testing.assert_array_equal(f, he[["x", "y"]].to_numpy()[:69])
     geo = tmp_path / "points.geojson"
@@ -52,10 +54,10 @@ def test_landmark_files_ids_order_and_qupath_points(rat_kidney, shared_data, tmp
         for x, y in m[:5]
     ]
     geo.write_text(json.dumps({"type": "FeatureCollection", "features": feats}))
-    np.testing.assert_array_equal(align.read_landmarks(geo)[["x", "y"]].to_numpy(), m[:5])
+    np.testing.assert_array_equal(read_landmarks(geo)[["x", "y"]].to_numpy(), m[:5])
     tsv = tmp_path / "points.tsv"
     pd.DataFrame({"x": m[:5, 0], "y": m[:5, 1], "class": "a"}).to_csv(tsv, sep="\t", index=False)
-    np.testing.assert_array_equal(align.read_landmarks(tsv)[["x", "y"]].to_numpy(), m[:5])
+    np.testing.assert_array_equal(read_landmarks(tsv)[["x", "y"]].to_numpy(), m[:5])
 
 
 def test_alignment_splits_into_fields_and_pixel_affine_round_trips():
@@ -86,15 +88,15 @@ def test_restained_slide_moved_by_a_known_affine_is_recovered_within_1pct_of_a_t
     motion = align.affine_from_parts(
         rotation_deg=-70.0, scale=(1.05, 0.97), shear=0.03, center_px=(tw / 2, th / 2)
     )
-    moving_rgb, true_a, f_thumb, m_xy = align.synthetic_pair(thumb, motion, seed=3)
+    moving_rgb, true_a, f_thumb, m_xy = synthetic_pair(thumb, motion, seed=3)
     moving = tmp_path / "ihc.png"
     Image.fromarray(moving_rgb).save(moving)
     to_level0 = np.array([[ds[0], 0, (ds[0] - 1) / 2], [0, ds[1], (ds[1] - 1) / 2], [0, 0, 1]])
     f_xy = f_thumb * ds + (ds - 1) / 2
     result = align.align_slides(svs, moving, mpp_moving=mpp * ds[0])
     tile_px = TILE_UM / mpp
-    err = align.landmark_errors(result.affine_px, f_xy, m_xy, fixed_dimensions=(w, h), mpp_fixed=mpp)
-    before = align.landmark_errors(to_level0, f_xy, m_xy, fixed_dimensions=(w, h))
+    err = landmark_errors(result.affine_px, f_xy, m_xy, fixed_dimensions=(w, h), mpp_fixed=mpp)
+    before = landmark_errors(to_level0, f_xy, m_xy, fixed_dimensions=(w, h))
     assert before["median_px"] > 100 * tile_px / 100  # the motion is large: more than a tile
     assert err["max_px"] < 0.01 * tile_px, err
     assert err["median_rtre"] < 0.005
@@ -106,10 +108,10 @@ def test_restained_slide_moved_by_a_known_affine_is_recovered_within_1pct_of_a_t
 def test_rat_kidney_consecutive_sections_meet_the_goal(rat_kidney):
     he, ihc, f_xy, m_xy = rat_kidney
     dims = Image.open(he).size
-    before = align.landmark_errors(np.eye(3), f_xy, m_xy, fixed_dimensions=dims)
+    before = landmark_errors(np.eye(3), f_xy, m_xy, fixed_dimensions=dims)
     assert before["median_rtre"] == pytest.approx(0.0207, abs=5e-4)  # the 2.1 % unaligned
     result = align.align_slides(he, ihc)
-    err = align.landmark_errors(result.affine_px, f_xy, m_xy, fixed_dimensions=dims)
+    err = landmark_errors(result.affine_px, f_xy, m_xy, fixed_dimensions=dims)
     assert err["median_rtre"] <= 0.005, err
     assert err["max_rtre"] < 0.03, err
     assert result.similarity > align.MIN_SIMILARITY
@@ -158,7 +160,7 @@ def test_cli_align_writes_json_that_compare_uses(rat_kidney, tmp_path, capsys):
     rgb = np.asarray(Image.open(he).convert("RGB"))
     h, w = rgb.shape[:2]
     motion = align.affine_from_parts(rotation_deg=30.0, scale=1.03, center_px=(w / 2, h / 2))
-    moving_rgb, true_a, f_xy, m_xy = align.synthetic_pair(rgb, motion, seed=5, n_landmarks=600)
+    moving_rgb, true_a, f_xy, m_xy = synthetic_pair(rgb, motion, seed=5, n_landmarks=600)
     fixed, moving = tmp_path / "he.png", tmp_path / "ihc.png"
     Image.fromarray(rgb).save(fixed)
     Image.fromarray(moving_rgb).save(moving)

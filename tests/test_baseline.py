@@ -6,13 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_he2rna.model.baseline import fit_ridge
 from napari_he2rna.cohorts.cohort import load_expression, load_samples, match_cohort
 from napari_he2rna.errors import DataError
+from napari_he2rna.model.baseline import fit_ridge
+from napari_he2rna.model.bundle import load_bundle, save_bundle
+from napari_he2rna.model.cohort_prediction import bundle_oof_predictions
 from napari_he2rna.model.fitting import fit
 from napari_he2rna.model.folds import cv_folds
-from napari_he2rna.model.bundle import load_bundle, save_bundle
-from napari_he2rna.model.training import TrainConfig, bundle_metadata, bundle_oof_predictions
+from napari_he2rna.model.training import TrainConfig, bundle_metadata
 
 
 def linear_cohort(n_patients=60, dim=12, seed=0):

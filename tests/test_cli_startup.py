@@ -37,7 +37,7 @@ def test_a_backbones_libraries_can_be_loaded_ahead_of_its_run():
     """What the Model dock runs in a thread when a model is chosen (a fresh process: no torchvision yet)."""
     script = (
         "import sys\n"
-        "from napari_he2rna.backbones import import_backbone_libraries\n"
+        "from napari_he2rna.features.backbones import import_backbone_libraries\n"
         "import_backbone_libraries('hed-stats'); a = 'torchvision' in sys.modules\n"
         "import_backbone_libraries('no-such-backbone')\n"
         "import_backbone_libraries('resnet50-imagenet'); b = 'torchvision.models' in sys.modules\n"

@@ -10,9 +10,9 @@ import pytest
 from scipy import stats
 from sklearn.metrics import roc_auc_score
 
-from napari_he2rna.validation import metrics
 from napari_he2rna.cli import main
 from napari_he2rna.slides.tiling import TileGrid
+from napari_he2rna.validation import metrics
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -151,7 +151,7 @@ def test_compare_models_and_tables():
 def scored_slide(tmp_path_factory):
     """A synthetic slide, its truth files and a tile-scores CSV where "T cells" tracks the CD3 truth."""
     from napari_he2rna import synthetic
-    from napari_he2rna.maps import spatial
+    from napari_he2rna.maps import exports
     out = tmp_path_factory.mktemp("scored")
     t = synthetic.make_slide(out / "s1.tiff", seed=11, size_px=(1120, 896))
     tiles = pd.read_csv(out / "s1_tiles.csv")
@@ -166,7 +166,7 @@ def scored_slide(tmp_path_factory):
             "B cells": rng.normal(size=len(tiles)),
         }
     )
-    csv, _ = spatial.write_tile_scores_csv(
+    csv, _ = exports.write_tile_scores_csv(
         out / "s1_tile_scores.csv", grid, scores, {"slide": "s1.tiff", "mpp": t.mpp}
     )
     return {"dir": out, "csv": csv, "slide": out / "s1.tiff", "tiles": tiles, "grid": grid, "scores": scores}

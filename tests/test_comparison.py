@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_he2rna.validation import metrics
-from napari_he2rna.validation import truth
-from napari_he2rna.validation.comparison import Comparison
 from napari_he2rna.errors import DataError
 from napari_he2rna.slides.tiling import TileGrid
+from napari_he2rna.validation import metrics
+from napari_he2rna.validation.comparison import Comparison
+from napari_he2rna.validation.transform import Alignment
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,8 +55,8 @@ def test_cells_metrics_filters_and_tables(tmp_path):
     expected = metrics.tile_metrics(scores["good"], counts)
     assert results["good"].pearson_r == pytest.approx(expected.pearson_r)
     assert results["good"].as_dict() == pytest.approx(expected.as_dict(), nan_ok=True)
-    metrics = c.metrics_table()
-    assert set(metrics["score"]) == {"good", "noise"} and set(metrics["truth"]) == {"cell count (Positive)"}
+    table = c.metrics_table()
+    assert set(table["score"]) == {"good", "noise"} and set(table["truth"]) == {"cell count (Positive)"}
     tiles = c.per_tile_table()
     np.testing.assert_array_equal(tiles["cell count (Positive)"], counts)
     # the cache follows the filters: all classes count one more cell per tile
@@ -75,7 +75,7 @@ def test_alignment_moves_the_counts(tmp_path):
     c = Comparison.for_grid(grid)
     c.load(path)
     assert c.truth_per_tile()[0] == 1
-    c.alignment = truth.Alignment.from_offset_scale((50.0, 0.0))  # one tile (50 µm) to the right
+    c.alignment = Alignment.from_offset_scale((50.0, 0.0))  # one tile (50 µm) to the right
     assert c.truth_per_tile()[1] == 1 and c.truth_per_tile().sum() == 1
     np.testing.assert_allclose(c.layer_affine()[:2, 2], [0.0, 50.0])  # (y, x) µm
 
@@ -98,7 +98,7 @@ def test_the_drawn_mask_and_the_fractions_share_one_geometry(tmp_path, settings)
     io.imsave(tmp_path / "mask.png", mask, check_contrast=False)
     c = Comparison.for_grid(grid, **settings)
     if offset is not None:
-        c.alignment = truth.Alignment.from_offset_scale(offset)
+        c.alignment = Alignment.from_offset_scale(offset)
     c.load(tmp_path / "mask.png")
     scale, translate = c.mask_placement()
     g = c.mask_geometry()

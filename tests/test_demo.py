@@ -15,8 +15,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_he2rna.model.demo import build_demo_model, planted_gene_sets, significance_counts
 from napari_he2rna.model.bundle import load_bundle
+from napari_he2rna.model.demo import build_demo_model, planted_gene_sets, significance_counts
 from napari_he2rna.synthetic import GENE_PANEL, HOUSEKEEPING
 
 REPO = Path(__file__).resolve().parents[1]

@@ -16,19 +16,14 @@ from PIL import Image
 from torch import nn
 
 from napari_he2rna import __version__, settings
-from napari_he2rna.features.backbones import (
-    HED_STATS_FEATURES,
-    RESNET50_FILE,
-    RESNET50_URL,
-    Backbone,
-    file_hash,
-    get_backbone,
-)
 from napari_he2rna.cli import main
 from napari_he2rna.errors import Cancelled, He2rnaError, WeightsError
-from napari_he2rna.features.cohort_tasks import extract_cohort
+from napari_he2rna.features.backbones import Backbone, get_backbone
 from napari_he2rna.features.cache import cache_path, load_or_extract, read_cache, read_supertiles
+from napari_he2rna.features.cohort_tasks import extract_cohort
 from napari_he2rna.features.extraction import extract_features, supertiles
+from napari_he2rna.features.hed_stats import HED_STATS_FEATURES
+from napari_he2rna.features.resnet import RESNET50_FILE, RESNET50_URL, file_hash
 from napari_he2rna.slides.slide import open_slide
 from napari_he2rna.slides.tiling import read_tile, tile_grid
 
@@ -115,7 +110,7 @@ def test_resnet50_built_on_the_meta_device_is_torchvisions_network(resnet_weight
     for files written before BatchNorm counted its batches (no ``num_batches_tracked``) and fp16 files."""
     from torchvision.models import resnet50
 
-    from napari_he2rna.features.backbones import ResNet50Backbone
+    from napari_he2rna.features.resnet import ResNet50Backbone
 
     state = torch.load(resnet_weights, weights_only=True)
     reference = resnet50()

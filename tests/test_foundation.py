@@ -16,18 +16,12 @@ import numpy as np
 import pytest
 import torch
 
-from napari_he2rna.features.backbones import (
-    BACKBONES,
-    HubBackbone,
-    HubModel,
-    backbone_info,
-    get_backbone,
-    register_hub_backbone,
-)
 from napari_he2rna.cli import main
 from napari_he2rna.errors import MissingExtraError, WeightsError
+from napari_he2rna.features.backbones import BACKBONES, backbone_info, get_backbone, register_hub_backbone
 from napari_he2rna.features.cache import load_or_extract
 from napari_he2rna.features.extraction import extract_features
+from napari_he2rna.features.hub import HubBackbone, HubModel, hub_snapshot_files, read_json
 from napari_he2rna.slides.slide import open_slide
 from napari_he2rna.slides.tiling import tile_grid
 
@@ -269,6 +263,25 @@ def test_gated_or_not_cached_model_says_how_to_get_access(offline_hub, monkeypat
         WeightsError, match=r"gated model: accept its licence at https://huggingface.co/MahmoodLab/UNI2-h"
     ):
         get_backbone("uni2-h")
+
+
+def test_named_files_of_a_hub_repo_from_the_offline_cache(tmp_path, offline_hub):
+    """What other users of the hub (the weights converter) fetch with: each file, or None where it is absent."""
+    files = ["config.json", "model.safetensors"]
+    with pytest.raises(
+        WeightsError, match=r"tiny \(test-org/tiny\) is not in the Hugging Face cache"
+    ) as info:
+        hub_snapshot_files("tiny", "test-org/tiny", files, local_only=True)
+    assert "fetch it once online" in str(info.value) and "\n" not in str(info.value)
+    assert hub_snapshot_files("tiny", "test-org/tiny", files, True, optional=True) == dict.fromkeys(files)
+
+    folder = tmp_path / "tiny"
+    _save_timm(folder)
+    snap = _into_hub_cache(offline_hub, "test-org/tiny", folder)
+    # local_only=False, but HF_HUB_OFFLINE is set: the cache only; a file the snapshot lacks is None.
+    found = hub_snapshot_files("tiny", "test-org/tiny", ["config.json", "README.md"], local_only=False)
+    assert found == {"config.json": snap / "config.json", "README.md": None}
+    assert read_json(found["config.json"])["architecture"] == "vit_base_patch16_224"
 
 
 def test_a_file_that_does_not_fit_the_architecture_is_refused(tmp_path, offline_hub):

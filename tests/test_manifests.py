@@ -9,11 +9,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from napari_he2rna.cohorts import cohort
-from napari_he2rna.maps import spatial
 from napari_he2rna.cli import main
+from napari_he2rna.cohorts import cohort
 from napari_he2rna.commands.extract import expand_slides
 from napari_he2rna.errors import DataError
+from napari_he2rna.maps import gene_sets
 
 
 def test_extract_manifest_with_slide_path_column(tmp_path):
@@ -105,10 +105,10 @@ def test_help_of_every_command_shows_one_spelling_of_the_cache_folder():
 
 def test_inline_gene_sets_resolve_like_the_model_dock():
     genes = ["CD3D", "CD3E", "MKI67"]
-    assert spatial.resolve_names(genes, ["CD3D+CD3E"]) == {"CD3D+CD3E": ["CD3D", "CD3E"]}
-    assert spatial.resolve_names(genes, ["T=cd3d+CD3E", "MKI67"]) == {
+    assert gene_sets.resolve_names(genes, ["CD3D+CD3E"]) == {"CD3D+CD3E": ["CD3D", "CD3E"]}
+    assert gene_sets.resolve_names(genes, ["T=cd3d+CD3E", "MKI67"]) == {
         "T": ["CD3D", "CD3E"],
         "MKI67": ["MKI67"],
     }
-    with pytest.warns(spatial.PartialGeneSetWarning, match="CD3G"):
-        assert spatial.resolve_names(genes, ["CD3D+CD3G"]) == {"CD3D+CD3G": ["CD3D"]}
+    with pytest.warns(gene_sets.PartialGeneSetWarning, match="CD3G"):
+        assert gene_sets.resolve_names(genes, ["CD3D+CD3G"]) == {"CD3D+CD3G": ["CD3D"]}

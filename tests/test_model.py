@@ -12,16 +12,10 @@ import torch
 from torch import nn
 
 from napari_he2rna.errors import GeneError, ModelError
-from napari_he2rna.model.bundle import (
-    HE2RNA,
-    SUPERTILE_KS,
-    convert_checkpoint,
-    load_bundle,
-    save_bundle,
-    topk_mean,
-    topk_mean_multi,
-)
-from napari_he2rna.maps.spatial import TILE_CSV_COLUMNS
+from napari_he2rna.maps.exports import TILE_CSV_COLUMNS
+from napari_he2rna.model.bundle import load_bundle, save_bundle
+from napari_he2rna.model.convert import convert_checkpoint
+from napari_he2rna.model.network import HE2RNA, SUPERTILE_KS, topk_mean, topk_mean_multi
 
 GENES = ["CD3D", "CD3E", "MKI67", "KRT8", "TP63"]
 
@@ -358,8 +352,8 @@ def test_convert_refuses_what_does_not_fit(tmp_path):
 
 
 def test_predict_command_on_a_real_slide(cmu_slide, tmp_path, capsys):
-    from napari_he2rna.features.backbones import backbone_info
     from napari_he2rna.cli import main
+    from napari_he2rna.features.backbones import backbone_info
 
     dim = backbone_info("hed-stats").dim
     torch.manual_seed(7)

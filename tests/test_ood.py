@@ -9,10 +9,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_he2rna.model import ood
 from napari_he2rna.cli import main
 from napari_he2rna.errors import ModelError
-from napari_he2rna.model.bundle import HE2RNA, load_bundle, save_bundle
+from napari_he2rna.model import ood
+from napari_he2rna.model.bundle import load_bundle, save_bundle
+from napari_he2rna.model.network import HE2RNA
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_SLIDE = REPO / "sample_data" / "sample_slide.tiff"
@@ -180,7 +181,7 @@ def test_dead_resnet_channels_do_not_decide_alone():
 def test_warning_is_drawn_on_the_heatmap_png(tmp_path):
     from PIL import Image
 
-    from napari_he2rna.maps import spatial
+    from napari_he2rna.maps import heatmaps
     from napari_he2rna.slides.tiling import TileGrid
 
     table = pd.DataFrame(
@@ -196,9 +197,11 @@ def test_warning_is_drawn_on_the_heatmap_png(tmp_path):
     )
     grid = TileGrid(table, 224, 112.0, 0.5, 1, 2, (448, 224))
     thumb = np.full((56, 112, 3), 230, np.uint8)  # 4 level-0 px per thumbnail px
-    plain = spatial.render_heatmap_png(tmp_path / "a.png", thumb, 4.0, grid, [1.0, 2.0], "CD3D")
+    plain = heatmaps.render_heatmap_png(tmp_path / "a.png", thumb, 4.0, grid, [1.0, 2.0], "CD3D")
     msg = "this slide's features are outside the model's training data: its scores are not predictions."
-    warned = spatial.render_heatmap_png(tmp_path / "b.png", thumb, 4.0, grid, [1.0, 2.0], "CD3D", warning=msg)
+    warned = heatmaps.render_heatmap_png(
+        tmp_path / "b.png", thumb, 4.0, grid, [1.0, 2.0], "CD3D", warning=msg
+    )
     a, b = Image.open(plain), Image.open(warned)
     assert "Warning" not in a.text and msg in b.text["Warning"]
     assert b.size[1] > a.size[1]  # the sentence adds a line under the picture

@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from napari_he2rna.features.backbones import HED_STATS_FEATURES
 from napari_he2rna.cli import main
-from napari_he2rna.model.bundle import HE2RNA, save_bundle
-from napari_he2rna.maps.spatial import TILE_CSV_COLUMNS
+from napari_he2rna.features.hed_stats import HED_STATS_FEATURES
+from napari_he2rna.maps.exports import TILE_CSV_COLUMNS
+from napari_he2rna.model.bundle import save_bundle
+from napari_he2rna.model.network import HE2RNA
 
 SLIDE = Path(__file__).resolve().parents[1] / "sample_data" / "sample_slide.tiff"
 GENES = ["CD3D", "CD3E", "CD3G", "CD247", "MKI67"]
@@ -107,3 +108,32 @@ def test_an_existing_h5ad_or_sidecar_is_refused_before_any_work(model, tmp_path,
         err = capsys.readouterr().err
         assert str(out / name) in err and "--overwrite" in err
         assert sorted(p.name for p in out.iterdir()) == [name] and (out / name).read_bytes() == b"mine\n"
+
+
+def test_predict_in_memory_is_what_the_command_writes(model, predicted):
+    from napari_he2rna import predict
+
+    result = predict(SLIDE, model, "MKI67,CD3D+CD3E,T cells,T2=CD3G+CD247", device="cpu")
+    slide = pd.read_csv(predicted / "sample_slide_prediction.csv")
+    assert result.names == list(slide["gene"]) == list(result.predictions.index)
+    np.testing.assert_allclose(result.predictions.to_numpy(), slide["prediction"], atol=1e-5)  # %.5f
+    tiles = pd.read_csv(predicted / "sample_slide_tile_scores.csv")
+    assert len(result.scores) == len(tiles) == result.n_tiles == len(result.grid.table)
+    np.testing.assert_allclose(result.scores[result.names], tiles[result.names], rtol=1e-5, atol=1e-6)
+    assert result.resolved["T2"] == ["CD3G", "CD247"] and not result.demo
+    assert result.slide_info["slide"] == "sample_slide.tiff" and not result.assessment.outside
+
+
+def test_predict_scores_every_tile_only_for_a_few_genes_or_those_asked_for(tmp_path):
+    from napari_he2rna.maps.predict import MAX_TILE_GENES_BY_DEFAULT, predict
+
+    genes = [*GENES, *(f"G{i}" for i in range(MAX_TILE_GENES_BY_DEFAULT))]
+    dim = len(HED_STATS_FEATURES)
+    torch.manual_seed(4)
+    models = [HE2RNA(dim, len(genes), hidden=(8,), dropout=0.0).eval()]
+    big = save_bundle(tmp_path / "big.safetensors", models, genes, "hed-stats", dim, 112.0, ks=[5])
+    every = predict(SLIDE, big, device="cpu")
+    assert every.names == genes and every.scores is None  # too many genes for per-tile scores by default
+    asked = predict(SLIDE, big, ["G7", "MKI67"], device="cpu")
+    assert list(asked.scores.columns) == ["G7", "MKI67"]
+    assert asked.predictions.to_dict() == pytest.approx({g: every.predictions[g] for g in ("G7", "MKI67")})

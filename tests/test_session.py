@@ -1,4 +1,5 @@
-"""session.py (SlideSession, spatialize) and the ``he2rna spatialize`` / ``he2rna view`` commands."""
+"""maps/session.py (SlideSession), maps/spatialize.py and the ``he2rna spatialize`` / ``he2rna view``
+commands."""
 
 from __future__ import annotations
 
@@ -11,11 +12,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from napari_he2rna.maps import session as slide_session
-from napari_he2rna.maps import spatial
 from napari_he2rna.cli import main
 from napari_he2rna.errors import Cancelled, GeneError, ModelError
-from napari_he2rna.model.bundle import HE2RNA, load_bundle, save_bundle
+from napari_he2rna.maps import exports, gene_sets, progressive, spatialize
+from napari_he2rna.maps import session as slide_session
+from napari_he2rna.model.bundle import load_bundle, save_bundle
+from napari_he2rna.model.network import HE2RNA
 
 GENES = ["CD3D", "CD3E", "CD3G", "CD247", "CD19", "MKI67", "KRT8", "GAPDH"]
 
@@ -66,7 +68,7 @@ def test_session_scores_are_per_name_cached_and_droppable(session):
     b = session.scores("MKI67")
     assert a is b and asked == [["MKI67"]]  # computed once, for that gene only
     np.testing.assert_allclose(a, expected, rtol=1e-5)
-    with pytest.warns(spatial.PartialGeneSetWarning):  # the model lacks nothing here but B cells' MS4A1
+    with pytest.warns(gene_sets.PartialGeneSetWarning):  # the model lacks nothing here but B cells' MS4A1
         session.scores("B cells")
     assert sorted(session.cached_names()) == ["B cells", "MKI67"]
     session.drop("mki67")
@@ -97,7 +99,7 @@ def test_session_exports_and_unknown_gene(session, tmp_path):
     df = pd.read_csv(csv)
     assert list(df.columns[-2:]) == ["MKI67", "T cells"] and len(df) == len(session.grid.table)
     assert pd.read_csv(side)["name"].tolist() == ["MKI67", "T cells"]
-    meta = json.loads(spatial.tile_metadata_path(csv).read_text())
+    meta = json.loads(exports.tile_metadata_path(csv).read_text())
     assert meta["slide"] == "cmu-1-small-region.svs" and meta["score_columns"][:2] == ["MKI67", "T cells"]
     tif = session.export_heatmap_tiff(tmp_path / "h.tif", "MKI67")
     geo = session.export_geojson(tmp_path / "t.geojson", ["MKI67"])
@@ -127,7 +129,7 @@ def test_missing_demo_model_is_a_clear_error(monkeypatch, tmp_path):
 
 
 def test_output_paths_are_distinct_per_name():
-    paths = slide_session.output_paths("/x/slide.svs", ["T cells", "T_cells", "MKI67"], "/out")
+    paths = spatialize.output_paths("/x/slide.svs", ["T cells", "T_cells", "MKI67"], "/out")
     pngs = [p.name for p in paths["png"].values()]
     assert pngs == ["slide_T_cells.png", "slide_T_cells_2.png", "slide_MKI67.png"]
     assert paths["slide_csv"].name == "slide_tile_scores_slide.csv"
@@ -151,8 +153,8 @@ def synthetic(tmp_path_factory):
 def test_spatialize_end_to_end(synthetic, tmp_path):
     slide, model = synthetic
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", spatial.PartialGeneSetWarning)
-        res = slide_session.spatialize(slide, model, "CD3D, T cells,MKI67", tmp_path / "out", device="cpu")
+        warnings.simplefilter("ignore", gene_sets.PartialGeneSetWarning)
+        res = spatialize.spatialize(slide, model, "CD3D, T cells,MKI67", tmp_path / "out", device="cpu")
     assert res.demo and list(res.scores.columns) == ["CD3D", "T cells", "MKI67"]
     df = pd.read_csv(res.csv_path)
     assert len(df) == res.n_tiles > 0
@@ -191,7 +193,7 @@ def test_spatialize_cancel_in_the_middle_leaves_nothing(synthetic, tmp_path):
         cancel.set()  # the user presses Cancel once extraction has started
 
     with pytest.raises(Cancelled):
-        slide_session.spatialize(
+        spatialize.spatialize(
             slide,
             model,
             ["MKI67"],
@@ -246,7 +248,7 @@ def test_warm_up_runs_small_backbones_and_skips_huge_ones_on_the_cpu(monkeypatch
     calls = []
 
     class Runner:
-        def __init__(self, backbone, batch_size, precision):
+        def __init__(self, backbone, batch_size, precision, resize=True):
             calls.append((batch_size, precision))
 
         def __call__(self, tiles):
@@ -264,10 +266,10 @@ def test_warm_up_runs_small_backbones_and_skips_huge_ones_on_the_cpu(monkeypatch
             return torch.device("cpu")
 
     monkeypatch.setattr(features, "BatchRunner", Runner)
-    slide_session.warm_up_extraction(Fake(10), 8)
+    progressive.warm_up_extraction(Fake(10), 8)
     assert calls == [(8, "auto", (8, 16, 16, 3))]  # same batch shape as the extraction's first batch
-    monkeypatch.setattr(slide_session, "WARM_UP_MAX_CPU_PARAMS", 5)
-    slide_session.warm_up_extraction(Fake(10), 8)
+    monkeypatch.setattr(progressive, "WARM_UP_MAX_CPU_PARAMS", 5)
+    progressive.warm_up_extraction(Fake(10), 8)
     assert len(calls) == 1  # a backbone over the limit is not run on blank tiles
 
 
@@ -287,7 +289,7 @@ def test_progressive_run_imports_the_last_steps_library_after_the_coarse_map(mon
         at_import.append(opened["session"].live.n_done)  # tiles extracted when the import starts
         imported.set()
 
-    monkeypatch.setattr(slide_session, "import_supertile_libraries", fake_import)
+    monkeypatch.setattr(progressive, "import_supertile_libraries", fake_import)
     sample = Path(slide_session.default_model_path()).parent / "sample_slide.tiff"
     with slide_session.SlideSession(open_slide(sample), slide_session.load_model(None)) as s:
         opened["session"] = s

@@ -10,9 +10,10 @@ import torch
 from napari_he2rna import slide_ex as sx
 from napari_he2rna.cohorts.cohort import Cohort, load_samples
 from napari_he2rna.errors import DataError
-from napari_he2rna.model.bundle import HE2RNA, load_bundle
-from napari_he2rna.maps.spatial import score_tiles
-from napari_he2rna.model.training import bundle_oof_predictions
+from napari_he2rna.maps.scoring import score_tiles
+from napari_he2rna.model.bundle import load_bundle
+from napari_he2rna.model.cohort_prediction import bundle_oof_predictions
+from napari_he2rna.model.network import HE2RNA
 
 TINY = dict(
     outer_folds=3,

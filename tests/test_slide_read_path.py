@@ -88,11 +88,11 @@ def test_level_view_indexes_like_numpy(rgba_tiff):
 
 
 def test_tiles_decode_on_several_threads_and_concurrent_reads_agree(rgba_tiff, monkeypatch):
-    import napari_he2rna.slides.slide as slide_module
+    import napari_he2rna.slides.native_tiles as native_tiles_module
 
     path, image = rgba_tiff
     want = _over_white(image)
-    monkeypatch.setattr(slide_module, "DECODE_THREADS", 3)
+    monkeypatch.setattr(native_tiles_module, "DECODE_THREADS", 3)
     with open_slide(path) as slide:
         native = slide._backend.native
         threads: set[str] = set()

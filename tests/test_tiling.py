@@ -243,7 +243,7 @@ def test_ink_removal_keeps_the_cmu_tiles(cmu, cmu_grid):
 
 
 def test_a_grid_from_its_exported_tile_table():
-    from napari_he2rna.maps import spatial
+    from napari_he2rna.maps import exports
 
     rows, cols = np.array([0, 0, 1, 2]), np.array([1, 2, 2, 0])
     table = pd.DataFrame(
@@ -252,7 +252,7 @@ def test_a_grid_from_its_exported_tile_table():
     table["tissue_fraction"] = [0.5, 1.0, 0.75, 1.0]
     grid = TileGrid(table, 225, 112.0, 0.5, 3, 3, (675, 600))
     assert grid.tile_side_um == pytest.approx(112.5) and grid.tile_um == 112.0
-    exported = spatial.tile_table(grid, pd.DataFrame({"G": [1.0, 2.0, 3.0, 4.0]}))
+    exported = exports.tile_table(grid, pd.DataFrame({"G": [1.0, 2.0, 3.0, 4.0]}))
     back = TileGrid.from_table(exported, 0.5, slide_dimensions=(675, 600))
     pd.testing.assert_frame_equal(back.table, grid.table, check_dtype=False)
     assert (back.tile_px, back.n_rows, back.n_cols, back.mpp) == (225, 3, 3, 0.5)

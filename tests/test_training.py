@@ -12,13 +12,13 @@ import torch
 
 from napari_he2rna.cohorts.cohort import load_expression, load_samples, match_cohort
 from napari_he2rna.errors import Cancelled, DataError
+from napari_he2rna.model.bundle import load_bundle, save_bundle
+from napari_he2rna.model.cohort_prediction import bundle_oof_predictions
 from napari_he2rna.model.evaluation import evaluate
 from napari_he2rna.model.folds import choose_criterion, cv_folds, validation_split
-from napari_he2rna.model.bundle import load_bundle, save_bundle
 from napari_he2rna.model.training import (
     TrainConfig,
     bundle_metadata,
-    bundle_oof_predictions,
     cross_validate,
     fold_scalers,
     untrained_predictions,

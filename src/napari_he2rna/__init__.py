@@ -6,6 +6,7 @@ napari_he2rna`` loads no torch, Qt or napari:
 - :func:`open_slide` — a whole-slide image as a lazy, micron-true pyramid (``slides``).
 - :func:`tile_grid` — the tissue tiles of a slide (``slides``).
 - :func:`extract_features` — backbone features of tiles (``features``); :func:`load_or_extract` caches them.
+- :func:`build_gdc_cohort` — a GDC/TCGA download (sample sheets, STAR counts, slides) as a cohort (``cohorts``).
 - :func:`load_bundle` — a model bundle (``model``).
 - :func:`spatialize` — the main job: heatmaps, tile scores and slide-level predictions of a slide (``maps``).
 - :func:`predict` — slide-level predictions and per-tile scores of a slide, in memory (``maps``).
@@ -31,8 +32,9 @@ PUBLIC_API: dict[str, str] = {
     "tile_grid": "slides.tiling",
     "extract_features": "features.extraction",
     "load_or_extract": "features.cache",
+    "build_gdc_cohort": "cohorts.gdc",
     "load_bundle": "model.bundle",
-    "spatialize": "maps.session",
+    "spatialize": "maps.spatialize",
     "predict": "maps.predict",
     "Comparison": "validation.comparison",
     "align_slides": "validation.align",

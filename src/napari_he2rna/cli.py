@@ -22,6 +22,7 @@ _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 COMMAND_MODULES = [
     "info",
     "make_sample",
+    "cohort",
     "extract",
     "train",
     "evaluate",
@@ -85,8 +86,12 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
+    from .threads import daemon_threads_for_dask
+
     try:
-        return int(args.func(args) or 0)
+        # dask's threaded scheduler on daemon threads: Ctrl-C while dask starts a worker never hangs the exit
+        with daemon_threads_for_dask():
+            return int(args.func(args) or 0)
     except Cancelled:
         print("he2rna: cancelled.", file=sys.stderr)
         return 130

@@ -11,7 +11,9 @@ Every command and widget that writes goes through these:
   alone makes 0600 files).
 * :func:`staged_folder` stages a run's several outputs in a hidden folder inside the output folder and
   moves them into place together at the end, with Ctrl-C held off during the moves: an interrupted run
-  leaves the old set of files or the new one, never a mix.
+  leaves the old set of files or the new one, never a mix; with ``replaces``, an earlier run's files that
+  the new run does not write go in the same step. :func:`undo_new_folder` removes an output folder that a
+  failed run made and left empty.
 * :func:`exclusive_lock` is an inter-process lock on a lock file next to what it guards (a feature store),
   so two processes never write one store at once: the second waits, and says once that it waits.
 """
@@ -43,6 +45,7 @@ __all__ = [
     "atomic_write_text",
     "staged_folder",
     "commit_folder",
+    "undo_new_folder",
     "held_interrupts",
     "exclusive_lock",
     "STAGING_PREFIX",
@@ -199,14 +202,20 @@ def _remove_stale_staging(folder: Path) -> None:
             shutil.rmtree(p, ignore_errors=True)
 
 
-def commit_folder(stage: Path, out: Path, overwrite: bool) -> list[Path]:
+def commit_folder(
+    stage: Path, out: Path, overwrite: bool, replaces: Iterable[str | os.PathLike] = ()
+) -> list[Path]:
     """Move every file of ``stage`` to the same relative place in ``out``, together, Ctrl-C held off.
 
-    Nothing is moved when one target exists and not ``overwrite`` (:class:`OutputError`).
+    Nothing is moved when one target exists and not ``overwrite`` (:class:`OutputError`). With
+    ``overwrite``, the files of ``replaces`` (an earlier run's outputs, which the new ones replace as a
+    whole) that are not among the targets are removed in the same step.
     """
     files = sorted(p for p in stage.rglob("*") if p.is_file())
     targets = [out / p.relative_to(stage) for p in files]
     refuse_existing(targets, overwrite)
+    kept = {os.path.abspath(t) for t in targets}
+    stale = [Path(p) for p in replaces if overwrite and os.path.abspath(p) not in kept]
     for src in files:
         os.chmod(src, file_mode())
     for target in targets:
@@ -217,31 +226,57 @@ def commit_folder(stage: Path, out: Path, overwrite: bool) -> list[Path]:
             for src, target in zip(files, targets, strict=True):
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(src, target)
+            for old in stale:
+                old.unlink(missing_ok=True)
     except OSError as exc:
         raise OutputError(f"cannot write into {out} ({_reason(exc)}).") from None
     return targets
 
 
 @contextlib.contextmanager
-def staged_folder(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+def undo_new_folder(path: str | os.PathLike) -> Iterator[None]:
+    """Inside the block, a folder made at ``path`` (and the missing folders above it) goes again if the
+    block fails (Ctrl-C included) and leaves it empty: a failed run leaves no empty output folder."""
+    made: list[Path] = []
+    folder = Path(path).expanduser().absolute()
+    while not os.path.lexists(folder) and folder != folder.parent:
+        made.append(folder)  # the deepest first
+        folder = folder.parent
+    try:
+        yield
+    except BaseException:
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (or never made): kept, and so is what is above it
+                break
+        raise
+
+
+@contextlib.contextmanager
+def staged_folder(
+    out: str | os.PathLike, overwrite: bool = False, replaces: Iterable[str | os.PathLike] = ()
+) -> Iterator[Path]:
     """A hidden folder inside ``out`` to write a run's outputs into; they are committed on success.
 
-    On leaving the block normally, :func:`commit_folder` moves them into ``out``; on any error (Ctrl-C
-    included) the staging folder is removed and ``out`` is as it was. Staging inside ``out`` keeps the
-    files on the same file system (so each move is an atomic rename) and needs no write access to the
-    folder above.
+    On leaving the block normally, :func:`commit_folder` moves them into ``out`` (with ``overwrite``, the
+    files of ``replaces`` that the run did not write go in the same step); on any error (Ctrl-C included)
+    the staging folder is removed and ``out`` is as it was, or gone again when the run made it. Staging
+    inside ``out`` keeps the files on the same file system (so each move is an atomic rename) and needs no
+    write access to the folder above.
     """
-    out = prepare_folder(out)
-    _remove_stale_staging(out)
-    try:
-        stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out))
-    except OSError as exc:
-        raise OutputError(f"the output folder {out} is not writable ({_reason(exc)}).") from None
-    try:
-        yield stage
-        commit_folder(stage, out, overwrite)
-    finally:
-        shutil.rmtree(stage, ignore_errors=True)
+    with undo_new_folder(out):
+        out = prepare_folder(out)
+        _remove_stale_staging(out)
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=out))
+        except OSError as exc:
+            raise OutputError(f"the output folder {out} is not writable ({_reason(exc)}).") from None
+        try:
+            yield stage
+            commit_folder(stage, out, overwrite, replaces)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
 
 
 @contextlib.contextmanager

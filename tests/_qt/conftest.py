@@ -30,3 +30,24 @@ def notifications():
     notification_manager.notification_ready.connect(record)
     yield seen
     notification_manager.notification_ready.disconnect(record)
+
+
+@pytest.fixture
+def slowed_batches(monkeypatch, tmp_path):
+    """``slowed_batches(seconds)``: an empty feature cache and ``seconds`` more per extracted batch, so that a
+    run lasts long enough to be watched (progressive painting, Cancel, the Run bar)."""
+    import time
+
+    from napari_he2rna.maps import session as slide_session
+
+    def slow_down(seconds: float) -> None:
+        monkeypatch.setenv("HE2RNA_CACHE", str(tmp_path / "cache"))
+        real = slide_session.SlideSession.take_batch
+
+        def slow(self, *args, **kwargs):
+            time.sleep(seconds)
+            return real(self, *args, **kwargs)
+
+        monkeypatch.setattr(slide_session.SlideSession, "take_batch", slow)
+
+    return slow_down

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from napari_he2rna.validation import align
 from napari_he2rna.napari._compare_widget import CompareWidget
 from napari_he2rna.napari._reader import slide_layer_data
 from napari_he2rna.slides.slide import open_slide
+from napari_he2rna.validation.landmarks import landmark_errors, match_landmarks, read_landmarks
 
 MPP = 2.0  # the shared JPEGs do not say their pixel size: give one, as the Slide widget would
 
@@ -42,12 +42,12 @@ def test_dock_aligns_the_ihc_and_shows_the_moved_layer(dock, qtbot):
     yx = ihc.affine.affine_matrix
     np.testing.assert_allclose(yx[:2, :2], [[a[1, 1], a[1, 0]], [a[0, 1], a[0, 0]]], atol=1e-9)
     np.testing.assert_allclose(yx[:2, 2], [a[1, 2], a[0, 2]], atol=1e-9)
-    f_xy, m_xy = align.match_landmarks(
-        align.read_landmarks(d / "Rat-Kidney_HE.csv"),
-        align.read_landmarks(d / "Rat-Kidney_PanCytokeratin.csv"),
+    f_xy, m_xy = match_landmarks(
+        read_landmarks(d / "Rat-Kidney_HE.csv"),
+        read_landmarks(d / "Rat-Kidney_PanCytokeratin.csv"),
     )
     dims = Image.open(d / "Rat-Kidney_HE.jpg").size
-    err = align.landmark_errors(widget.alignment().affine_px(MPP), f_xy, m_xy, fixed_dimensions=dims)
+    err = landmark_errors(widget.alignment().affine_px(MPP), f_xy, m_xy, fixed_dimensions=dims)
     assert err["median_rtre"] <= 0.005
     # a landmark of the IHC, drawn through the layer's own transform, lands on its H&E match
     world = ihc.data_to_world(m_xy[0][::-1])

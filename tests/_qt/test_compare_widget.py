@@ -15,8 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
-from napari_he2rna.features.backbones import HED_STATS_FEATURES
-from napari_he2rna.model.bundle import HE2RNA, load_bundle, save_bundle
+from napari_he2rna.features.hed_stats import HED_STATS_FEATURES
+from napari_he2rna.model.bundle import load_bundle, save_bundle
+from napari_he2rna.model.network import HE2RNA
 from napari_he2rna.napari._compare_widget import ALL_CLASSES, NO_SCORE, CompareWidget
 from napari_he2rna.napari._state import get_registry
 from napari_he2rna.slides.tiling import tile_grid
@@ -277,7 +278,7 @@ def test_session_provider_and_a_perfect_score(make_napari_viewer, grid):
     rows = {widget.table.item(i, 0).text(): i for i in range(widget.table.rowCount())}
     i = rows["ROC-AUC"]
     assert widget.table.item(i, 2).text() == "—"
-    assert "constant" in widget.table.item(i, 3).text()
+    assert "constant" in widget.table.item(i, 2).toolTip() and "constant" in widget.table.notes.text()
 
 
 @pytest.mark.parametrize("downsample", [0.0, 16.0])

@@ -15,8 +15,9 @@ import tifffile
 import torch
 from qtpy.QtWidgets import QFileDialog, QMessageBox
 
-from napari_he2rna.maps import spatial
-from napari_he2rna.model.bundle import HE2RNA, save_bundle
+from napari_he2rna.maps import exports
+from napari_he2rna.model.bundle import save_bundle
+from napari_he2rna.model.network import HE2RNA
 from napari_he2rna.napari._export_widget import ExportWidget
 from napari_he2rna.napari._model_widget import ModelWidget
 from napari_he2rna.napari._state import get_registry
@@ -78,11 +79,11 @@ def test_export_csv_via_dialog_and_never_overwrite_silently(painted, tmp_path, m
     table = pd.read_csv(target, comment="#")
     grid = session.grid
     assert len(table) == len(grid.table)
-    assert list(table.columns) == [*spatial.TILE_CSV_COLUMNS, "T cells", "CD3D"]
+    assert list(table.columns) == [*exports.TILE_CSV_COLUMNS, "T cells", "CD3D"]
     np.testing.assert_array_equal(table["tile_id"], grid.table["tile_id"])
     np.testing.assert_allclose(table["CD3D"], session.scores("CD3D"), rtol=1e-5)
     np.testing.assert_allclose(table["T cells"], session.scores("T cells"), rtol=1e-5)
-    side = spatial.slide_csv_path(target)
+    side = exports.slide_csv_path(target)
     assert side.is_file()
 
     # exporting again onto the same file asks; "No" leaves the file as it was
@@ -90,12 +91,12 @@ def test_export_csv_via_dialog_and_never_overwrite_silently(painted, tmp_path, m
     export.set_checked(["CD3D"])
     assert export.export_csv() is None
     assert len(asked) == 1 and str(target) in asked[0]
-    assert str(spatial.tile_metadata_path(target)) in asked[0]  # the sidecar it would replace is named too
+    assert str(exports.tile_metadata_path(target)) in asked[0]  # the sidecar it would replace is named too
     assert target.read_bytes() == before
     # "Yes" replaces it, now with only the ticked column
     _answer(monkeypatch, yes=True)
     assert export.export_csv(target) is not None
-    assert list(pd.read_csv(target, comment="#").columns) == [*spatial.TILE_CSV_COLUMNS, "CD3D"]
+    assert list(pd.read_csv(target, comment="#").columns) == [*exports.TILE_CSV_COLUMNS, "CD3D"]
 
 
 def test_export_geojson_and_tiff(painted, tmp_path, monkeypatch):

@@ -6,14 +6,16 @@ slide are computed once (hed-stats backbone) and come from the session-wide feat
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from napari_he2rna.maps import spatial
-from napari_he2rna.model.bundle import HE2RNA, save_bundle
+from napari_he2rna.maps import gene_sets, heatmaps, map_style
+from napari_he2rna.model.bundle import save_bundle
+from napari_he2rna.model.network import HE2RNA
 from napari_he2rna.napari._model_widget import DEMO_WARNING, ModelWidget, tile_outline
 from napari_he2rna.napari._state import get_registry, layer_info
 
@@ -68,7 +70,7 @@ def test_run_then_paint_gene_and_set(make_napari_viewer, qtbot, sample_slide, mo
     assert "12 genes" in widget.model_label.text() and not widget.demo_label.isVisibleTo(widget)
     # gene sets first, then the model's genes
     model = widget.gene_model.stringList()
-    assert model[:4] == list(spatial.GENE_SETS) and model[4:] == GENES
+    assert model[:4] == list(gene_sets.GENE_SETS) and model[4:] == GENES
 
     # painting before Run is a clear message, not an exception
     assert widget.paint("CD3D") is None
@@ -95,33 +97,36 @@ def test_run_then_paint_gene_and_set(make_napari_viewer, qtbot, sample_slide, mo
 
     layer = widget.paint("cd3d")  # case-insensitive; the layer carries the model's spelling
     assert layer is not None and layer.name == "CD3D"
-    assert layer.data.shape == (grid.n_rows, grid.n_cols)
-    want_scale, want_translate = spatial.heatmap_transform(grid)
+    f = heatmaps.display_factor(grid)  # f x f pixels per tile: clipped to the slide and its tissue
+    assert layer.data.shape == (grid.n_rows * f, grid.n_cols * f)
+    want_scale, want_translate = heatmaps.display_transform(grid, f)
     assert tuple(layer.scale) == pytest.approx(want_scale)
     assert tuple(layer.translate) == pytest.approx(want_translate)
     assert [str(u) for u in layer.units] == ["micrometer", "micrometer"]
     rows, cols = grid.table["row"].to_numpy(), grid.table["col"].to_numpy()
     kept = np.zeros((grid.n_rows, grid.n_cols), dtype=bool)
     kept[rows, cols] = True
-    assert np.isnan(layer.data[~kept]).all() and np.isfinite(layer.data[kept]).all()
-    np.testing.assert_allclose(layer.data[rows, cols], session.scores("CD3D"), rtol=1e-6)
-    assert layer.data[rows, cols].std() > 0
-    lo, hi = layer.contrast_limits
-    assert (lo, hi) == pytest.approx(spatial.robust_limits(session.scores("CD3D")))
-    assert layer.colormap.name == "magma" and 0 < layer.opacity < 1
+    assert np.isnan(layer.data[~np.kron(kept, np.ones((f, f), dtype=bool))]).all()
+    shown = heatmaps.tile_values(layer.data, grid)
+    assert np.isfinite(shown).all()
+    # what is painted: the tile score's percentile within the slide (map_style)
+    np.testing.assert_allclose(shown, map_style.percentile_within(session.scores("CD3D")), rtol=1e-6)
+    assert shown.std() > 0
+    assert tuple(layer.contrast_limits) == (0.0, 100.0)
+    assert layer.colormap.name.startswith("magma") and 0 < layer.opacity < 1
     assert layer.colorbar.visible
 
     # hovering a kept tile: the status names the gene and shows that tile's score
     i = int(np.argmax(session.scores("CD3D")))
-    y_um = (rows[i] + 0.5) * want_scale[0]
-    x_um = (cols[i] + 0.5) * want_scale[1]
+    tile_um = grid.tile_side_um
+    y_um = (rows[i] + 0.5) * tile_um
+    x_um = (cols[i] + 0.5) * tile_um
     assert session.tile_at(x_um, y_um) == i
     status = layer.get_status((y_um, x_um), world=True)
     assert status["layer_name"] == "CD3D"
-    # the readout: the tile, every painted name's score of that tile, the units
-    assert f"CD3D {float(session.scores('CD3D')[i]):.3g}" in status["value"]
+    # the readout: the tile, every painted name's percentile and score of that tile
+    assert f"CD3D 100th percentile (tile score {float(session.scores('CD3D')[i]):.3g})" in status["value"]
     assert status["value"].startswith(f"tile {int(grid.table['tile_id'].iloc[i])}")
-    assert spatial.SCORE_UNITS in status["value"]
 
     # a gene set: the mean of its genes, in the same layer (its data updated in place)
     t_layer = widget.paint("T cells")
@@ -129,7 +134,10 @@ def test_run_then_paint_gene_and_set(make_napari_viewer, qtbot, sample_slide, mo
     assert len(get_registry(viewer).layers_of(state, "heatmap")) == 1
     assert "CD3D" not in session.cached_names()  # the gene no layer shows any more is dropped
     expect = np.mean([session.scores(g) for g in ["CD3D", "CD3E", "CD3G", "CD247"]], axis=0)
-    np.testing.assert_allclose(t_layer.data[rows, cols], expect, rtol=1e-5)
+    np.testing.assert_allclose(session.scores("T cells"), expect, rtol=1e-5)
+    np.testing.assert_allclose(
+        heatmaps.tile_values(t_layer.data, grid), map_style.percentile_within(expect), rtol=1e-4, atol=1e-3
+    )
     assert t_layer.colorbar.visible
 
     # painting the same name again replaces the layer rather than adding one
@@ -164,10 +172,18 @@ def test_run_then_paint_gene_and_set(make_napari_viewer, qtbot, sample_slide, mo
     assert "Bmix" in widget.gene_model.stringList()
     bmix = widget.heatmap_layer(state, "Bmix")
     assert bmix is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gene_sets.PartialGeneSetWarning)  # NOPE, reported above
+        bmix_scores = session.scores("Bmix")
+    np.testing.assert_allclose(bmix_scores, (session.scores("CD19") + session.scores("MS4A1")) / 2, rtol=1e-5)
     np.testing.assert_allclose(
-        bmix.data[rows, cols], (session.scores("CD19") + session.scores("MS4A1")) / 2, rtol=1e-5
+        heatmaps.tile_values(bmix.data, grid), map_style.percentile_within(bmix_scores), rtol=1e-6
     )
     assert any("NOPE" in m for _, m in notifications)  # partial set: a warning naming the missing gene
+    # a set named like a gene of the model is refused when it is added, in one sentence naming it
+    assert widget.add_gene_set("CD3D=MKI67") == []
+    assert "CD3D" not in [n for n in widget.registry.gene_sets]
+    assert any(sev == "error" and "CD3D" in m for sev, m in notifications)
 
     # removing a heatmap layer drops its cached scores
     assert "Bmix" in session.cached_names()
@@ -287,6 +303,23 @@ def test_demo_model_paints_the_planted_t_cell_tiles(make_napari_viewer, qtbot, s
     truth = pd.read_csv(truth_path).set_index(["row", "col"])
     keys = list(zip(grid.table["row"], grid.table["col"], strict=True))
     planted = truth.loc[keys, "t_cells"].to_numpy(dtype=float)
-    painted = layer.data[grid.table["row"].to_numpy(), grid.table["col"].to_numpy()]
+    painted = heatmaps.tile_values(layer.data, grid)
     rho = spearmanr(painted, planted).statistic
     assert rho > 0.3, f"T-cell heatmap vs planted T cells: Spearman {rho:.2f}"
+
+
+def test_slide_picker_follows_the_active_slide_through_napari_plugin_proxy(make_napari_viewer, sample_slide):
+    # napari hands a plugin widget a PublicOnlyProxy of the viewer: its layers are proxies, never `is` the
+    # layer objects in the picker's choices
+    from napari.utils._proxies import PublicOnlyProxy
+
+    from napari_he2rna.napari._pickers import SlideLayerPicker
+
+    viewer = make_napari_viewer()
+    first = _open(viewer, sample_slide)
+    second = _open(viewer, sample_slide)
+    picker = SlideLayerPicker(PublicOnlyProxy(viewer))
+    viewer.layers.selection.active = first
+    assert picker.value == first
+    viewer.layers.selection.active = second
+    assert picker.value == second and picker.value is not first

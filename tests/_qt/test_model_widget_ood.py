@@ -7,11 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from napari_he2rna.maps import heatmaps
+from napari_he2rna.maps.gene_sets import DISTANCE_NAME
 from napari_he2rna.model import ood
-from napari_he2rna.model.bundle import HE2RNA, save_bundle
+from napari_he2rna.model.bundle import save_bundle
+from napari_he2rna.model.network import HE2RNA
 from napari_he2rna.napari._model_widget import ModelWidget
 from napari_he2rna.napari._state import get_registry
-from napari_he2rna.maps.session import DISTANCE_NAME
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE_SLIDE = REPO / "sample_data" / "sample_slide.tiff"
@@ -25,8 +27,8 @@ def reference_model(tmp_path_factory) -> Path:
     slides): the Model dock must warn on a real H&E slide and not on the synthetic sample slide."""
     import torch
 
-    from napari_he2rna.model.bundle import load_bundle
     from napari_he2rna.maps.session import default_model_path
+    from napari_he2rna.model.bundle import load_bundle
 
     root = tmp_path_factory.mktemp("qtref")
     reference = ood.bundle_reference(load_bundle(default_model_path()))
@@ -65,9 +67,8 @@ def test_model_dock_warns_on_a_slide_outside_the_training_data(
     # the distance is painted like a gene, in its own units
     layer = widget.paint(DISTANCE_NAME)
     assert layer is not None and layer.name == DISTANCE_NAME
-    grid = session.grid
-    rows, cols = grid.table["row"].to_numpy(), grid.table["col"].to_numpy()
-    np.testing.assert_allclose(layer.data[rows, cols], session.tile_distances(), rtol=1e-6)
+    shown = heatmaps.tile_values(layer.data, session.grid)  # f x f pixels a tile, clipped to the slide
+    np.testing.assert_allclose(shown, session.tile_distances(), rtol=1e-6)
     assert layer.metadata["units"] == ood.DISTANCE_UNITS
     assert layer.contrast_limits[0] == 0.0
 

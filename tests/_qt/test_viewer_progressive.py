@@ -8,16 +8,16 @@ that the run can be watched while it goes on.
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from napari_he2rna.maps import readout
+from napari_he2rna.maps import heatmaps, map_display, map_style, readout
 from napari_he2rna.maps import session as slide_session
-from napari_he2rna.model.bundle import HE2RNA, load_bundle, save_bundle
+from napari_he2rna.model.bundle import load_bundle, save_bundle
+from napari_he2rna.model.network import HE2RNA
 from napari_he2rna.napari._model_widget import ModelWidget
 from napari_he2rna.napari._panel import HE2RNAPanel
 from napari_he2rna.napari._state import get_registry, layer_info
@@ -49,16 +49,9 @@ def three_folds(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def slow_batches(monkeypatch, tmp_path):
+def slow_batches(slowed_batches):
     """An empty feature cache and 60 ms more per batch: the run lasts long enough to be watched."""
-    monkeypatch.setenv("HE2RNA_CACHE", str(tmp_path / "cache"))
-    real = slide_session.SlideSession._take_batch
-
-    def slow(self, *args, **kwargs):
-        time.sleep(0.06)
-        return real(self, *args, **kwargs)
-
-    monkeypatch.setattr(slide_session.SlideSession, "_take_batch", slow)
+    slowed_batches(0.06)
 
 
 def _setup(make_napari_viewer, sample_slide, model):
@@ -70,10 +63,11 @@ def _setup(make_napari_viewer, sample_slide, model):
 
 
 def _finished_raster(sample_slide, model: Path, name: str) -> np.ndarray:
-    """The raster a plain (not progressive) run gives, from the feature cache the viewer's run wrote."""
+    """The map a plain (not progressive) run gives, from the feature cache the viewer's run wrote: the
+    percentile within the slide, clipped to the slide's tissue (map_display)."""
     with slide_session.SlideSession(open_slide(sample_slide), load_bundle(model)) as s:
         s.compute_features(device="cpu")
-        return s.raster(name)
+        return map_display.map_view(s, name, cover=map_display.tissue_cover(s.slide, s.grid)).raster
 
 
 def test_progressive_run_paints_before_the_end_and_matches_a_finished_run(
@@ -90,7 +84,8 @@ def test_progressive_run_paints_before_the_end_and_matches_a_finished_run(
     done, total = state.session.n_scored()
     assert widget.running and 0 < done < total  # painted while the extraction goes on
     assert "% of tiles" in layer.name
-    assert np.isfinite(layer.data).sum() == total  # the whole slide: a coarse map fills the rest
+    # the whole slide: a coarse map fills the rest
+    assert np.isfinite(heatmaps.tile_values(layer.data, state.session.current_grid())).sum() == total
     # the picker works during the run, on the same layer
     assert widget.paint("MKI67") is layer and layer_info(layer)["name"] == "MKI67"
     assert widget.paint("CD3D") is layer
@@ -155,9 +150,9 @@ def test_pin_uncertainty_units_r_and_hover(make_napari_viewer, qtbot, sample_sli
     truth = np.arange(len(grid.table), dtype=float)
     state.extra["truth"] = ("cells", "CD3+ cells", truth)
     text = layer.get_status(pos, world=True)["value"]
-    assert (
-        f"MKI67 {session.scores('MKI67')[i]:.3g}" in text and f"CD3D {session.scores('CD3D')[i]:.3g}" in text
-    )
+    for name in ("MKI67", "CD3D"):
+        pct = readout.ordinal(map_style.percentile_of(session.scores(name), i))
+        assert f"{name} {pct} percentile (tile score {session.scores(name)[i]:.3g})" in text
     assert "truth CD3+ cells: 5" in text
 
     # a 3-fold bundle with its own unit and validation R
@@ -175,7 +170,9 @@ def test_pin_uncertainty_units_r_and_hover(make_napari_viewer, qtbot, sample_sli
     qtbot.waitUntil(lambda: not widget.running, timeout=TIMEOUT_MS)
     layer = widget.paint("GAPDH")
     assert layer.name.startswith("GAPDH · R 0.90 ★")
-    assert layer.metadata["units"] == "predicted fraction" == state.session.units("GAPDH")
+    assert layer.metadata["units"] == map_style.PERCENTILE_UNITS  # what the map paints
+    assert "slide prediction" in layer.metadata["legend"] and "fraction" in layer.metadata["legend"]
+    assert state.session.units("GAPDH") == readout.tile_score_units("predicted fraction")
     spread = widget.active_layer(state, "uncertainty")
     assert spread is not None and np.nanmax(spread.data) > 0  # three different fold models
 

@@ -88,11 +88,14 @@ def load_expression(
     filter_zero_median
         Keep only genes with a non-zero median over the samples (the paper's filter).
 
+    Genes with missing (NaN) or infinite values are left out, never imputed or clipped, and named in
+    ``attrs`` (:func:`dropped_genes_summary` says which).
+
     Returns
     -------
     pd.DataFrame
-        float32, index = sample ids (str), columns = genes. ``attrs`` records the transform and what was
-        dropped.
+        float32, index = sample ids (str), columns = genes. ``attrs`` records the transform, what was
+        dropped and whether the table was read as genes x samples.
     """
     if isinstance(path, pd.DataFrame):
         df = path.copy()
@@ -124,38 +127,46 @@ def load_expression(
         )
     values = df.to_numpy(dtype=np.float64)
     nan_genes = np.isnan(values).any(axis=0)
-    finite = values[~np.isnan(values)]
+    inf_genes = np.isinf(values).any(axis=0) & ~nan_genes  # left out as NaN genes are, never clipped
+    finite = values[np.isfinite(values)]
     if finite.size and finite.min() < 0 and transform != "log":
         raise DataError(f"{name} has negative values: give FPKM-UQ or log10(1 + FPKM-UQ) values.")
     if transform == "auto":
         transform = "raw" if finite.size and finite.max() > RAW_THRESHOLD else "log"
     if transform == "raw":
-        values = np.log10(1.0 + values)
+        with np.errstate(invalid="ignore"):  # -inf: its gene is left out below
+            values = np.log10(1.0 + values)
     elif transform != "log":
         raise DataError(f"Unknown expression transform {transform!r} (use auto, raw or log).")
-    keep = ~nan_genes
+    keep = ~nan_genes & ~inf_genes
     zero_median = np.zeros_like(keep)
     if filter_zero_median:
         with np.errstate(all="ignore"), warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN genes: reported below, by name
             med = np.nanmedian(values, axis=0)
-        zero_median = (med == 0) & ~nan_genes
+        zero_median = (med == 0) & keep
         keep &= ~zero_median
     if not keep.any():
         raise DataError(
-            f"{name} has no gene left: {int(nan_genes.sum())} genes have missing values and "
-            f"{int(zero_median.sum())} a zero median."
+            f"{name} has no gene left: {int(nan_genes.sum())} genes have missing values, "
+            f"{int(inf_genes.sum())} infinite values and {int(zero_median.sum())} a zero median."
         )
     out = pd.DataFrame(values[:, keep].astype(np.float32), index=df.index, columns=df.columns[keep])
     out.index.name = "sample_id"
     dropped = {str(g): "missing values" for g in df.columns[nan_genes]}
+    dropped.update({str(g): "infinite values" for g in df.columns[inf_genes]})
     dropped.update({str(g): "zero median" for g in df.columns[zero_median]})
+    # where each left-out infinite gene has its first infinite value: the summary names gene and sample
+    first_inf = np.isinf(values[:, inf_genes]).argmax(axis=0)
     out.attrs.update(
         transform="log10(1+x)" if transform == "raw" else "none (already log)",
         n_genes_in=int(df.shape[1]),
         n_genes_dropped_zero_median=int(zero_median.sum()),
         n_genes_dropped_nan=int(nan_genes.sum()),
+        n_genes_dropped_infinite=int(inf_genes.sum()),
         dropped_genes=dropped,
+        infinite_in={str(g): str(df.index[i]) for g, i in zip(df.columns[inf_genes], first_inf, strict=True)},
+        genes_as_rows=bool(genes_as_rows),
     )
     return out
 
@@ -178,6 +189,11 @@ def genes_as_rows_hint(expression: pd.DataFrame, sample_ids: Sequence[str]) -> s
     ids = set(map(str, sample_ids))
     in_columns = sum(str(c) in ids for c in expression.columns)
     in_rows = sum(str(i) in ids for i in expression.index)
+    if in_columns > in_rows and expression.attrs.get("genes_as_rows"):
+        return (
+            f" {in_columns} sample ids are read as genes because of --genes-as-rows: the expression table "
+            "is samples x genes already, leave --genes-as-rows out."
+        )
     if in_columns > in_rows:
         return (
             f" {in_columns} sample ids are column names of the expression table: it is genes x samples, "
@@ -462,7 +478,7 @@ def cohort_features(
 ) -> tuple[LazyFeatures | dict[str, np.ndarray], dict[str, str]]:
     """Features of every sample of a sample sheet, from the feature cache (extracted when missing).
 
-    Uses :func:`napari_he2rna.feature_cache.load_or_extract` on the sheet's ``slide`` column, so the cache is
+    Uses :func:`napari_he2rna.features.cache.load_or_extract` on the sheet's ``slide`` column, so the cache is
     shared with ``he2rna extract`` and the viewer.
 
     Parameters
@@ -480,9 +496,9 @@ def cohort_features(
         reads all tiles of a sample, ``tile_mean`` their mean), and ``{sample_id: reason}`` for those whose
         slide could not be read.
     """
+    from ..errors import Cancelled, He2rnaError
     from ..features import cache as feature_cache
     from ..features.backbones import get_backbone
-    from ..errors import Cancelled, He2rnaError
     from ..features.extraction import supertiles as make_supertiles
     from ..slides.slide import open_slide
 
@@ -550,16 +566,18 @@ def dropped_genes_summary(expression: pd.DataFrame, shown: int = 5) -> str:
     if not dropped:
         return ""
     parts = []
-    for why in ("missing values", "zero median"):
+    where = expression.attrs.get("infinite_in") or {}
+    for why in ("missing values", "infinite values", "zero median"):
         genes = [g for g, w in dropped.items() if w == why]
         if genes:
-            names = ", ".join(genes[:shown]) + (
-                f" and {len(genes) - shown} more" if len(genes) > shown else ""
-            )
+            names = ", ".join(g + (f" in sample {where[g]}" if g in where else "") for g in genes[:shown])
+            names += f" and {len(genes) - shown} more" if len(genes) > shown else ""
             parts.append(f"{len(genes)} with {why} ({names})")
     hint = ""
     n_in = int(expression.attrs.get("n_genes_in", 0) or 0)
     n_nan = sum(1 for w in dropped.values() if w == "missing values")
     if n_in and n_nan > 0.1 * n_in:
         hint = "; many genes have missing values: fill or remove them (NaN cells are never imputed)"
+    if any(w == "infinite values" for w in dropped.values()):
+        hint += "; infinite values are left out with their genes, never clipped: fix them to keep those genes"
     return "genes left out: " + "; ".join(parts) + hint

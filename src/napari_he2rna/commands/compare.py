@@ -164,15 +164,15 @@ def compare_one(
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
     """Everything for one slide: (per-tile table, long metrics table, flat rows per score x truth).
 
-    ``transform`` (an :class:`~napari_he2rna.align.AlignmentResult`, e.g. read from ``he2rna align``'s JSON)
+    ``transform`` (an :class:`~napari_he2rna.validation.align.AlignmentResult`, e.g. read from ``he2rna align``'s JSON)
     maps a truth drawn on its moving slide onto this one and replaces ``alignment``: the truth's µm are then
     read at the moving slide's pixel size.
     """
     import pandas as pd  # on use: keeps `he2rna --help` from importing it
 
-    from ..validation import metrics
-    from ..validation import truth
+    from ..validation import metrics, truth
     from ..validation.comparison import Comparison
+    from ..validation.transform import Alignment
 
     dims, mpp = _slide_facts(slide, slide_size, mpp)
     grid, scores = metrics.read_tile_scores(scores_path, slide_dimensions=dims, mpp=mpp)
@@ -184,7 +184,7 @@ def compare_one(
                 f"the transform was found for a fixed slide of {expected[0]}x{expected[1]} px but this slide "
                 f"is {dims[0]}x{dims[1]} px: align the IHC onto this slide"
             )
-        alignment = truth.Alignment.from_affine_px(transform.affine_px, grid.mpp)
+        alignment = Alignment.from_affine_px(transform.affine_px, grid.mpp)
         truth_mpp = transform.mpp_moving or grid.mpp
     if columns:
         missing = [c for c in columns if c not in scores.columns]
@@ -273,7 +273,7 @@ def compare_one(
 
 
 def _alignment(args: argparse.Namespace):
-    from ..validation.truth import Alignment
+    from ..validation.transform import Alignment
 
     a = Alignment.from_offset_scale(args.offset_um, args.scale, args.rotation)
     if args.transform is not None and not a.is_identity:

@@ -39,6 +39,19 @@ def register(subparsers) -> None:
     p.add_argument("--alpha", type=float, default=0.05, help="significance level after correction")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
+        "--gene-roles",
+        "--truth",
+        dest="gene_roles",
+        default=None,
+        metavar="GENES_TSV",
+        help=(
+            "which genes are planted and which are controls (a table with `gene` and `role` columns, planted "
+            "or control, and optionally `visible`: the genes.tsv of he2rna make-sample); prints per cancer "
+            "type the planted genes and controls found significant and the median R of the planted genes, "
+            "and writes planted_truth.csv and a section of report.md"
+        ),
+    )
+    p.add_argument(
         "--no-baseline",
         action="store_true",
         help="do not train the ridge baseline on the same folds for the side-by-side table",
@@ -50,13 +63,18 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing([Path(args.out) / "report.md", Path(args.out) / "per_gene.csv"], args.overwrite)
     import numpy as np
 
+    from ..model.bundle import load_bundle
+    from ..model.cohort_prediction import bundle_oof_predictions
     from ..model.evaluation import read_gmt, write_report
     from ..model.fitting import evaluate_result, fit, null_predictions
-    from ..model.bundle import load_bundle
-    from ..model.training import TrainConfig, bundle_oof_predictions
+    from ..model.planted_truth import read_gene_roles
+    from ..model.training import TrainConfig
     from .train import load_cohort, print_summary
 
+    roles = read_gene_roles(args.gene_roles) if args.gene_roles else None  # a bad file stops before any work
     bundle = load_bundle(args.model)
+    if roles is not None:
+        roles = check_roles(roles, bundle.genes)
     training = bundle.metadata.get("training") or {}
     mode = training.get("mode", "supertiles")
     cohort = load_cohort(args, bundle.backbone, bundle.tile_um, mode == "supertiles", genes=bundle.genes)
@@ -91,5 +109,31 @@ def run(args: argparse.Namespace) -> int:
     title = f"{name} evaluation" + (" (DEMO model, synthetic slides)" if bundle.demo else "")
     report = write_report(ev, args.out, title=title, baseline=baseline, names=(name, "ridge baseline"))
     print_summary(ev, baseline)
+    if roles is not None:
+        from ..model.planted_truth import split_text, truth_split_table, write_truth_split
+
+        table = truth_split_table({name: ev, "ridge baseline": baseline} if baseline else {name: ev}, roles)
+        print(split_text(table, roles))
+        write_truth_split(args.out, table, roles)
     print(f"report: {report}")
     return 0
+
+
+def check_roles(roles, genes):
+    """The gene roles restricted to the model's genes; a one-sentence error when they share none, a note
+    when some of the model's genes have no role."""
+    from ..errors import DataError
+
+    kept = roles.restrict(genes)
+    n = len(kept.planted) + len(kept.not_visible) + len(kept.controls)
+    if n == 0:
+        raise DataError(
+            f"None of the model's {len(genes)} genes is in {roles.source}: is it the genes.tsv of this "
+            "cohort?"
+        )
+    if n < len(genes):
+        print(
+            f"he2rna: note: {len(genes) - n} of the model's {len(genes)} genes have no role in "
+            f"{roles.source}."
+        )
+    return kept

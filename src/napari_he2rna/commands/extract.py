@@ -3,8 +3,9 @@
 SLIDES are slide files, folders (their whole-slide and TIFF files), glob patterns, or a manifest CSV/TSV
 with a slide column (``slide``, ``slide_path``, ``path``, ``file``, ``file_name``, ``filename``, ``wsi`` or
 ``image``, or the one ``--slide-column`` names; relative paths are relative to the manifest). Slides already
-cached are skipped; a slide that fails is reported on stderr and the others go on; the exit code is 1
-when any failed.
+cached are skipped; a slide that fails, or a manifest row whose slide cell is empty, is reported on stderr
+and the others go on; the exit code is 1 when any failed. A read-only cache folder is used when every slide
+has a complete store there (nothing needs writing).
 
 With ``--scheduler ADDRESS`` each slide is one task on a dask.distributed cluster; on SLURM, start one with
 dask-jobqueue, e.g.::
@@ -122,7 +123,13 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def _from_manifest(path: Path, slide_column_name: str | None = None) -> list[Path]:
+# How a manifest's sample column is usually named (any case): it names the rows without a slide.
+_SAMPLE_COLUMN_NAMES = ("sample_id", "sample", "sample id", "case_id", "id")
+
+
+def _from_manifest(path: Path, slide_column_name: str | None = None) -> tuple[list[Path], list[str]]:
+    """The slide paths of a manifest, and its rows whose slide cell is empty (``"m.csv row 3 (sample_id
+    s2)"``, the header being row 1)."""
     import pandas as pd  # on use: keeps `he2rna --help` from importing it
 
     from ..cohorts.cohort import SLIDE_COLUMN_NAMES, resolve_slide_paths, slide_column
@@ -138,24 +145,43 @@ def _from_manifest(path: Path, slide_column_name: str | None = None) -> list[Pat
             f"the manifest {path} has no slide column (columns: {', '.join(map(str, table.columns))}); "
             f"name it one of {', '.join(SLIDE_COLUMN_NAMES)} or pass --slide-column NAME."
         )
-    return [Path(p) for p in resolve_slide_paths(table[column].dropna().astype(str), path.parent)]
+    cells = table[column]
+    empty = [bool(pd.isna(v)) or not str(v).strip() for v in cells]
+    others = [c for c in table.columns if c != column]
+    named = [c for c in others if str(c).strip().lower() in _SAMPLE_COLUMN_NAMES] or others
+    rows = []
+    for i in (i for i, e in enumerate(empty) if e):
+        sample = "" if not named or pd.isna(table[named[0]].iloc[i]) else str(table[named[0]].iloc[i]).strip()
+        rows.append(f"{path.name} row {i + 2}" + (f" ({named[0]} {sample})" if sample else ""))
+    kept = [str(v) for v, e in zip(cells, empty, strict=True) if not e]
+    return [Path(p) for p in resolve_slide_paths(kept, path.parent)], rows
 
 
 def expand_slides(items: list[str], slide_column_name: str | None = None) -> list[Path]:
     """Slide paths from files, folders, globs and manifests, in order, without duplicates.
 
     A manifest's slide column is ``slide_column_name`` or the one of the common names
-    (:data:`napari_he2rna.cohort.SLIDE_COLUMN_NAMES`) it has.
+    (:data:`napari_he2rna.cohorts.cohort.SLIDE_COLUMN_NAMES`) it has; its rows without a slide are left out (see
+    :func:`collect_slides`, which names them).
 
     A name that is neither an existing path nor matches a glob is kept, so that it is reported as failed.
     """
+    return collect_slides(items, slide_column_name)[0]
+
+
+def collect_slides(items: list[str], slide_column_name: str | None = None) -> tuple[list[Path], list[str]]:
+    """:func:`expand_slides`, and the manifest rows whose slide cell is empty, named by file, row (the
+    header is row 1) and sample (``"m.csv row 3 (sample_id s2)"``)."""
     out: list[Path] = []
+    empty: list[str] = []
     for item in items:
         path = Path(item).expanduser()
         if path.is_dir():
             out += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
         elif path.is_file() and path.suffix.lower() in MANIFEST_SUFFIXES:
-            out += _from_manifest(path, slide_column_name)
+            paths, rows = _from_manifest(path, slide_column_name)
+            out += paths
+            empty += rows
         elif path.exists():
             out.append(path)
         elif glob.has_magic(item):
@@ -169,7 +195,7 @@ def expand_slides(items: list[str], slide_column_name: str | None = None) -> lis
         if key not in seen:
             seen.add(key)
             unique.append(p)
-    return unique
+    return unique, empty
 
 
 def _print_result(r: dict) -> None:
@@ -179,28 +205,61 @@ def _print_result(r: dict) -> None:
         print(f"{r['status']:>6}  {r['n_tiles']:>5} tiles  {r['slide']}  ->  {r['store']}", flush=True)
 
 
+def _empty_row(row: str) -> dict:
+    return {"slide": row, "status": "failed", "reason": "its slide cell is empty; fill it or remove the row."}
+
+
+def _require_stores(slides: list[Path], backbone, options, cache_dir: Path, mpp, refused) -> None:
+    """In a cache folder that cannot be written, go on only when every slide has a sound store there;
+    else raise ``refused`` (the folder's sentence) with how many have none. Unreadable slides are left to
+    the run, which reports them."""
+    from ..features.cache import is_cached
+    from ..slides.slide import open_slide
+
+    missing = []
+    for path in slides:
+        try:
+            with open_slide(path, mpp=mpp) as slide:
+                if not is_cached(slide, backbone, options, cache_dir=cache_dir):
+                    missing.append(path.name)
+        except Exception:  # noqa: BLE001 - reported per slide by the run
+            continue
+    if missing:
+        raise type(refused)(
+            f"{str(refused).rstrip('.')} ({len(missing)} of {len(slides)} slides have no complete store "
+            f"there, e.g. {missing[0]})."
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import settings
     from ..features.backbones import backbone_info, get_backbone
     from ..features.cohort_tasks import extract_cohort
     from ..features.extraction import ExtractOptions
     from ..jobs import TextProgress
-    from ..safe_output import prepare_folder
+    from ..safe_output import OutputError, prepare_folder
     from ..slides.slide import validate_mpp
     from ..slides.tiling import check_tile_size
 
-    slides = expand_slides(args.slides, args.slide_column)
+    slides, empty_rows = collect_slides(args.slides, args.slide_column)
     if not slides:
-        raise DataError(f"no slides found in {' '.join(args.slides)}.")
+        raise DataError(
+            f"no slides found in {' '.join(args.slides)}"
+            + (f" (every slide cell of the manifest is empty, e.g. {empty_rows[0]})." if empty_rows else ".")
+        )
     backbone_info(args.backbone)  # an unknown name fails before any slide is opened
     check_tile_size(args.tile_um)  # absurd sizes fail once, here, rather than once per slide
     if args.mpp is not None:
         validate_mpp(args.mpp)
+    cache_dir = Path(args.cache_dir) if args.cache_dir is not None else settings.cache_dir()
+    read_only = None
     if args.scheduler is None:  # on a cluster the folder is the workers' to make
-        prepare_folder(
-            Path(args.cache_dir) if args.cache_dir is not None else settings.cache_dir(),
-            "feature store folder",
-        )
+        try:
+            prepare_folder(cache_dir, "feature store folder")
+        except OutputError as exc:
+            if not cache_dir.expanduser().is_dir():
+                raise
+            read_only = exc  # complete stores can still be read there: checked below, slide by slide
     backbone = None
     if args.scheduler is None:
         # Fail once, clearly, when the weights are missing rather than once per slide; then use it.
@@ -217,6 +276,11 @@ def run(args: argparse.Namespace) -> int:
         precision=args.precision,
         num_workers=args.workers,
     )
+    if read_only is not None:
+        _require_stores(slides, backbone, options, cache_dir, args.mpp, read_only)
+    skipped = [_empty_row(row) for row in empty_rows]
+    for r in skipped:
+        _print_result(r)
     results = extract_cohort(
         slides,
         backbone,
@@ -227,7 +291,11 @@ def run(args: argparse.Namespace) -> int:
         progress=progress,
         on_result=_print_result,  # each slide's line as it finishes: a killed run's log is not empty
     )
-    failed = sum(r["status"] == "failed" for r in results)
-    ok = len(results) - failed
-    print(f"{ok} of {len(results)} slides have features" + (f"; {failed} failed" if failed else "") + ".")
+    failed = sum(r["status"] == "failed" for r in results) + len(skipped)
+    ok = len(results) + len(skipped) - failed
+    print(
+        f"{ok} of {len(results) + len(skipped)} slides have features"
+        + (f"; {failed} failed" if failed else "")
+        + "."
+    )
     return 1 if failed else 0

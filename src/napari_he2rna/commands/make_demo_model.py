@@ -88,8 +88,8 @@ def run(args: argparse.Namespace) -> int:
     out = args.out.with_suffix(".safetensors")
     report = args.report or out.with_name(f"{out.stem}_report")
     refuse_existing([out, Path(report) / "report.md"], args.overwrite)
-    from ..model.demo import build_demo_model, significance_counts
     from ..jobs import TextProgress
+    from ..model.demo import build_demo_model, significance_counts
 
     out, ev = build_demo_model(
         args.out,

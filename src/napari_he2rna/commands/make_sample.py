@@ -15,8 +15,9 @@ def register(subparsers) -> None:
         description=(
             "Write N synthetic H&E-like slides (tiled pyramidal TIFF, 0.5 µm/px) with their truth files "
             "(per-tile cell counts, QuPath CD3/CD20 tables, epithelium mask, tumour GeoJSON) and the cohort "
-            "tables samples.tsv, expression.tsv (17 planted genes + --n-controls noise-only controls) and "
-            "cell_abundance.tsv. Deterministic from --seed."
+            "tables samples.tsv, expression.tsv (17 planted genes + --n-controls noise-only controls), "
+            "cell_abundance.tsv and genes.tsv (each gene's role: planted with its driver, or control; what "
+            "`he2rna evaluate --gene-roles` reads). Deterministic from --seed."
         ),
     )
     parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="folder to write into (created)")
@@ -59,6 +60,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..model.planted_truth import read_gene_roles
     from ..synthetic import make_cohort  # numpy/scipy heavy: only when the command runs
 
     progress = None if args.quiet else TextProgress("make-sample")
@@ -75,4 +77,6 @@ def run(args: argparse.Namespace) -> int:
     n_patients = info.samples["patient_id"].nunique()
     print(f"wrote {len(info.samples)} slides of {n_patients} patients to {info.out_dir}")
     print(f"  samples.tsv, expression.tsv ({info.expression.shape[1]} genes), cell_abundance.tsv")
+    roles = read_gene_roles(info.out_dir / "genes.tsv")
+    print(f"  genes.tsv: {roles.describe()}")
     return 0

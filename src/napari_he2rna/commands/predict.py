@@ -7,9 +7,6 @@ from pathlib import Path
 
 from ._common import add_cache_dir_argument, add_overwrite_argument
 
-# Above this many genes, per-tile scores are written only for the genes asked for with --genes.
-MAX_TILE_GENES_BY_DEFAULT = 100
-
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -55,92 +52,87 @@ def register(subparsers) -> None:
 
 def output_paths(slide: str | Path, out: str | Path) -> dict[str, Path]:
     """Where ``predict`` writes: ``slide_csv``, ``csv`` (tile scores), ``metadata`` (sidecar), ``h5ad``."""
-    from ..maps import spatial
-    from ..maps.session import output_paths as spatialize_paths
+    from ..maps import exports
+    from ..maps.output_set import prediction_path
+    from ..maps.spatialize import output_paths as spatialize_paths
 
     paths = spatialize_paths(slide, [], out, geojson=False)
-    stem = Path(slide).stem
     return {
-        "slide_csv": Path(out) / f"{stem}_prediction.csv",
+        "slide_csv": prediction_path(slide, out),
         "csv": paths["csv"],
-        "metadata": spatial.tile_metadata_path(paths["csv"]),
+        "metadata": exports.tile_metadata_path(paths["csv"]),
         "h5ad": paths["h5ad"],
     }
 
 
 def run(args: argparse.Namespace) -> int:
-    import sys
-
-    import pandas as pd
-
-    from ..maps import readout
-    from ..maps import spatial
-    from ..features.cache import load_or_extract
     from ..jobs import TextProgress
-    from ..safe_output import atomic_write_text, prepare_folder, refuse_existing, staged_folder
-    from ..maps.session import SlideSession, load_model
-    from ..slides.slide import open_slide
+    from ..maps.output_set import slide_outputs
+    from ..maps.predict import predict
+    from ..safe_output import prepare_folder, refuse_existing, undo_new_folder
 
     out = Path(args.out)
     paths = output_paths(args.slide, out)
     refuse_existing(paths.values(), args.overwrite)  # before any work
-    bundle = load_model(args.model)
-    gene_sets = spatial.parse_gene_sets(args.gene_sets) if args.gene_sets is not None else None
-    # unknown genes fail before any feature extraction; the syntax of spatialize and the Model dock (a set
-    # partly missing from the model warns, through the CLI's one-line warnings)
-    resolved = (
-        spatial.resolve_names(bundle.genes, spatial.split_names(args.genes), gene_sets)
-        if args.genes
-        else {g: [g] for g in bundle.genes}
-    )
-    names = list(resolved)
-    genes = list(dict.fromkeys(g for members in resolved.values() for g in members))
-    with open_slide(args.slide, mpp=args.mpp) as slide:
-        prepare_folder(out)  # a read-only folder or a file of that name: said before the features
-        grid, feats = load_or_extract(
-            slide,
-            bundle.backbone,
-            tile_um=bundle.tile_um,
-            cache_dir=args.cache_dir,
+    earlier = slide_outputs(args.slide, out) if args.overwrite else []
+    with undo_new_folder(out):  # a failed run leaves no output folder it made
+        result = predict(
+            args.slide,
+            args.model,
+            args.genes,
+            gene_sets=args.gene_sets,
+            mpp=args.mpp,
             device=args.device,
+            cache_dir=args.cache_dir,
             progress=TextProgress("features"),
+            # a read-only folder or a file of that name: said before the features
+            before_features=lambda: prepare_folder(out),
         )
-        bundle.check_features(bundle.backbone, feats.shape[1], grid.tile_um)
-        session = SlideSession(slide, bundle)  # for the tile exports' metadata, as spatialize writes it
-        session.set_features(grid, feats, bundle.backbone)
-        gene_preds = dict(zip(genes, (float(v) for v in bundle.slide_prediction(feats, genes)), strict=True))
-        predictions = [float(pd.Series([gene_preds[g] for g in resolved[n]]).mean()) for n in names]
-        slide_pred = pd.DataFrame({"gene": names, "prediction": predictions})
-        if bundle.demo:
-            print(
-                "he2rna: warning: DEMO model trained on synthetic slides; its predictions mean nothing "
-                "on tissue.",
-                file=sys.stderr,
+        write(args, result, paths, earlier)
+    removed = [p.name for p in earlier if not p.exists()]
+    if removed:
+        print(f"removed (the earlier run's, not written by this one): {', '.join(removed)}")
+    return 0
+
+
+def write(args: argparse.Namespace, result, paths: dict[str, Path], earlier: list[Path]) -> None:
+    """Write ``predict``'s files together (replacing the slide's ``earlier`` files with ``--overwrite``) and
+    say what was written."""
+    import sys
+
+    import pandas as pd
+
+    from ..maps import exports
+    from ..safe_output import atomic_write_text, staged_folder
+
+    out = Path(args.out)
+    names, grid, scores = result.names, result.grid, result.scores
+    slide_pred = pd.DataFrame({"gene": names, "prediction": result.predictions.to_numpy()})
+    if result.demo:
+        print(
+            "he2rna: warning: DEMO model trained on synthetic slides; its predictions mean nothing "
+            "on tissue.",
+            file=sys.stderr,
+        )
+    if result.assessment.outside:
+        print(f"he2rna: warning: {result.assessment.message}", file=sys.stderr)
+    # The files are committed together: an interrupted run leaves the earlier set or the new one, and the
+    # earlier run's files that this one does not write go in the same step.
+    with staged_folder(out, overwrite=args.overwrite, replaces=earlier) as stage:
+        atomic_write_text(
+            stage / paths["slide_csv"].name, slide_pred.to_csv(index=False, float_format="%.5f")
+        )
+        if scores is not None:
+            info, preds, units = result.slide_info, result.predictions, result.units
+            exports.write_tile_scores_csv(
+                stage / paths["csv"].name, grid, scores, info, preds, units=units, side_file=False
             )
-        assessment = session.assessment(gene_preds)
-        if assessment.outside:
-            print(f"he2rna: warning: {assessment.message}", file=sys.stderr)
-        tile_names = names if (args.genes or len(names) <= MAX_TILE_GENES_BY_DEFAULT) else None
-        # The files are committed together: an interrupted run leaves the earlier set or the new one.
-        with staged_folder(out, overwrite=args.overwrite) as stage:
-            atomic_write_text(
-                stage / paths["slide_csv"].name, slide_pred.to_csv(index=False, float_format="%.5f")
-            )
-            if tile_names is not None:
-                scores = session.scores_with_distance(spatial.score_resolved(bundle, feats, resolved))
-                units = readout.output_unit(bundle)
-                preds = pd.Series(dict(zip(names, predictions, strict=True)), dtype=float)
-                info = session.slide_info()
-                spatial.write_tile_scores_csv(
-                    stage / paths["csv"].name, grid, scores, info, preds, units=units, side_file=False
-                )
-                meta = spatial.tile_metadata(grid, list(scores.columns), info, preds, units)
-                spatial.write_anndata(stage / paths["h5ad"].name, grid, scores, meta)
+            meta = exports.tile_metadata(grid, list(scores.columns), info, preds, units)
+            exports.write_anndata(stage / paths["h5ad"].name, grid, scores, meta)
     print(f"{len(grid.table)} tiles; slide-level predictions: {paths['slide_csv']}")
-    if tile_names is None:
+    if scores is None:
         print(f"per-tile scores not written for {len(names)} genes; choose some with --genes")
-        return 0
+        return
     print(f"per-tile scores: {paths['csv']} (metadata: {paths['metadata'].name}, AnnData: {paths['h5ad']})")
     if len(names) <= 20:
         print(slide_pred.to_string(index=False))
-    return 0

@@ -140,8 +140,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..cohorts.cohort import dropped_genes_summary, genes_as_rows_hint, load_expression, load_samples
     from ..errors import DataError
-    from ..model.evaluation import pearson_columns
     from ..jobs import TextProgress
+    from ..model.evaluation import pearson_columns
     from ..transfer import (
         load_representation_model,
         oof_predictions,

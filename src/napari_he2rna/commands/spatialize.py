@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     p.add_argument(
         "--genes",
         required=True,
-        help='comma-separated genes and/or gene sets, e.g. CD3D,MKI67,"T cells" '
+        help='comma-separated genes and/or gene sets, e.g. CD3D,MKI67,"T cells",CD19+MS4A1,T=CD3D+CD3E '
         "(built-in sets: T cells, B cells, epithelium, proliferation)",
     )
     p.add_argument(
@@ -44,20 +44,27 @@ def register(subparsers) -> None:
     p.add_argument("--mpp", type=float, default=None, help="µm per level-0 pixel, if the slide does not say")
     p.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"], help="feature device")
     add_cache_dir_argument(p)
-    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the slide's existing output files (an earlier run's files this run does not write, "
+        "such as other genes' heatmaps, are removed)",
+    )
     p.add_argument("--no-geojson", action="store_true", help="do not write the QuPath GeoJSON tiles")
     p.set_defaults(func=run)
 
 
 def planned_outputs(args: argparse.Namespace) -> list[Path]:
     """The files ``spatialize`` will write into ``--out`` (known from the model's genes, before any work)."""
-    from ..maps.session import SlideSession, is_distance_name, load_model, output_paths
-    from ..maps.spatial import PartialGeneSetWarning, split_names
+    from ..maps.gene_sets import PartialGeneSetWarning, is_distance_name, parse_request
+    from ..maps.session import SlideSession, load_model
+    from ..maps.spatialize import output_paths
 
-    names = split_names(args.genes)
-    with SlideSession.open(args.slide, mpp=args.mpp, model=load_model(args.model)) as session:
-        if args.gene_sets is not None:
-            session.add_gene_sets(args.gene_sets)
+    bundle = load_model(args.model)
+    # as spatialize reads them: a set named like a gene or defined twice is refused here, before any work
+    names, sets = parse_request(args.genes, args.gene_sets, bundle.genes)
+    with SlideSession.open(args.slide, mpp=args.mpp, model=bundle) as session:
+        session.add_gene_sets(sets)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", PartialGeneSetWarning)  # the run itself reports them
             pictured = list(session.resolve([n for n in names if not is_distance_name(n)]))
@@ -74,22 +81,25 @@ def planned_outputs(args: argparse.Namespace) -> list[Path]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..cli import user_warning_line
     from ..jobs import TextProgress
+    from ..maps.gene_sets import PartialGeneSetWarning
+    from ..maps.output_set import slide_outputs
+    from ..maps.spatialize import spatialize
     from ..safe_output import refuse_existing, staged_folder
-    from ..maps.session import spatialize
-    from ..maps.spatial import PartialGeneSetWarning, split_names
 
     refuse_existing(planned_outputs(args), args.overwrite)  # before any work
     out = Path(args.out)
-    # The run writes into a staging folder; its files replace the old ones together at the end, so an
-    # interrupted run leaves the earlier set or the new one, never a mix.
-    with staged_folder(out, overwrite=args.overwrite) as stage, warnings.catch_warnings(record=True) as seen:
+    earlier = slide_outputs(args.slide, out) if args.overwrite else []
+    # The run writes into a staging folder; its files replace the old ones together at the end (and the
+    # earlier run's files it does not write go in the same step), so an interrupted run leaves the earlier
+    # set or the new one, never a mix. Warnings (cache repairs, partial gene sets, waiting for another
+    # process's lock) are said as they come, one line each.
+    with staged_folder(out, overwrite=args.overwrite, replaces=earlier) as stage, warnings.catch_warnings():
         warnings.simplefilter("always", PartialGeneSetWarning)
         result = spatialize(
             args.slide,
             args.model,
-            split_names(args.genes),
+            args.genes,
             stage,
             mpp=args.mpp,
             device=args.device,
@@ -99,12 +109,6 @@ def run(args: argparse.Namespace) -> int:
             gene_sets=args.gene_sets,
             geojson=not args.no_geojson,
         )
-    for w in seen:  # cache repairs, partial gene sets, ...: one line each
-        line = user_warning_line(w.message, w.category, w.filename)
-        if line is not None:
-            print(line, file=sys.stderr)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
 
     def final(path: Path) -> Path:
         return out / Path(path).relative_to(stage)
@@ -127,4 +131,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"heatmap {name}: {final(path)}")
     for name, value in result.predictions.items():
         print(f"slide prediction {name}: {value:.3f} (log10(1+FPKM-UQ))")
+    removed = [p.name for p in earlier if not p.exists()]
+    if removed:
+        print(f"removed (the earlier run's, not written by this one): {', '.join(removed)}")
     return 0

@@ -132,7 +132,13 @@ def add_cohort_arguments(p: argparse.ArgumentParser, backbone: bool = True) -> N
 
 def load_cohort(args: argparse.Namespace, backbone: str, tile_um: float, supertiles: bool, genes=None):
     """Expression + sample sheet + cached features, matched; prints what did not match or was left out."""
-    from ..cohorts.cohort import cohort_features, dropped_genes_summary, load_expression, load_samples, match_cohort
+    from ..cohorts.cohort import (
+        cohort_features,
+        dropped_genes_summary,
+        load_expression,
+        load_samples,
+        match_cohort,
+    )
     from ..jobs import TextProgress
 
     expression = load_expression(
@@ -170,9 +176,9 @@ def run(args: argparse.Namespace) -> int:
     refuse_existing([out, out.with_suffix(".safetensors"), report], args.overwrite)
     import numpy as np
 
-    from ..model.fitting import evaluate_result, fit, null_predictions, save_result
     from ..jobs import TextProgress
     from ..model.bundle import load_bundle
+    from ..model.fitting import evaluate_result, fit, null_predictions, save_result
     from ..model.training import TrainConfig
 
     out = Path(args.out)

@@ -11,7 +11,9 @@ def register(subparsers) -> None:
         help="open napari with the slide and the napari-he2rna widgets",
         description=(
             "Open the napari viewer with a slide loaded (lazy pyramid, in µm) and the plugin's widgets "
-            "docked. Needs a display and a Qt binding (pip install 'napari-he2rna[viewer]')."
+            "docked as tabs of one panel. When napari has no saved window geometry (a first launch), the "
+            "window takes the screen and the canvas most of it. Needs a display and a Qt binding "
+            "(pip install 'napari-he2rna[viewer]')."
         ),
     )
     p.add_argument("slide", nargs="?", default=None, help="whole-slide image to open (optional)")
@@ -20,10 +22,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import napari
+    from ..napari.viewer import run_viewer  # the napari face: only napari/ imports napari and Qt
 
-    from ..napari.viewer import open_viewer
-
-    open_viewer(args.slide, args.mpp)
-    napari.run()
+    run_viewer(args.slide, args.mpp)
     return 0

@@ -2,9 +2,10 @@
 
 * :func:`load_or_extract` keeps features in one zarr store per (slide, backbone, tile size), written batch by
   batch into ``<name>.partial`` so an interrupted run resumes, then renamed when complete. A lock file
-  ``<name>.lock`` beside it keeps two processes from writing one store at once (the second waits), and a
-  sha256 of every array, kept in the provenance, is checked on each read: a store that changed on disk is
-  recomputed with one warning naming it.
+  ``<name>.lock`` beside it keeps two processes from writing one store at once (the second waits; a writer
+  whose lock file was deleted or replaced meanwhile stops before it commits), and a sha256 of every array,
+  supertiles included, kept in the provenance, is checked on each read: a store that changed on disk is
+  recomputed (its supertiles only, when only they changed) with one warning naming it.
 * :func:`cache_path`, :func:`read_cache`, :func:`read_supertiles`, :func:`is_cached` name and read stores.
 
 Layout (format ``napari-he2rna-features`` version 1): ``grid/<column>`` (the tile table), ``features``
@@ -30,13 +31,13 @@ import numpy as np
 import pandas as pd
 
 from .. import __version__, settings
-from .backbones import Backbone, get_backbone
-from .devices import resolve_device
 from ..errors import CacheError, CacheWarning
-from .extraction import ExtractOptions, effective_precision, iter_features, supertiles
 from ..jobs import CancelToken, ProgressCallback, check_cancel, report
 from ..safe_output import OutputError, exclusive_lock, prepare_folder
 from ..slides.tiling import TileGrid, check_tile_size, mask_method, tile_grid
+from .backbones import Backbone, get_backbone
+from .devices import resolve_device
+from .extraction import ExtractOptions, effective_precision, iter_features, supertiles
 
 __all__ = [
     "CACHE_FORMAT",
@@ -57,9 +58,18 @@ _GRID_INT_COLUMNS = ["tile_id", "row", "col", "x", "y", "size"]
 
 
 def cache_path(
-    slide, backbone: Backbone | str, tile_um: float = 112.0, cache_dir: str | Path | None = None
+    slide,
+    backbone: Backbone | str,
+    tile_um: float = 112.0,
+    cache_dir: str | Path | None = None,
+    *,
+    options: ExtractOptions | None = None,
 ) -> Path:
     """The zarr store of (slide, backbone, tile size): ``<stem>-<fingerprint>-<backbone>-<tile>um.zarr``.
+
+    With ``options`` their tile size and input handling name it instead of ``tile_um``
+    (:meth:`~.extraction.ExtractOptions.tile_label`: ``...-112um.zarr`` as before,
+    ``...-256px20x-in256.zarr`` for SEQUOIA's 256 px tiles at 20x fed without resizing).
 
     Characters other than letters, digits, ``-``, ``_`` and ``.`` in the slide stem and the backbone name
     (``hf-hub:org/name``) become ``_``; registry names have none, so their stores keep their names.
@@ -67,7 +77,8 @@ def cache_path(
     name = backbone if isinstance(backbone, str) else backbone.name
     root = Path(cache_dir) if cache_dir is not None else settings.cache_dir()
     stem = _file_safe(Path(slide.path).stem)[:60]
-    return root / f"{stem}-{slide.fingerprint()[:16]}-{_file_safe(name)}-{tile_um:g}um.zarr"
+    tile = options.tile_label() if options is not None else f"{tile_um:g}um"
+    return root / f"{stem}-{slide.fingerprint()[:16]}-{_file_safe(name)}-{tile}.zarr"
 
 
 def _file_safe(text: str) -> str:
@@ -86,6 +97,12 @@ def _provenance(slide, backbone: Backbone, options: ExtractOptions) -> dict[str,
         # bf16 features differ from fp32 ones (cosine >= 0.999): a store of one is not reused as the other
         "precision": effective_precision(backbone, options.precision),
         "tile_um": float(options.tile_um),
+        # The tile size in px at a magnification and the backbone's input side (None: µm, resized to the
+        # backbone's input; what stores written before these existed mean, so they still match).
+        "tile_px_at": (
+            None if options.tile_px is None else [int(options.tile_px), float(options.tile_magnification)]
+        ),
+        "input_px": None if options.input_px is None else int(options.input_px),
         "mpp": float(slide.require_mpp()),
         "min_tissue": float(options.min_tissue),
         "tissue_mask": mask_method(),  # a store tiled with another mask (e.g. keeping pen ink) is not reused
@@ -105,6 +122,8 @@ MUST_MATCH = [
     "feature_dim",
     "precision",
     "tile_um",
+    "tile_px_at",
+    "input_px",
     "mpp",
     "min_tissue",
     "tissue_mask",
@@ -212,7 +231,11 @@ def read_cache(path: str | Path) -> tuple[TileGrid, np.ndarray, dict[str, Any]]:
 
 
 def read_supertiles(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """The supertiles stored beside the features: ``(k, dim)`` mean features and ``(N,)`` labels."""
+    """The supertiles stored beside the features: ``(k, dim)`` mean features and ``(N,)`` labels.
+
+    Checked against the store's checksums like the tile arrays (stores written before supertiles had
+    checksums are read unverified). Raises :class:`CacheError` when unreadable or changed on disk.
+    """
     import zarr
 
     path = Path(path)
@@ -222,10 +245,57 @@ def read_supertiles(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
         labels = np.asarray(group["supertiles/labels"][:], dtype=np.int64)
     except Exception as exc:
         raise CacheError(f"the supertiles of {path} are unreadable ({type(exc).__name__}: {exc}).") from exc
-    _verify_checksums(
-        path, dict(group.attrs), {"supertiles/features": centroids, "supertiles/labels": labels}
-    )
+    attrs = dict(group.attrs)
+    stored = attrs.get("checksums")
+    arrays = {"supertiles/features": centroids, "supertiles/labels": labels}
+    if isinstance(stored, dict):  # an older store may have checksums of its tile arrays only
+        arrays = {name: arr for name, arr in arrays.items() if name in stored}
+    _verify_checksums(path, attrs, arrays)
     return centroids, labels
+
+
+def _has_supertile_checksums(attrs: dict[str, Any]) -> bool:
+    stored = attrs.get("checksums")
+    return isinstance(stored, dict) and any(str(name).startswith("supertiles/") for name in stored)
+
+
+def _sound_supertiles(path: Path, attrs: dict[str, Any], repair: bool = True) -> bool:
+    """Whether the supertiles of a complete store match their checksums; warns (naming it, and saying
+    whether they are recomputed: ``repair``) when not.
+
+    Stores without supertile checksums (written before they were kept) are taken as they are.
+    """
+    if not _has_supertile_checksums(attrs):
+        return True
+    try:
+        read_supertiles(path)
+    except CacheError as exc:
+        then = "recomputing its supertiles" if repair else "they cannot be repaired in a read-only cache"
+        warnings.warn(f"{str(exc).rstrip('.')}; {then}.", CacheWarning, stacklevel=3)
+        return False
+    return True
+
+
+def _write_supertiles(group, centroids: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    """Store supertiles in ``group``; returns them by array name."""
+    group.create_array("supertiles/features", data=centroids, overwrite=True)
+    group.create_array("supertiles/labels", data=labels, overwrite=True)
+    return {"supertiles/features": centroids, "supertiles/labels": labels}
+
+
+def _repair_supertiles(path: Path, grid: TileGrid, features: np.ndarray, options: ExtractOptions) -> None:
+    """Recompute the supertiles of a complete store whose tile arrays are sound, and their checksums.
+
+    Interrupted, it leaves supertiles that do not match their checksums: the next read repairs them again.
+    """
+    import zarr
+
+    centroids, labels = supertiles(grid, features, k=options.supertile_k, seed=options.seed)
+    group = zarr.open_group(str(path), mode="r+")
+    arrays = _write_supertiles(group, centroids, labels)
+    checksums = dict(group.attrs["checksums"])
+    checksums.update({name: _digest(arr) for name, arr in arrays.items()})
+    group.attrs.update({"supertile_k": int(len(arrays["supertiles/features"])), "checksums": checksums})
 
 
 def _remove_store(path: Path) -> None:
@@ -240,8 +310,11 @@ def _remove_store(path: Path) -> None:
         path.unlink()
 
 
-def _validate_complete(path: Path, expected: dict[str, Any]) -> tuple[TileGrid, np.ndarray] | None:
-    """The cached grid and features if ``path`` is a complete, matching, sound store; else None (warned)."""
+def _validate_complete(
+    path: Path, expected: dict[str, Any]
+) -> tuple[TileGrid, np.ndarray, dict[str, Any]] | None:
+    """Cached grid, features and attributes if ``path`` is a complete, matching, sound store; else None
+    (warned). Its supertiles are checked apart (:func:`_sound_supertiles`): they can be repaired alone."""
     if not path.exists():
         return None
     try:
@@ -255,7 +328,7 @@ def _validate_complete(path: Path, expected: dict[str, Any]) -> tuple[TileGrid, 
             f"the feature cache {path.name} is stale ({reason}); recomputing it.", CacheWarning, stacklevel=3
         )
         return None
-    return grid, features
+    return grid, features, attrs
 
 
 def is_cached(
@@ -266,16 +339,18 @@ def is_cached(
     cache_dir: str | Path | None = None,
     **changes: Any,
 ) -> bool:
-    """Whether a complete, matching store exists for these settings (read, so a corrupt one is not).
+    """Whether a complete, matching store exists for these settings (read, so a corrupt one, or one whose
+    supertiles changed on disk, is not).
 
     ``options`` (default :class:`~.features.ExtractOptions`) with ``changes`` (its field names) applied.
     """
-    options = ExtractOptions.of(options, **changes)
-    expected = _provenance(slide, backbone, options)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        path = cache_path(slide, backbone, options.tile_um, cache_dir)
-        return _validate_complete(path, expected) is not None
+        options = ExtractOptions.of(options, **changes).for_slide(slide)
+        expected = _provenance(slide, backbone, options)
+        path = cache_path(slide, backbone, options.tile_um, cache_dir, options=options)
+        cached = _validate_complete(path, expected)
+        return cached is not None and _sound_supertiles(path, cached[2])
 
 
 def _open_partial(partial: Path, expected: dict[str, Any]):
@@ -383,7 +458,7 @@ def load_or_extract(
         tile outline with it).
     order : callable, optional
         ``order(grid, rows) -> rows``: the order in which the rows still to do are extracted (the viewer
-        extracts a coarse lattice of tiles first, see :func:`napari_he2rna.progressive.spread_order`).
+        extracts a coarse lattice of tiles first, see :func:`napari_he2rna.maps.progressive.spread_order`).
     batch_ready : callable, optional
         ``batch_ready(rows, features)`` after each batch is stored (and once, first, with the rows a resumed
         store already had), so a caller can use features as they arrive (the viewer paints them).
@@ -398,7 +473,7 @@ def load_or_extract(
     """
     import zarr  # noqa: F401  (fail early with ImportError rather than after extracting)
 
-    options = ExtractOptions.of(options, **changes)
+    options = ExtractOptions.of(options, **changes).for_slide(slide)  # a tile in px: its µm on this slide
     # before any store is named or made
     check_tile_size(options.tile_um, slide.require_mpp(), slide.dimensions)
     if backbone is None:
@@ -407,26 +482,59 @@ def load_or_extract(
         backbone = get_backbone(backbone, weights=options.weights, device=options.device)
     elif options.device not in (None, "auto"):
         backbone.to(resolve_device(options.device))
-    final = cache_path(slide, backbone, options.tile_um, cache_dir)
+    final = cache_path(slide, backbone, options.tile_um, cache_dir, options=options)
     if not final.parent.is_dir():
         _writable_cache_folder(final.parent)
     expected = _provenance(slide, backbone, options)
     # One writer per store across processes (CLI runs, widgets, dask workers); a read-only cache has no
     # lock file, and needs none: nothing can be written there.
+    lock = final.with_name(final.name + ".lock")
     with exclusive_lock(
-        final.with_name(final.name + ".lock"),
-        what=f"the feature cache {final.name}",
-        cancelled=lambda: check_cancel(cancel),
-    ):
+        lock, what=f"the feature cache {final.name}", cancelled=lambda: check_cancel(cancel)
+    ) as held:
+        owner = _lock_identity(lock) if held else None
         cached = _validate_complete(final, expected)
         if cached is not None:
+            grid, features, attrs = cached
+            if not _sound_supertiles(final, attrs, repair=held) and held:  # the tile features are sound
+                _repair_supertiles(final, grid, features, options)
             if grid_ready is not None:
-                grid_ready(cached[0])
-            report(progress, len(cached[0].table), len(cached[0].table), "cached")
-            return cached
+                grid_ready(grid)
+            report(progress, len(grid.table), len(grid.table), "cached")
+            return grid, features
         _writable_cache_folder(final.parent)
         return _extract_into_store(
-            slide, backbone, final, expected, options, progress, cancel, grid_ready, order, batch_ready
+            slide,
+            backbone,
+            final,
+            expected,
+            options,
+            progress,
+            cancel,
+            grid_ready,
+            order,
+            batch_ready,
+            still_held=(lambda: _check_lock(lock, owner, final)) if held else None,
+        )
+
+
+def _lock_identity(lock: Path) -> tuple[int, int] | None:
+    """(device, inode) of the lock file just taken: while it is held open, its inode cannot be reused."""
+    try:
+        st = os.stat(lock)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _check_lock(lock: Path, owner: tuple[int, int] | None, final: Path) -> None:
+    """CacheError when the lock file of ``final`` is no longer the one this process holds (deleted, perhaps
+    re-created by another writer): committing then could replace that writer's store."""
+    if owner is None or _lock_identity(lock) != owner:
+        raise CacheError(
+            f"the lock file {lock.name} was deleted or replaced while this process was writing the feature "
+            f"cache {final.name}, so another process may be writing it too: nothing was committed, run "
+            "again to resume it (and leave *.lock files alone while he2rna runs)."
         )
 
 
@@ -448,8 +556,14 @@ def _extract_into_store(
     grid_ready: Callable[[TileGrid], None] | None,
     order: Callable[[TileGrid, np.ndarray], np.ndarray] | None = None,
     batch_ready: Callable[[np.ndarray, np.ndarray], None] | None = None,
+    still_held: Callable[[], None] | None = None,
 ) -> tuple[TileGrid, np.ndarray]:
-    """Compute the features of ``final`` into its ``.partial`` store (resuming it), then rename it."""
+    """Compute the features of ``final`` into its ``.partial`` store (resuming it), then rename it.
+
+    ``still_held()`` raises when this process no longer holds the store's lock: it is asked after each
+    batch, before the supertiles are written and before the store replaces ``final``.
+    """
+    check_held = still_held or (lambda: None)
     partial = final.with_name(final.name + ".partial")
     opened = _open_partial(partial, expected)
     if opened is None:
@@ -488,6 +602,7 @@ def _extract_into_store(
         options.num_workers,
         progress_with_offset if progress else None,
         cancel,
+        input_px=options.input_px,  # None: resized to the backbone's input side
     ):
         # In grid order rows are mostly contiguous: write the span, then mark it done; a spread order
         # writes the batch's rows at once (each chunk touched once per batch).
@@ -500,6 +615,7 @@ def _extract_into_store(
             done_arr.oindex[rows] = True
         if batch_ready is not None:
             batch_ready(rows, feats)
+        check_held()
 
     features = np.asarray(features_arr[:], dtype=np.float32)
     done_all = np.asarray(done_arr[:], dtype=bool)
@@ -508,14 +624,12 @@ def _extract_into_store(
             f"the feature cache {partial} lost rows while being written; run again to redo them."
         )
     centroids, labels = supertiles(grid, features, k=options.supertile_k, seed=options.seed)
-    group.create_array("supertiles/features", data=centroids, overwrite=True)
-    group.create_array("supertiles/labels", data=labels, overwrite=True)
+    check_held()
     arrays = {
         "features": features,
         "done": done_all,
         **_grid_arrays(grid),
-        "supertiles/features": centroids,
-        "supertiles/labels": labels,
+        **_write_supertiles(group, centroids, labels),
     }
     group.attrs.update(
         {
@@ -525,6 +639,7 @@ def _extract_into_store(
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
     )
+    check_held()
     _remove_store(final)  # a stale or corrupt store of ours
     os.replace(partial, final)
     return grid, features

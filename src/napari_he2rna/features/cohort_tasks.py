@@ -13,11 +13,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .backbones import Backbone, get_backbone
 from ..errors import Cancelled, He2rnaError
+from ..jobs import CancelToken, ProgressCallback, check_cancel, report
+from .backbones import Backbone, get_backbone
 from .cache import cache_path, is_cached, load_or_extract
 from .extraction import ExtractOptions
-from ..jobs import CancelToken, ProgressCallback, check_cancel, report
 
 __all__ = ["extract_cohort", "extract_slide_task"]
 

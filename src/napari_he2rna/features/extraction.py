@@ -29,11 +29,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import TileSizeError
+from ..jobs import CancelToken, ProgressCallback, check_cancel, report
+from ..slides.tiling import MIN_TILE_PX, TileGrid, read_tiles, tile_side_px
 from .backbones import Backbone
 from .devices import resolve_device
-from ..jobs import CancelToken, ProgressCallback, check_cancel, report
 from .precision import precision_name, resolve_precision
-from ..slides.tiling import TileGrid, read_tiles
 
 __all__ = [
     "ExtractOptions",
@@ -68,6 +69,13 @@ class ExtractOptions:
         Tile reader threads.
     supertile_k : int
         Clusters of the supertiles stored beside the features.
+    tile_px, tile_magnification : int, float, optional
+        The tile size in pixels at a magnification instead of ``tile_um`` (e.g. 256 px at 20x: SEQUOIA's
+        tiles); on a slide it is :func:`~..slides.tiling.tile_side_px` level-0 pixels (:meth:`for_slide`).
+    input_px : int, optional
+        Feed the backbone each tile read at this side, not resized to its input side (e.g. 256 for
+        SEQUOIA's ResNet50 features); None: resized to the backbone's ``input_px``. Part of the store's name
+        and provenance, so features of one input size are never served for the other.
     """
 
     backbone: str = "resnet50-imagenet"
@@ -81,6 +89,18 @@ class ExtractOptions:
     precision: str = "auto"
     num_workers: int = 2
     supertile_k: int = 100
+    tile_px: int | None = None
+    tile_magnification: float | None = None
+    input_px: int | None = None
+
+    def __post_init__(self) -> None:
+        px, mag = self.tile_px, self.tile_magnification
+        if (px is None) != (mag is None):
+            raise TileSizeError("A tile size in pixels needs its magnification, and a magnification pixels.")
+        if px is not None and (int(px) < 1 or not float(mag) > 0):
+            raise TileSizeError(f"A tile of {px} px at {mag}x is not a tile size.")
+        if self.input_px is not None and int(self.input_px) < MIN_TILE_PX:
+            raise TileSizeError(f"A backbone input of {self.input_px} px is too small (< {MIN_TILE_PX} px).")
 
     def replace(self, **changes) -> ExtractOptions:
         """A copy with ``changes``; an unknown option name is a ``TypeError`` naming it."""
@@ -97,6 +117,54 @@ class ExtractOptions:
         """``options`` (default: the defaults) with ``changes`` applied."""
         return (options if options is not None else cls()).replace(**changes)
 
+    @classmethod
+    def for_model(cls, bundle, options: ExtractOptions | None = None, **changes) -> ExtractOptions:
+        """The options that make the features a model bundle expects: its backbone, its tile size (µm, or
+        pixels at a magnification) and its input handling (``input_resize=False``: tiles fed at
+        ``tile_px``), on top of ``options`` with ``changes``.
+
+        Raises :class:`~..errors.ModelError` for a bundle whose tiles are not resized but whose size in
+        pixels is not recorded.
+        """
+        from ..errors import ModelError
+
+        tile_px = getattr(bundle, "tile_px", None)
+        input_px = None
+        if not getattr(bundle, "input_resize", True):
+            if tile_px is None:
+                raise ModelError(
+                    "The model says its tiles were fed to the backbone without resizing but not their size "
+                    "in pixels; convert it again with --tile-px and --magnification."
+                )
+            input_px = int(tile_px)
+        model = {
+            "backbone": bundle.backbone,
+            "tile_um": float(bundle.tile_um),
+            "tile_px": None if tile_px is None else int(tile_px),
+            "tile_magnification": None if tile_px is None else float(bundle.tile_magnification),
+            "input_px": input_px,
+        }
+        return cls.of(options, **model).replace(**changes)
+
+    def for_slide(self, slide) -> ExtractOptions:
+        """These options with ``tile_um`` the side, on ``slide``, of a tile given in pixels at a magnification
+        (:func:`~..slides.tiling.tile_side_px` level-0 pixels times the slide's mpp; warns when the slide's
+        magnification is estimated from its pixel size); unchanged for a tile size in µm."""
+        if self.tile_px is None:
+            return self
+        side = tile_side_px(slide, self.tile_px, self.tile_magnification)
+        return self.replace(tile_um=side * float(slide.require_mpp()))
+
+    def tile_label(self) -> str:
+        """The tile size and input handling in a store's name: ``112um`` (as stores have always been
+        named), ``256px20x``, with ``-in256`` when the tiles are fed at their own size."""
+        tile = (
+            f"{self.tile_um:g}um"
+            if self.tile_px is None
+            else f"{int(self.tile_px)}px{float(self.tile_magnification):g}x"
+        )
+        return tile if self.input_px is None else f"{tile}-in{int(self.input_px)}"
+
 
 def effective_precision(backbone: Backbone, precision: str = "auto") -> str:
     """The precision ``backbone`` runs in for ``precision`` (fp32 for backbones that never autocast)."""
@@ -104,10 +172,14 @@ def effective_precision(backbone: Backbone, precision: str = "auto") -> str:
 
 
 class BatchRunner:
-    """Runs the backbone on uint8 batches, autocast + channels_last on GPU, halving the batch on OOM."""
+    """Runs the backbone on uint8 batches, autocast + channels_last on GPU, halving the batch on OOM.
 
-    def __init__(self, backbone: Backbone, batch_size: int, precision: str) -> None:
+    ``resize=False`` feeds the tiles at their own size (see :meth:`Backbone.preprocess`).
+    """
+
+    def __init__(self, backbone: Backbone, batch_size: int, precision: str, resize: bool = True) -> None:
         self.backbone = backbone
+        self.resize = bool(resize)
         self.device = backbone.device
         self.dtype = resolve_precision(precision, self.device) if backbone.autocast else None
         self.batch_size = max(int(batch_size), 1)
@@ -120,7 +192,7 @@ class BatchRunner:
         if self.device.type == "cuda":
             x = x.pin_memory()
         with torch.inference_mode():
-            inp = self.backbone.preprocess(x)
+            inp = self.backbone.preprocess(x, resize=self.resize)
             if self.channels_last:
                 inp = inp.contiguous(memory_format=torch.channels_last)
             ctx = (
@@ -159,16 +231,19 @@ def iter_features(
     num_workers: int = 2,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    input_px: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Features batch by batch, in order: yields ``(rows (b,), features (b, dim) float32)``.
 
-    Reader threads decode the next batches while the model runs on the current one (prefetch of
-    ``num_workers + 1`` batches). Stops with :class:`~.errors.Cancelled` between batches when ``cancel`` is
-    set, leaving nothing half-done (the caller has every batch yielded so far).
+    Tiles are read at the backbone's ``input_px`` side, or with ``input_px`` at that side and fed to the
+    backbone as they are (not resized again). Reader threads decode the next batches while the model runs on
+    the current one (prefetch of ``num_workers + 1`` batches). Stops with :class:`~.errors.Cancelled` between
+    batches when ``cancel`` is set, leaving nothing half-done (the caller has every batch yielded so far).
     """
     rows = np.arange(len(grid.table)) if indices is None else np.asarray(indices, dtype=np.int64)
     total = len(rows)
-    run = BatchRunner(backbone, batch_size, precision)
+    run = BatchRunner(backbone, batch_size, precision, resize=input_px is None)
+    side = int(input_px) if input_px is not None else backbone.input_px
     batches = [rows[i : i + run.batch_size] for i in range(0, total, run.batch_size)]
     if total == 0:
         return
@@ -180,7 +255,7 @@ def iter_features(
     def submit() -> None:
         nonlocal next_batch
         if next_batch < len(batches):
-            pending.append(pool.submit(read_tiles, slide, grid, batches[next_batch], backbone.input_px, 1))
+            pending.append(pool.submit(read_tiles, slide, grid, batches[next_batch], side, 1))
             next_batch += 1
 
     done, start = 0, time.perf_counter()
@@ -212,6 +287,7 @@ def extract_features(
     num_workers: int = 2,
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
+    input_px: int | None = None,
 ) -> np.ndarray:
     """Features of every tile of ``grid``.
 
@@ -231,6 +307,8 @@ def extract_features(
         Tile reader threads.
     progress, cancel
         See :mod:`napari_he2rna.jobs`; progress messages give the rate in tiles/s.
+    input_px : int, optional
+        Feed the tiles at this side, not resized to the backbone's (:func:`iter_features`).
 
     Returns
     -------
@@ -240,7 +318,7 @@ def extract_features(
         backbone.to(resolve_device(device))
     out = np.empty((len(grid.table), backbone.dim), dtype=np.float32)
     for rows, feats in iter_features(
-        slide, grid, backbone, None, batch_size, precision, num_workers, progress, cancel
+        slide, grid, backbone, None, batch_size, precision, num_workers, progress, cancel, input_px
     ):
         out[rows] = feats
     return out

@@ -1,2 +1,3 @@
-"""Maps: per-tile scoring and gene sets, the slide session, progressive painting, what the viewer reads out,
-and the exports (CSV, PNG, GeoJSON, TIFF, AnnData)."""
+"""Maps: gene sets and per-tile scoring, the slide session, progressive painting, what the viewer reads out,
+heatmaps, the exports (CSV, PNG, GeoJSON, TIFF, AnnData), and the two jobs: ``spatialize`` (files) and
+``predict`` (in memory)."""

@@ -1,11 +1,12 @@
 """What the viewer says about a model's genes and about one tile: units, validation R, hover text.
 
 No Qt, no napari. A bundle's ``metadata`` carries ``output_unit`` (what its outputs are: log10(1+FPKM-UQ),
-a fraction, a probability...; older bundles do not, and are gene models: :data:`spatial.SCORE_UNITS`) and
+a fraction, a probability...; older bundles do not, and are gene models: :data:`scoring.SCORE_UNITS`) and
 ``validation_r`` (``{cancer_type: {gene: R}}``, out-of-fold). A gene is marked as *reliable* when its R
 reaches the significance threshold of the bundle's evaluation (``metadata["evaluation"]["summary"]``: the
 99th percentile of the null R per cancer type, when the bundle was evaluated) or else
-:data:`RELIABLE_R` (a rule of thumb, not a test).
+:data:`RELIABLE_R` (a rule of thumb, not a test). A tile's score is in that unit only through the slide's
+aggregate (:func:`tile_score_units`); the maps paint its percentile within the slide (:mod:`.map_style`).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from . import spatial
+from . import scoring
 
 if TYPE_CHECKING:
     from ..model.bundle import ModelBundle
@@ -30,12 +31,39 @@ MARK = "★"
 
 
 def output_unit(bundle: ModelBundle | None) -> str:
-    """What the bundle's tile scores are in (``metadata["output_unit"]``), prefixed "predicted"."""
+    """What the bundle's slide-level predictions are in (``metadata["output_unit"]``), prefixed "predicted"
+    (its tile scores are in it only through the slide's aggregate: :func:`tile_score_units`)."""
     unit = (getattr(bundle, "metadata", None) or {}).get("output_unit") if bundle is not None else None
     if not unit or not isinstance(unit, str):
-        return spatial.SCORE_UNITS
+        return scoring.SCORE_UNITS
     unit = unit.strip()
     return unit if unit.lower().startswith("predicted") else f"predicted {unit}"
+
+
+def tile_score_units(unit: str) -> str:
+    """What one tile's score is, for a model whose slide predictions are in ``unit`` (:func:`output_unit`):
+    relative, on that scale only through the slide's aggregate (HE2RNA: the mean of its top-k tiles)."""
+    plain = str(unit).strip()
+    plain = plain[len("predicted ") :] if plain.lower().startswith("predicted ") else plain
+    return (
+        "tile score (relative: the model's output for one tile; only the slide's aggregate of its tile "
+        f"scores, the slide prediction, is in {plain})"
+    )
+
+
+def column_units(columns: Sequence[str], unit: str) -> dict[str, str]:
+    """``{column: unit}`` of a tile table's score columns: the feature distance's own, the others'
+    :func:`tile_score_units` of the model's output ``unit``."""
+    from ..model.ood import DISTANCE_UNITS
+    from .gene_sets import is_distance_name
+
+    tile = tile_score_units(unit)
+    return {str(c): DISTANCE_UNITS if is_distance_name(str(c)) else tile for c in columns}
+
+
+def percent_done(done: int, total: int) -> int:
+    """The whole percentage of tiles done (the Run bar and the layer names say the same number)."""
+    return int(100 * int(done) // int(total)) if total else 0
 
 
 def uncertainty_unit(bundle: ModelBundle | None) -> str:
@@ -79,7 +107,7 @@ def gene_r(bundle: ModelBundle | None, cancer_type: str | None = None) -> dict[s
             f = _finite(v)
             if f is not None:
                 sums.setdefault(g, []).append(f)
-    return {g: float(np.mean(v)) for g, v in sums.items()}
+    return {g: sum(v) / len(v) for g, v in sums.items()}  # np.mean per gene: 0.1 s for 20,820 genes
 
 
 def reliable_threshold(bundle: ModelBundle | None, cancer_type: str | None = None) -> tuple[float, str]:
@@ -97,6 +125,24 @@ def reliable_threshold(bundle: ModelBundle | None, cancer_type: str | None = Non
     if nulls and cancer_type in (None, ALL_TYPES):
         return max(nulls.values()), "above the 99th percentile of R under the null (bundle evaluation)"
     return RELIABLE_R, f"R ≥ {RELIABLE_R:g} (rule of thumb; the bundle has no significance test)"
+
+
+def r_summary(bundle: ModelBundle | None, cancer_type: str | None = None) -> str:
+    """The model's validation R in one sentence: the median R of its reliable (marked) genes with their
+    count, and of all its genes (control genes drag that one down), or ``""`` without validation R."""
+    rs = gene_r(bundle, cancer_type)
+    if not rs:
+        return ""
+    thr, how = reliable_threshold(bundle, cancer_type)
+    where = "averaged over cancer types" if cancer_type in (None, ALL_TYPES) else cancer_type
+    good = [r for r in rs.values() if r >= thr]
+    every = f"all {len(rs)} genes: {np.median(list(rs.values())):.2f}"
+    if good:
+        return (
+            f"Validation R ({where}): median {np.median(good):.2f} over the {len(good)} {MARK} genes "
+            f"({every})."
+        )
+    return f"Validation R ({where}): no gene is {MARK} ({how}); median over {every}."
 
 
 def gene_label(gene: str, r: float | None, threshold: float) -> str:
@@ -178,20 +224,39 @@ def hover_text(
     truth: tuple[str | None, str, np.ndarray] | None = None,
     tile_id: Any = None,
 ) -> str:
-    """The status-bar readout of one tile: every painted name's score, then the truth value.
+    """The status-bar readout of one tile: every painted name's value, then the truth value.
 
-    ``scores`` maps a name to its (N,) tile scores (NaN: not scored yet); ``truth`` is
-    ``(kind, label, (N,) values)`` from the Compare tab. ``""`` off the tiles.
+    ``scores`` maps a name to its (N,) tile scores (NaN: not scored yet). A gene or set reads as what its map
+    paints, the tile's percentile within the slide, with the tile score beside it
+    (``"T cells 92nd percentile (tile score 3.1)"``); the feature distance as is, in ``units`` when it is
+    the only name. ``truth`` is ``(kind, label, (N,) values)`` from the Compare tab. ``""`` off the tiles.
     """
+    from .gene_sets import is_distance_name
+    from .map_style import percentile_of
+
     if tile is None:
         return ""
     parts = [f"tile {tile_id if tile_id is not None else tile}"]
     for name, values in scores.items():
         v = float(values[tile]) if 0 <= tile < len(values) else float("nan")
-        parts.append(f"{name} {_fmt(v)}" if math.isfinite(v) else f"{name} (not scored yet)")
-    text = " · ".join(parts) + (f" [{units}]" if scores else "")
+        if not math.isfinite(v):
+            parts.append(f"{name} (not scored yet)")
+        elif is_distance_name(name):
+            parts.append(f"{name} {_fmt(v)}")
+        else:
+            parts.append(f"{name} {ordinal(percentile_of(values, tile))} percentile (tile score {_fmt(v)})")
+    text = " · ".join(parts)
+    if units and scores and all(is_distance_name(n) for n in scores):
+        text += f" [{units}]"
     if truth is not None:
         kind, label, values = truth
         if values is not None and 0 <= tile < len(values):
             text += " · truth " + truth_text(kind, label, float(values[tile]))
     return text
+
+
+def ordinal(value: float) -> str:
+    """``92`` -> ``"92nd"`` (rounded to a whole number)."""
+    n = int(round(float(value)))
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"

@@ -1,22 +1,18 @@
-"""The spatialization job and the per-slide state the napari widgets share (no Qt, no napari).
+"""The per-slide state the napari widgets, ``spatialize`` and ``predict`` share (no Qt, no napari).
 
 :class:`SlideSession` holds what belongs to one open slide: the slide, the model bundle, the tile grid, the
 tile features and the tile scores of the genes/sets picked so far (each computed on demand, from the cached
 features, only for that name; dropped when its layer goes), and how the slide compares with the model's
-training data (:mod:`napari_he2rna.ood`; the tile distance is painted like a gene under
-:data:`DISTANCE_NAME`). :func:`spatialize` is the headless job built on
-it: slide -> model -> features (cache reused) -> tile scores -> CSV + one PNG per name + slide-level CSV. The
-CLI and the widgets run the same code, so they produce the same scores.
+training data (:mod:`napari_he2rna.model.ood`; the tile distance is painted like a gene under
+:data:`DISTANCE_NAME`). Its exports are written by :mod:`napari_he2rna.maps.exports`; the headless job built
+on it is :func:`napari_he2rna.maps.spatialize.spatialize`. The CLI and the widgets run the same code, so they
+produce the same scores.
 """
 
 from __future__ import annotations
 
-import logging
-import re
 import threading
-import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -24,15 +20,12 @@ import numpy as np
 import pandas as pd
 
 from .. import jobs
-from ..model import ood
-from . import progressive
-from . import readout
-from . import spatial
 from ..errors import GeneError, ModelError
 from ..jobs import CancelToken, ProgressCallback
-from .progressive import first_pass_size, spread_order
-
-log = logging.getLogger(__name__)
+from ..model import ood
+from . import exports, gene_sets, heatmaps, progressive, readout
+from .gene_sets import DISTANCE_NAME, is_distance_name
+from .progressive import LiveFeatures, extraction_hooks
 
 if TYPE_CHECKING:
     from ..model.bundle import ModelBundle
@@ -45,44 +38,6 @@ def default_model_path() -> Path:
     from .. import settings
 
     return settings.sample_data_dir() / "demo_model.safetensors"
-
-
-#: Largest backbone (parameters) whose blank warm-up batch runs on a CPU. The blank batch costs as much as
-#: a real one: for ResNet50 (25 M) about 1 s, hidden behind the tiling; for a ViT-L/H/g foundation model
-#: (0.3-1.1 G) it would cost several times the tiling it overlaps and delay the first tiles instead.
-WARM_UP_MAX_CPU_PARAMS = 100_000_000
-
-
-def warm_up_extraction(backbone, batch_size: int, precision: str = "auto") -> None:
-    """Set up what an extraction needs before its first tile, so that the first painted tiles come sooner.
-
-    Runs the backbone once on a batch of blank tiles, as the extraction will (same batch shape and precision:
-    the first batch costs about 1 s more than the next ones, kernel set-up; on a CPU only for backbones up to
-    :data:`WARM_UP_MAX_CPU_PARAMS`). Meant for a thread while the slide is tiled. Failures are left to the
-    real run to report.
-    """
-    from ..features.extraction import BatchRunner
-
-    try:
-        n_params = sum(p.numel() for p in backbone.parameters())
-        if backbone.device.type != "cpu" or n_params <= WARM_UP_MAX_CPU_PARAMS:
-            px = int(backbone.input_px)
-            blank = np.full((int(batch_size), px, px, 3), 255, dtype=np.uint8)
-            BatchRunner(backbone, batch_size, precision)(blank)
-    except Exception:  # noqa: BLE001 - the extraction that follows raises the same error with its context
-        log.debug("extraction warm-up failed", exc_info=True)
-
-
-def import_supertile_libraries() -> None:
-    """Import the clustering library of the run's last step (scikit-learn: 1.5-2 s the first time).
-
-    Meant for a thread started once the coarse map is painted: then it overlaps the rest of the extraction
-    instead of delaying either the first tiles or the end of the run.
-    """
-    try:
-        import sklearn.cluster  # noqa: F401
-    except Exception:  # noqa: BLE001 - the supertile step raises the same error with its context
-        log.debug("scikit-learn import failed", exc_info=True)
 
 
 def load_model(path: str | Path | None = None) -> ModelBundle:
@@ -98,27 +53,11 @@ def load_model(path: str | Path | None = None) -> ModelBundle:
     return load_bundle(p)
 
 
-#: What the gene picker offers (and :meth:`SlideSession.scores` accepts) for the tile feature distance.
-DISTANCE_NAME = "feature distance (to training data)"
-
-
-@dataclass
-class LiveFeatures:
-    """Features arriving during a run (progressive painting): rows done so far and their hidden layers."""
-
-    grid: TileGrid
-    bundle: ModelBundle
-    features: np.ndarray  # (N, dim) float32, valid where ``done``
-    hidden: list  # per fold (N, h) torch tensors, valid where ``done``
-    done: np.ndarray  # (N,) bool
-
-    @property
-    def n_done(self) -> int:
-        return int(self.done.sum())
-
-
-def safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "score"
+def feature_key(bundle: ModelBundle) -> tuple:
+    """What the features a model expects depend on: backbone, features per tile, tile size (µm, or pixels
+    at a magnification) and input handling. Two models with the same key share a slide's features."""
+    px = None if bundle.tile_px is None else (int(bundle.tile_px), float(bundle.tile_magnification))
+    return (bundle.backbone, int(bundle.feature_dim), float(bundle.tile_um), px, bool(bundle.input_resize))
 
 
 class SlideSession:
@@ -130,7 +69,7 @@ class SlideSession:
     Parameters
     ----------
     slide
-        An open slide (:func:`napari_he2rna.slide.open_slide`); the session closes it in :meth:`close`.
+        An open slide (:func:`napari_he2rna.slides.slide.open_slide`); the session closes it in :meth:`close`.
     bundle
         The model, or None until one is chosen (:meth:`set_model`).
     """
@@ -141,7 +80,7 @@ class SlideSession:
         self.grid: TileGrid | None = None
         self.features: np.ndarray | None = None
         self.gene_sets: dict[str, list[str]] = {}
-        self._feature_key: tuple[str, int, float] | None = None
+        self._feature_key: tuple | None = None
         self._scores: dict[str, np.ndarray] = {}
         self._resolved: dict[str, list[str]] = {}
         self._alias: dict[str, str] = {}
@@ -151,7 +90,7 @@ class SlideSession:
         self._hidden: list | None = None
         self._hidden_of: np.ndarray | None = None
         self._spread: dict[str, np.ndarray] = {}
-        self._lookup: tuple[ModelBundle, spatial.GeneLookup] | None = None  # (model, its gene index)
+        self._lookup: tuple[ModelBundle, gene_sets.GeneLookup] | None = None  # (model, its gene index)
         self.live: LiveFeatures | None = None  # a run's features so far (progressive painting)
         self._lock = threading.RLock()
         if bundle is not None:
@@ -179,8 +118,7 @@ class SlideSession:
             self._alias.clear()
             self._hidden, self._hidden_of, self.live = None, None, None
             self._lookup = None  # the old model's gene index would keep the old model (GBs) alive
-            want = (bundle.backbone, int(bundle.feature_dim), float(bundle.tile_um))
-            if self._feature_key is not None and self._feature_key != want:
+            if self._feature_key is not None and self._feature_key != feature_key(bundle):
                 self.grid, self.features, self._feature_key = None, None, None
 
     def _require_bundle(self) -> ModelBundle:
@@ -205,7 +143,9 @@ class SlideSession:
         progressive: bool = False,
         batch_size: int = 32,
     ) -> TileGrid:
-        """Tile the slide and extract (or load from the cache) the features the model expects.
+        """Tile the slide and extract (or load from the cache) the features the model expects: its backbone,
+        tile size (µm, or pixels at a magnification: 256 px at 20x is 512 level-0 px on a 40x slide) and
+        input handling (:meth:`~napari_he2rna.features.extraction.ExtractOptions.for_model`).
 
         ``grid_ready(grid)`` is called as soon as the tile grid is known, before the long extraction.
 
@@ -220,7 +160,8 @@ class SlideSession:
         session keeps its previous state).
         """
         from ..features.backbones import get_backbone
-        from ..features.cache import cache_path, load_or_extract
+        from ..features.cache import load_or_extract
+        from ..features.extraction import ExtractOptions
 
         bundle = self._require_bundle()
         self.slide.require_mpp()
@@ -230,44 +171,11 @@ class SlideSession:
         jobs.check_cancel(cancel)
         extra: dict[str, Any] = {}
         if progressive:
-            warm = None
-            coarse = {"size": None, "imports": None}
-            if not cache_path(self.slide, backbone, bundle.tile_um, cache_dir).exists():
-                # While the slide is tiled: the backbone's first batch.
-                warm = threading.Thread(
-                    target=warm_up_extraction, args=(backbone, batch_size), name="he2rna-warm-up", daemon=True
-                )
-                warm.start()
-
-            def order(grid: TileGrid, rows: np.ndarray) -> np.ndarray:
-                if warm is not None:
-                    warm.join()  # the extraction starts once the warm-up is done: they would share the cores
-                return spread_order(grid, rows)
-
-            def on_grid(grid: TileGrid) -> None:
-                self._start_live(grid, bundle, backbone.dim)
-                coarse["size"] = first_pass_size(grid)
-                if grid_ready is not None:
-                    grid_ready(grid)
-
-            def on_batch(rows: np.ndarray, feats: np.ndarray) -> None:
-                live = self._take_batch(bundle, rows, feats)
-                if live is None:
-                    return
-                if coarse["imports"] is None and live.n_done >= (coarse["size"] or 0):
-                    # The coarse map is there: the last step's import now overlaps the rest of the extraction.
-                    coarse["imports"] = threading.Thread(
-                        target=import_supertile_libraries, name="he2rna-imports", daemon=True
-                    )
-                    coarse["imports"].start()
-                if batch_ready is not None:
-                    batch_ready(live.n_done, len(live.done))
-
-            extra = {"order": order, "batch_ready": on_batch, "grid_ready": on_grid}
+            extra = extraction_hooks(self, bundle, backbone, batch_size, cache_dir, grid_ready, batch_ready)
         grid, features = load_or_extract(
             self.slide,
             backbone,
-            tile_um=bundle.tile_um,
+            ExtractOptions.for_model(bundle),
             cache_dir=cache_dir,
             device=device,
             progress=progress,
@@ -279,7 +187,8 @@ class SlideSession:
         self.set_features(grid, features, backbone.name, bundle=bundle)
         return grid
 
-    def _start_live(self, grid: TileGrid, bundle: ModelBundle, dim: int) -> None:
+    def start_live(self, grid: TileGrid, bundle: ModelBundle, dim: int) -> None:
+        """Start the :attr:`live` features of a progressive run on ``grid`` (if ``bundle`` is the model)."""
         import torch
 
         n = len(grid.table)
@@ -295,7 +204,7 @@ class SlideSession:
             if self.bundle is bundle:
                 self.live = live
 
-    def _take_batch(self, bundle: ModelBundle, rows: np.ndarray, feats: np.ndarray) -> LiveFeatures | None:
+    def take_batch(self, bundle: ModelBundle, rows: np.ndarray, feats: np.ndarray) -> LiveFeatures | None:
         """Keep one batch of a progressive run: its features, hidden activations and done flags."""
         import torch
 
@@ -315,7 +224,17 @@ class SlideSession:
         """Use a tile grid and its (N, dim) features computed elsewhere (checked against the model)."""
         bundle = bundle if bundle is not None else self._require_bundle()
         features = np.asarray(features, dtype=np.float32)
-        bundle.check_features(backbone, features.shape[1], grid.tile_um)
+        # A tile in px at a magnification is checked in level-0 px: its µm follow the slide's own mpp.
+        bundle.check_features(backbone, features.shape[1], grid.tile_um if bundle.tile_px is None else None)
+        if bundle.tile_px is not None:
+            from ..slides.tiling import tile_side_px
+
+            side = tile_side_px(self.slide, bundle.tile_px, bundle.tile_magnification, warn=False)
+            if int(grid.tile_px) != side:
+                raise ModelError(
+                    f"The model expects tiles of {bundle.tile_px} px at {bundle.tile_magnification:g}x, "
+                    f"{side} level-0 px on this slide, got {grid.tile_px}."
+                )
         if features.shape[0] != len(grid.table):
             raise ModelError(
                 f"{features.shape[0]} feature rows for {len(grid.table)} tiles; clear the feature cache."
@@ -325,7 +244,7 @@ class SlideSession:
                 raise ModelError("the model was changed while it ran; press Run again.")
             live, self.live = self.live, None
             self.grid, self.features = grid, features
-            self._feature_key = (bundle.backbone, int(bundle.feature_dim), float(bundle.tile_um))
+            self._feature_key = feature_key(bundle)
             self._assessment = None
             self._scores.clear()
             self._spread.clear()
@@ -343,7 +262,8 @@ class SlideSession:
             ):
                 self._hidden, self._hidden_of = live.hidden, features
 
-    def _require_ready(self) -> tuple[ModelBundle, TileGrid, np.ndarray]:
+    def require_ready(self) -> tuple[ModelBundle, TileGrid, np.ndarray]:
+        """(model, tile grid, features) of the last run; ``ModelError`` before one."""
         bundle = self._require_bundle()
         if self.features is None or self.grid is None:
             raise ModelError("the model has not been run on this slide yet; press Run first.")
@@ -351,9 +271,14 @@ class SlideSession:
 
     # ------------------------------------------------------------------------------------------ names
     def add_gene_sets(self, sets: Mapping[str, Sequence[str]] | str | Path) -> dict[str, list[str]]:
-        """Add user-defined sets (a mapping, an inline spec ``name=G1+G2;...`` or a file); returns them."""
+        """Add user-defined sets (a mapping, an inline spec ``name=G1+G2;...`` or a file); returns them.
+
+        A spec or file is read by :func:`gene_sets.parse_gene_sets`: a set defined twice in it, or named like
+        a gene of the model (when one is loaded), is refused (``GeneError``). A mapping is taken as it is
+        (the viewer's sets, already read); :meth:`resolve` refuses a name that is both a gene and a set."""
+        genes = self.bundle.genes if self.bundle is not None else None
         parsed = (
-            spatial.parse_gene_sets(sets)
+            gene_sets.parse_gene_sets(sets, genes)
             if isinstance(sets, str | Path)
             else {k: list(v) for k, v in sets.items()}
         )
@@ -368,20 +293,20 @@ class SlideSession:
         the gene sets, then the model's genes."""
         bundle = self._require_bundle()
         first = [DISTANCE_NAME] if ood.bundle_reference(bundle) is not None else []
-        sets = [*spatial.GENE_SETS, *[s for s in self.gene_sets if s not in spatial.GENE_SETS]]
+        sets = [*gene_sets.GENE_SETS, *[s for s in self.gene_sets if s not in gene_sets.GENE_SETS]]
         return [*first, *sets, *bundle.genes]
 
     def resolve(self, names: Iterable[str] | str) -> dict[str, list[str]]:
-        """Canonical name -> model genes (see :func:`spatial.resolve_names`); warns for partial sets."""
+        """Canonical name -> model genes (see :func:`gene_sets.resolve_names`); warns for partial sets."""
         bundle = self._require_bundle()
         names = [names] if isinstance(names, str) else list(names)
         with self._lock:
             lookup = self._lookup[1] if self._lookup is not None and self._lookup[0] is bundle else None
         if lookup is None:  # once per model: the case-insensitive index of 30,000 genes costs ~10 ms
-            lookup = spatial.GeneLookup(bundle.genes)
+            lookup = gene_sets.GeneLookup(bundle.genes)
             with self._lock:
                 self._lookup = (bundle, lookup)
-        return spatial.resolve_names(lookup, names, self.gene_sets)
+        return gene_sets.resolve_names(lookup, names, self.gene_sets)
 
     # ------------------------------------------------------------------------------------------ scores
     @property
@@ -396,7 +321,7 @@ class SlideSession:
         Cached on the features object itself (the session's feature identity), so a gene costs one dot
         product per fold; call it in a worker after a run so that the first pick is instant too.
         """
-        bundle, _, features = self._require_ready()
+        bundle, _, features = self.require_ready()
         with self._lock:
             if self._hidden is not None and self._hidden_of is features:
                 return self._hidden
@@ -409,14 +334,14 @@ class SlideSession:
     def _scoring(self) -> tuple[ModelBundle, TileGrid, list, np.ndarray | None]:
         """(bundle, grid, hidden per fold, rows done or None when all are): what scores are computed from."""
         if self.ready:
-            bundle, grid, _ = self._require_ready()
+            bundle, grid, _ = self.require_ready()
             return bundle, grid, self.hidden(), None
         live = self.live
         if live is not None and live.bundle is self.bundle and self.bundle is not None:
             with self._lock:
                 known = np.flatnonzero(live.done)
             return live.bundle, live.grid, live.hidden, known
-        self._require_ready()  # raises the "press Run first" error
+        self.require_ready()  # raises the "press Run first" error
         raise AssertionError("unreachable")
 
     def fold_scores(self, name: str) -> np.ndarray:
@@ -453,7 +378,7 @@ class SlideSession:
             return self.tile_distances()
         if not self.ready:
             return self.fold_scores(name).mean(axis=0)
-        bundle, _, features = self._require_ready()
+        bundle, _, features = self.require_ready()
         with self._lock:
             key = self._alias.get(name, name)
             hit = self._scores.get(key)
@@ -497,12 +422,12 @@ class SlideSession:
         return next(iter(self.resolve(name)))
 
     def scores_frame(self, names: Iterable[str]) -> pd.DataFrame:
-        """(N, k) float32 tile scores of several names (as :func:`spatial.score_tiles`), via the cache."""
+        """(N, k) float32 tile scores of several names (as :func:`scoring.score_tiles`), via the cache."""
         names = list(names)
         return pd.DataFrame({self.canonical(n): self.scores(n) for n in names})
 
     def slide_predictions(self, names: Iterable[str]) -> pd.Series:
-        """Slide-level predictions (top-k aggregation) of genes/sets (the feature distance is skipped)."""
+        """Slide-level predictions (the model's aggregation) of genes/sets (not of the feature distance)."""
         names = [n for n in names if not is_distance_name(n)]
         resolved = self.resolve(names)
         needed = list(dict.fromkeys(g for genes in resolved.values() for g in genes))
@@ -514,9 +439,15 @@ class SlideSession:
         )
 
     def gene_slide_predictions(self, genes: Sequence[str], chunk: int = 512) -> dict[str, float]:
-        """``{gene: slide prediction}`` from the cached hidden layers (bounded memory: genes in chunks)."""
-        bundle, _, _ = self._require_ready()
-        hidden = self.hidden()
+        """``{gene: slide prediction}`` from the cached hidden layers (bounded memory: genes in chunks).
+
+        With ``aggregation == "kmeans"`` from those of the slide's k-means cluster means
+        (:meth:`~napari_he2rna.model.bundle.ModelBundle.slide_inputs`, computed once per feature matrix)."""
+        bundle, _, features = self.require_ready()
+        if bundle.aggregation == "kmeans":
+            hidden = bundle.hidden_activations(bundle.slide_inputs(features))
+        else:
+            hidden = self.hidden()
         out: dict[str, float] = {}
         genes = list(genes)
         for start in range(0, len(genes), chunk):
@@ -526,8 +457,11 @@ class SlideSession:
         return out
 
     def units(self, name: str) -> str:
-        """Units of a name's tile values (the bundle's ``output_unit``, or the distance's)."""
-        return ood.DISTANCE_UNITS if is_distance_name(name) else readout.output_unit(self.bundle)
+        """Units of a name's tile values: the distance's, or a tile score's (:func:`readout.tile_score_units`:
+        only the slide's aggregate is in the bundle's ``output_unit``)."""
+        if is_distance_name(name):
+            return ood.DISTANCE_UNITS
+        return readout.tile_score_units(readout.output_unit(self.bundle))
 
     # ------------------------------------------------------------------------------------------ training data
     def assessment(self, predictions: Mapping[str, float] | None = None) -> ood.OODAssessment:
@@ -537,7 +471,7 @@ class SlideSession:
         ``None`` checks every gene of the model the first time (then the cached assessment is returned).
         Giving predictions always recomputes and replaces the cached assessment.
         """
-        bundle, _, features = self._require_ready()
+        bundle, _, features = self.require_ready()
         with self._lock:
             if predictions is None and self._assessment is not None:
                 return self._assessment
@@ -563,7 +497,7 @@ class SlideSession:
 
         Raises :class:`ModelError` when the model carries no feature reference.
         """
-        bundle, _, features = self._require_ready()
+        bundle, _, features = self.require_ready()
         ref = ood.bundle_reference(bundle)
         if ref is None:
             raise ModelError(
@@ -618,7 +552,7 @@ class SlideSession:
         live = self.live
         if live is not None and live.bundle is self.bundle:
             return live.grid
-        return self._require_ready()[1]
+        return self.require_ready()[1]
 
     def n_scored(self) -> tuple[int, int]:
         """(tiles with features, tiles of the grid): equal after a run; during a progressive run, so far."""
@@ -640,11 +574,11 @@ class SlideSession:
             live = self.live
             known = live.done.copy() if live is not None else np.isfinite(values)
             values = progressive.nearest_fill(grid, values, known & np.isfinite(values))
-        return spatial.heatmap_raster(grid, values)
+        return heatmaps.heatmap_raster(grid, values)
 
     def heatmap_transform(self) -> tuple[tuple[float, float], tuple[float, float]]:
         """(scale, translate) in µm for a heatmap layer over the slide layer (``scale = mpp``)."""
-        return spatial.heatmap_transform(self.current_grid())
+        return heatmaps.heatmap_transform(self.current_grid())
 
     def contrast_limits(
         self, name: str, percentiles: tuple[float, float] = (1.0, 99.0), kind: str = "score"
@@ -655,7 +589,7 @@ class SlideSession:
             spread = self.uncertainty(name)
             hi = float(np.nanmax(spread)) if np.isfinite(spread).any() else 0.0
             return 0.0, max(hi, 1e-6)
-        lo, hi = spatial.robust_limits(self.scores(name), percentiles)
+        lo, hi = heatmaps.robust_limits(self.scores(name), percentiles)
         if is_distance_name(name):
             ref = ood.bundle_reference(self._require_bundle()) or {}
             return 0.0, max(hi, float(ref.get("tile_threshold", hi)))
@@ -680,12 +614,26 @@ class SlideSession:
                 tile_um=round(self.grid.tile_side_um, 4),
                 n_tiles=len(self.grid.table),
             )
+            if bundle is not None and bundle.tile_px is not None:
+                from ..slides.tiling import slide_magnification
+
+                power, source = slide_magnification(self.slide)
+                info.update(
+                    model_tile_px=int(bundle.tile_px),
+                    model_tile_magnification=float(bundle.tile_magnification),
+                    slide_magnification=power,
+                    slide_magnification_from=source,
+                )
         if bundle is not None:
             info.update(
                 model=Path(bundle.path).name if getattr(bundle, "path", None) else "",
                 backbone=bundle.backbone,
                 demo=bool(bundle.demo),
             )
+            if not bundle.input_resize and bundle.tile_px is not None:
+                info["backbone_input_px"] = int(bundle.tile_px)  # tiles fed as read, not resized
+            if bundle.aggregation != "topk":
+                info["slide_aggregation"] = bundle.aggregation
         with self._lock:
             assessment = self._assessment
         if assessment is not None:
@@ -703,85 +651,35 @@ class SlideSession:
         out[ood.DISTANCE_COLUMN] = self.tile_distances()
         return out
 
-    def _score_names(self, names: Iterable[str]) -> list[str]:
-        return [n for n in names if not is_distance_name(n)]
-
     def export_csv(self, path: str | Path, names: Iterable[str], overwrite: bool = False):
-        """Tile CSV + ``<stem>_slide.csv`` (see :func:`spatial.write_tile_scores_csv`); returns both paths."""
-        names = self._score_names(names)
-        _, grid, _ = self._require_ready()
-        self.assessment()  # its summary goes in the header
-        scores = self.scores_with_distance(self.scores_frame(names))
-        return spatial.write_tile_scores_csv(
-            path,
-            grid,
-            scores,
-            self.slide_info(),
-            self.slide_predictions(names),
-            overwrite,
-            units=readout.output_unit(self.bundle),
-        )
+        """Tile CSV + ``<stem>_slide.csv`` (see :func:`exports.export_csv`); returns both paths."""
+        return exports.export_csv(self, path, names, overwrite)
 
     def export_metadata(self, names: Iterable[str]) -> dict[str, Any]:
-        """The metadata of an export of ``names`` (see :func:`spatial.tile_metadata`)."""
-        names = self._score_names(names)
-        _, grid, _ = self._require_ready()
-        self.assessment()  # its summary goes in the metadata
-        columns = list(self.scores_with_distance(self.scores_frame(names)).columns)
-        return spatial.tile_metadata(
-            grid, columns, self.slide_info(), self.slide_predictions(names), readout.output_unit(self.bundle)
-        )
+        """The metadata of an export of ``names`` (see :func:`exports.export_metadata`)."""
+        return exports.export_metadata(self, names)
 
     def export_geojson(self, path: str | Path, names: Iterable[str], overwrite: bool = False) -> Path:
-        names = self._score_names(names)
-        _, grid, _ = self._require_ready()
-        scores = self.scores_with_distance(self.scores_frame(names))
-        meta = self.export_metadata(names)
-        return spatial.write_geojson_tiles(path, grid, scores, overwrite=overwrite, metadata=meta)
+        """QuPath tiles with the scores as measurements (see :func:`exports.export_geojson`)."""
+        return exports.export_geojson(self, path, names, overwrite)
 
     def export_h5ad(self, path: str | Path, names: Iterable[str], overwrite: bool = False) -> Path:
-        """The tiles as AnnData (see :func:`spatial.write_anndata`)."""
-        names = self._score_names(names)
-        _, grid, _ = self._require_ready()
-        scores = self.scores_with_distance(self.scores_frame(names))
-        return spatial.write_anndata(path, grid, scores, self.export_metadata(names), overwrite=overwrite)
+        """The tiles as AnnData (see :func:`exports.export_h5ad`)."""
+        return exports.export_h5ad(self, path, names, overwrite)
 
     def export_heatmap_tiff(self, path: str | Path, name: str, overwrite: bool = False) -> Path:
-        _, grid, _ = self._require_ready()
-        return spatial.write_heatmap_tiff(
-            path, self.raster(name), grid, self.canonical(name), overwrite, units=self.units(name)
-        )
+        """A name's heatmap as a georeferenced TIFF (see :func:`exports.export_heatmap_tiff`)."""
+        return exports.export_heatmap_tiff(self, path, name, overwrite)
+
+    def render_png(self, path: str | Path, name: str, thumbnail=None, overwrite: bool = False, **kw) -> Path:
+        """PNG of a name's heatmap over the thumbnail (see :func:`exports.render_png`)."""
+        return exports.render_png(self, path, name, thumbnail, overwrite, **kw)
 
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, tuple[float, float]]:
         """The slide thumbnail and its level-0 downsample (x, y)."""
         thumb = self.slide.thumbnail(max_size)
         width, height = self.slide.dimensions
         return thumb, (width / thumb.shape[1], height / thumb.shape[0])
-
-    def render_png(self, path: str | Path, name: str, thumbnail=None, overwrite: bool = False, **kw) -> Path:
-        """PNG of a name's heatmap over the thumbnail (``thumbnail`` = (image, downsample) to reuse one).
-
-        When the slide is outside the model's training data (:meth:`warning`), the sentence is drawn on
-        the picture.
-        """
-        bundle, grid, _ = self._require_ready()
-        thumb, ds = thumbnail if thumbnail is not None else self.thumbnail()
-        kw.setdefault("warning", self.warning())
-        kw.setdefault("units", self.units(name))
-        if is_distance_name(name):
-            kw.setdefault("limits", self.contrast_limits(name))
-        return spatial.render_heatmap_png(
-            path,
-            thumb,
-            ds,
-            grid,
-            self.scores(name),
-            self.canonical(name),
-            slide_name=Path(self.slide.path).name,
-            demo=bool(bundle.demo),
-            overwrite=overwrite,
-            **kw,
-        )
 
     # ------------------------------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -794,208 +692,3 @@ class SlideSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def is_distance_name(name: str) -> bool:
-    """True for :data:`DISTANCE_NAME` (any case) or the CSV column name ``feature_distance``."""
-    key = str(name).strip().lower()
-    return key in (DISTANCE_NAME.lower(), ood.DISTANCE_COLUMN)
-
-
-@dataclass
-class SpatializeResult:
-    """What :func:`spatialize` computed and wrote."""
-
-    slide_path: Path
-    model_path: Path
-    grid: TileGrid
-    scores: pd.DataFrame  # (N, k) float32, one column per canonical name, rows = grid.table rows
-    predictions: pd.Series  # slide-level prediction per name
-    resolved: dict[str, list[str]]  # name -> model genes it was scored with
-    csv_path: Path
-    slide_csv_path: Path
-    metadata_path: Path
-    h5ad_path: Path
-    png_paths: dict[str, Path]
-    geojson_path: Path | None
-    demo: bool
-    warnings: list[str] = field(default_factory=list)
-    assessment: ood.OODAssessment | None = None  # the slide vs the model's training data
-
-    @property
-    def n_tiles(self) -> int:
-        return len(self.grid.table)
-
-
-def output_paths(
-    slide_path: str | Path, names: Sequence[str], out_dir: str | Path, geojson: bool = True
-) -> dict[str, Any]:
-    """Where :func:`spatialize` writes: ``csv``, ``slide_csv``, ``metadata``, ``h5ad``, ``geojson``, ``png``
-    (name -> path)."""
-    out = Path(out_dir)
-    stem = Path(slide_path).stem
-    csv = out / f"{stem}_tile_scores.csv"
-    pngs: dict[str, Path] = {}
-    used: set[str] = set()
-    for name in names:
-        base = f"{stem}_{safe_name(name)}"
-        fname, i = base, 1
-        while fname.lower() in used:
-            i += 1
-            fname = f"{base}_{i}"
-        used.add(fname.lower())
-        pngs[name] = out / f"{fname}.png"
-    return {
-        "csv": csv,
-        "slide_csv": spatial.slide_csv_path(csv),
-        "metadata": spatial.tile_metadata_path(csv),
-        "h5ad": out / f"{stem}_tiles.h5ad",
-        "geojson": out / f"{stem}_tiles.geojson" if geojson else None,
-        "png": pngs,
-    }
-
-
-def spatialize(
-    slide_path: str | Path,
-    model_path: str | Path | None,
-    names: Sequence[str] | str,
-    out_dir: str | Path,
-    mpp: float | None = None,
-    device: str = "auto",
-    cache_dir: str | Path | None = None,
-    progress: ProgressCallback | None = None,
-    cancel: CancelToken | None = None,
-    overwrite: bool = False,
-    gene_sets: Mapping[str, Sequence[str]] | str | Path | None = None,
-    geojson: bool = True,
-) -> SpatializeResult:
-    """Run a model on a slide and write its tile scores, heatmap PNGs and slide-level predictions.
-
-    Parameters
-    ----------
-    slide_path
-        The whole-slide image.
-    model_path
-        A model bundle (``.safetensors``); ``None`` = the bundled demo model.
-    names
-        Genes and/or gene sets (a list, or one comma-separated string).
-    out_dir
-        Output folder (created if needed). Writes ``<slide>_tile_scores.csv`` (one row per tile),
-        ``<slide>_tile_scores_slide.csv`` (slide-level predictions), ``<slide>_tile_scores.json`` (the
-        metadata), ``<slide>_tiles.h5ad`` (AnnData), ``<slide>_<name>.png`` per name and
-        ``<slide>_tiles.geojson`` (QuPath tiles with the scores as measurements) unless ``geojson=False``.
-    mpp
-        µm per level-0 pixel, for slides that do not say it (overrides the file's).
-    device
-        Feature-extraction device: ``"auto"``, ``"cuda"``, ``"cpu"``.
-    cache_dir
-        Feature cache folder (default: the settings' cache).
-    progress, cancel
-        See :mod:`napari_he2rna.jobs`.
-    overwrite
-        Replace existing outputs (otherwise they are refused before any work is done).
-    gene_sets
-        User-defined sets (mapping, inline spec or file, see :func:`spatial.parse_gene_sets`).
-
-    Returns
-    -------
-    SpatializeResult
-
-    Raises
-    ------
-    He2rnaError
-        Any user-facing problem (slide, pixel size, model, gene, cache, no tissue, outputs exist / cannot be
-        written, cancelled); no half-written file is left behind.
-    """
-    names = spatial.split_names(names) if isinstance(names, str) else [str(n) for n in names]
-    want_distance = any(is_distance_name(n) for n in names)
-    names = [n for n in names if not is_distance_name(n)]
-    out_dir = Path(out_dir)
-    model_file = Path(model_path) if model_path is not None else default_model_path()
-    caught: list[str] = []
-    with SlideSession.open(slide_path, mpp=mpp) as session:
-        bundle = load_model(model_path)
-        session.set_model(bundle)
-        if gene_sets is not None:
-            session.add_gene_sets(gene_sets)
-        with warnings.catch_warnings(record=True) as seen:
-            warnings.simplefilter("always", spatial.PartialGeneSetWarning)
-            resolved = session.resolve(names)  # unknown genes fail here, before any long work
-        caught = [str(w.message) for w in seen if issubclass(w.category, spatial.PartialGeneSetWarning)]
-        for msg in caught:  # re-emit for callers that watch warnings
-            warnings.warn(msg, spatial.PartialGeneSetWarning, stacklevel=2)
-        canonical = list(resolved)
-        if want_distance and ood.bundle_reference(bundle) is None:
-            raise ModelError(
-                f"{model_file.name} has no feature reference, so the feature distance cannot be painted."
-            )
-        pictured = [*canonical, *([DISTANCE_NAME] if want_distance else [])]
-        paths = output_paths(slide_path, pictured, out_dir, geojson=geojson)
-        planned = [paths["csv"], paths["slide_csv"], paths["metadata"], paths["h5ad"], *paths["png"].values()]
-        if paths["geojson"] is not None:
-            planned.append(paths["geojson"])
-        if not overwrite:
-            for p in planned:
-                if p.exists():
-                    raise spatial.OutputExistsError(
-                        f"{p} already exists; choose another output folder or pass --overwrite."
-                    )
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise spatial.ExportError(f"cannot create the output folder {out_dir}: {exc.strerror}.") from exc
-
-        grid = session.compute_features(device=device, cache_dir=cache_dir, progress=progress, cancel=cancel)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", spatial.PartialGeneSetWarning)  # already reported above
-            scores = session.scores_frame(canonical)
-            predictions = session.slide_predictions(canonical)
-            # Every gene scored (also those inside sets) is checked against the training targets' range.
-            needed = list(dict.fromkeys(g for genes in resolved.values() for g in genes))
-            gene_preds = session.gene_slide_predictions(needed)
-            assessment = session.assessment(gene_preds)
-            jobs.check_cancel(cancel)
-            exported = session.scores_with_distance(scores)
-            units = readout.output_unit(bundle)
-            csv_path, slide_csv = spatial.write_tile_scores_csv(
-                paths["csv"],
-                grid,
-                exported,
-                session.slide_info(),
-                predictions,
-                overwrite=overwrite,
-                units=units,
-            )
-            meta = spatial.tile_metadata(
-                grid, list(exported.columns), session.slide_info(), predictions, units
-            )
-            h5ad = spatial.write_anndata(paths["h5ad"], grid, exported, meta, overwrite=overwrite)
-            geo = None
-            if paths["geojson"] is not None:
-                geo = spatial.write_geojson_tiles(
-                    paths["geojson"], grid, exported, overwrite=overwrite, metadata=meta
-                )
-            thumb = session.thumbnail(1024)
-            pngs: dict[str, Path] = {}
-            for name in pictured:
-                jobs.check_cancel(cancel)
-                pngs[name] = session.render_png(
-                    paths["png"][name], name, thumbnail=thumb, overwrite=overwrite
-                )
-    return SpatializeResult(
-        slide_path=Path(slide_path),
-        model_path=model_file,
-        grid=grid,
-        scores=scores,
-        predictions=predictions,
-        resolved=resolved,
-        csv_path=csv_path,
-        slide_csv_path=slide_csv,
-        metadata_path=spatial.tile_metadata_path(csv_path),
-        h5ad_path=h5ad,
-        png_paths=pngs,
-        geojson_path=geo,
-        demo=bool(bundle.demo),
-        warnings=caught,
-        assessment=assessment,
-    )

@@ -25,9 +25,9 @@ import torch
 
 from ..cohorts.cohort import Cohort, tile_mean
 from ..errors import DataError
-from .folds import cv_folds, group_folds
 from ..jobs import CancelToken, ProgressCallback, check_cancel, report
-from .bundle import HE2RNA
+from .folds import cv_folds, group_folds
+from .network import HE2RNA
 from .scaling import FeatureScaler
 from .training import CVResult, check_targets
 
@@ -134,15 +134,15 @@ def ridge_cross_validate(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> CVResult:
-    """The linear baseline on the same patient-grouped folds as :func:`napari_he2rna.training.cross_validate`.
+    """The linear baseline on the same patient-grouped folds as :func:`napari_he2rna.model.training.cross_validate`.
 
     Parameters
     ----------
     cohort
-        From :func:`napari_he2rna.cohort.match_cohort`; each sample's slide-mean feature is its mean over
-        all tiles (:func:`napari_he2rna.cohort.tile_mean`).
+        From :func:`napari_he2rna.cohorts.cohort.match_cohort`; each sample's slide-mean feature is its mean over
+        all tiles (:func:`napari_he2rna.cohorts.cohort.tile_mean`).
     folds
-        Fold per sample (default: :func:`napari_he2rna.folds.cv_folds` with the config's seed: the same
+        Fold per sample (default: :func:`napari_he2rna.model.folds.cv_folds` with the config's seed: the same
         folds HE2RNA gets with the same seed and fold count).
 
     Returns

@@ -1,14 +1,10 @@
-"""The HE2RNA network, its top-k aggregation, and the one-file model bundle.
-
-Re-implemented from the Methods of Schmauch et al. (2020), *A deep learning model to predict RNA-Seq
-expression of tumours from whole slide images*: an MLP applied to every (super)tile independently
-(1D convolutions of kernel 1), ReLU, dropout between layers, one score per tile per gene; a slide's prediction
-for a gene is the mean of its k highest tile scores, k drawn from ``L`` at each training step and averaged
-over every k in ``L`` at inference.
+"""The one-file model bundle: writing, reading and checking it, and a loaded ensemble's inference.
 
 A model is shipped as ONE ``.safetensors`` file: the weights of every cross-validation fold (keys prefixed
 ``fold{i}.``) and a JSON document in the safetensors header (genes, backbone, feature size, tile size, hidden
-sizes, k lists, training summary, validation R, a checksum). Loading never unpickles anything.
+sizes, k lists, training summary, validation R, a checksum). Loading never unpickles anything. The network
+itself is :mod:`napari_he2rna.model.network`; converters of published checkpoints are
+:mod:`napari_he2rna.model.convert`.
 """
 
 from __future__ import annotations
@@ -23,168 +19,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from ..errors import GeneError, ModelError
+from .aggregation import Clustering
+from .network import HE2RNA, topk_mean_multi
 
 FORMAT_NAME = "napari-he2rna-model"
 FORMAT_VERSION = 1
 
-#: The paper's k lists: supertile data (100 per slide) and full-scale data (up to 8,000 tiles per slide).
-SUPERTILE_KS: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
-FULL_TILE_KS: tuple[int, ...] = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000)
-#: How a slide's prediction is made from its tile scores.
-AGGREGATIONS = ("topk", "mean")
-
-
-# --------------------------------------------------------------------------------------------- network
-
-
-class HE2RNA(nn.Module):
-    """The per-tile MLP of HE2RNA.
-
-    Every tile goes through the same layers (a 1D convolution of kernel 1 is a dense layer shared by the
-    tiles); ReLU and dropout sit between consecutive layers, the output layer is linear.
-
-    Parameters
-    ----------
-    input_dim
-        Features per tile (2048 for ResNet50).
-    n_genes
-        Outputs per tile.
-    hidden
-        Sizes of the hidden layers (paper: ``(1024, 1024)`` for all genes, ``(256, 256)`` for gene subsets).
-    dropout
-        Dropout probability between layers (paper: 0.25).
-    output_bias
-        ``(n_genes,)`` initial bias of the output layer, the mean training target, so that training starts
-        from the mean expression instead of zero.
-    """
-
-    def __init__(
-        self,
-        input_dim: int,
-        n_genes: int,
-        hidden: Sequence[int] = (1024, 1024),
-        dropout: float = 0.25,
-        output_bias: np.ndarray | torch.Tensor | None = None,
-    ) -> None:
-        super().__init__()
-        self.input_dim = int(input_dim)
-        self.n_genes = int(n_genes)
-        self.hidden = tuple(int(h) for h in hidden)
-        self.dropout_p = float(dropout)
-        sizes = [self.input_dim, *self.hidden, self.n_genes]
-        self.layers = nn.ModuleList(
-            nn.Conv1d(a, b, kernel_size=1) for a, b in zip(sizes[:-1], sizes[1:], strict=False)
-        )
-        self.dropout = nn.Dropout(self.dropout_p)
-        if output_bias is not None:
-            self.set_output_bias(output_bias)
-
-    def set_output_bias(self, bias: np.ndarray | torch.Tensor) -> None:
-        """Set the output layer's bias, ``(n_genes,)`` (e.g. to the mean training target)."""
-        bias = torch.as_tensor(np.asarray(bias, dtype=np.float32)).reshape(-1)
-        if bias.numel() != self.n_genes:
-            raise ValueError(f"output bias has {bias.numel()} values for {self.n_genes} genes")
-        with torch.no_grad():
-            self.layers[-1].bias.copy_(bias)
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Tile scores.
-
-        Parameters
-        ----------
-        x
-            ``(B, input_dim, N)`` tile features.
-        mask
-            ``(B, N)`` bool, True for real tiles. Padded tiles get a score of 0 (they never enter the top-k
-            when :func:`topk_mean` is given the same mask).
-
-        Returns
-        -------
-        torch.Tensor
-            ``(B, n_genes, N)`` one score per gene per tile.
-        """
-        h = x
-        for i, layer in enumerate(self.layers):
-            h = layer(h)
-            if i < len(self.layers) - 1:
-                h = self.dropout(torch.relu(h))
-        if mask is not None:
-            h = h * mask[:, None, :].to(h.dtype)
-        return h
-
-    def predict(self, x: torch.Tensor, mask: torch.Tensor, ks: Sequence[int]) -> torch.Tensor:
-        """Slide predictions ``(B, n_genes)``: the mean over k in ``ks`` of the top-k mean of tile scores."""
-        return topk_mean_multi(self(x, mask), mask, ks)
-
-
-def _sorted_valid(scores: torch.Tensor, mask: torch.Tensor | None, k_max: int):
-    """Top ``k_max`` scores per (slide, gene), sorted descending, padded tiles pushed to the end."""
-    b, _, n = scores.shape
-    if mask is None:
-        mask = torch.ones((b, n), dtype=torch.bool, device=scores.device)
-    mask = mask.to(torch.bool)
-    # A finite sentinel, not -inf: 0 * -inf would be NaN in the weighted sums below (and in gradients).
-    low = torch.finfo(scores.dtype).min
-    masked = scores.masked_fill(~mask[:, None, :], low)
-    k_max = max(1, min(int(k_max), n))
-    top = torch.topk(masked, k_max, dim=2, sorted=True).values  # (B, G, k_max)
-    n_valid = mask.sum(dim=1)  # (B,)
-    return top, n_valid
-
-
-def topk_mean(scores: torch.Tensor, mask: torch.Tensor | None, k: int) -> torch.Tensor:
-    """Per slide and gene, the mean of the k highest scores of the valid (unpadded) tiles.
-
-    Parameters
-    ----------
-    scores
-        ``(B, G, N)`` tile scores.
-    mask
-        ``(B, N)`` bool, True for real tiles; ``None`` means all tiles are real.
-    k
-        How many top tiles to average; when a slide has fewer valid tiles, all of them are averaged.
-
-    Returns
-    -------
-    torch.Tensor
-        ``(B, G)``; NaN for a slide without any valid tile.
-    """
-    top, n_valid = _sorted_valid(scores, mask, k)
-    k_eff = torch.clamp(n_valid, max=int(k))  # (B,)
-    pos = torch.arange(top.shape[2], device=scores.device)
-    keep = pos[None, :] < k_eff[:, None]  # (B, k)
-    total = torch.where(keep[:, None, :], top, torch.zeros_like(top)).sum(dim=2)
-    out = total / k_eff.clamp(min=1)[:, None].to(scores.dtype)
-    return torch.where((n_valid > 0)[:, None], out, torch.full_like(out, float("nan")))
-
-
-def topk_mean_multi(scores: torch.Tensor, mask: torch.Tensor | None, ks: Sequence[int]) -> torch.Tensor:
-    """Inference aggregation ``(B, G)``: the mean over k in ``ks`` of :func:`topk_mean`.
-
-    One sort and a cumulative sum serve every k, instead of one top-k per k.
-    """
-    ks = [int(k) for k in ks]
-    if not ks or min(ks) < 1:
-        raise ValueError("ks must be a non-empty list of positive integers")
-    top, n_valid = _sorted_valid(scores, mask, max(ks))
-    # Zero out sentinel values so the cumulative sum stays finite; they are never indexed below.
-    pos = torch.arange(top.shape[2], device=scores.device)
-    valid_pos = pos[None, :] < n_valid[:, None]
-    top = torch.where(valid_pos[:, None, :], top, torch.zeros_like(top))
-    csum = torch.cumsum(top, dim=2)  # (B, G, k_max)
-    out = torch.zeros(top.shape[:2], dtype=scores.dtype, device=scores.device)
-    for k in ks:
-        k_eff = torch.clamp(n_valid, min=1, max=min(k, top.shape[2]))  # (B,)
-        idx = (k_eff - 1)[:, None, None].expand(-1, top.shape[1], 1)
-        out = out + csum.gather(2, idx)[..., 0] / k_eff[:, None].to(scores.dtype)
-    out = out / len(ks)
-    return torch.where((n_valid > 0)[:, None], out, torch.full_like(out, float("nan")))
-
-
-# ---------------------------------------------------------------------------------------------- bundle
+#: How a slide's prediction is made from its tile scores: HE2RNA's top-k means, the mean of every tile (the
+#: linear baseline), or HE2RNA's top-k means over the means of k-means clusters of the tile features
+#: (SEQUOIA's re-trainings, :mod:`napari_he2rna.model.aggregation`).
+AGGREGATIONS = ("topk", "mean", "kmeans")
 
 
 def _tensor_digest(tensors: Mapping[str, torch.Tensor], metadata_json: str) -> str:
@@ -234,6 +80,11 @@ def save_bundle(
     metadata: Mapping[str, Any] | None = None,
     demo: bool = False,
     aggregation: str = "topk",
+    *,
+    tile_px: int | None = None,
+    tile_magnification: float | None = None,
+    input_resize: bool = True,
+    clustering: Clustering | None = None,
 ) -> Path:
     """Write a fold ensemble as one ``.safetensors`` model bundle (atomically).
 
@@ -256,7 +107,17 @@ def save_bundle(
         True for a model trained on synthetic slides (the UI then says it means nothing on real tissue).
     aggregation
         How tile scores make a slide's prediction: ``"topk"`` (HE2RNA: mean over k in ``ks`` of the top-k
-        mean) or ``"mean"`` (every tile; the linear baseline).
+        mean), ``"mean"`` (every tile; the linear baseline) or ``"kmeans"`` (HE2RNA's top-k means over the
+        means of the k-means clusters of the tile features, ``clustering``; SEQUOIA's re-trainings).
+    tile_px, tile_magnification
+        The tile size as the model was trained on it, in pixels at a magnification (e.g. 256 px at 20x),
+        beside ``tile_um``; both or neither.
+    input_resize
+        False when the backbone was fed each tile at its own pixel size (``tile_px``), not resized to its
+        usual input side.
+    clustering
+        The k-means of ``aggregation="kmeans"`` (default :class:`~napari_he2rna.model.aggregation.Clustering`:
+        100 clusters, ``random_state=0``, ``n_init=10``).
 
     Returns
     -------
@@ -284,11 +145,23 @@ def save_bundle(
         raise ModelError(f"Unknown aggregation {aggregation!r} (use {' or '.join(AGGREGATIONS)}).")
     if first.input_dim != int(feature_dim):
         raise ModelError(f"The models take {first.input_dim} features per tile, not {feature_dim}.")
+    if (tile_px is None) != (tile_magnification is None):
+        raise ModelError("A tile size in pixels needs its magnification, and a magnification its pixels.")
+    if tile_px is not None and (int(tile_px) < 1 or not float(tile_magnification) > 0):
+        raise ModelError(f"A tile of {tile_px} px at {tile_magnification}x is not a tile size.")
+    if clustering is not None and aggregation != "kmeans":
+        raise ModelError(f"k-means settings belong to the 'kmeans' aggregation, not {aggregation!r}.")
 
     tensors: dict[str, torch.Tensor] = {}
     for i, m in enumerate(models):
         for key, value in m.state_dict().items():
             tensors[f"fold{i}.{key}"] = value.detach().to("cpu", torch.float32).contiguous().clone()
+    bad = next((key for key, t in tensors.items() if not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise ModelError(
+            f"The model has non-finite weights ({bad}): training diverged or its targets or features hold "
+            "non-finite values; nothing was written."
+        )
 
     doc = {
         "genes": genes,
@@ -303,6 +176,13 @@ def save_bundle(
         "aggregation": aggregation,
         "extra": dict(metadata or {}),
     }
+    # Written only where they differ from what bundles without them mean (older readers ignore them).
+    if tile_px is not None:
+        doc["tile_px"], doc["tile_magnification"] = int(tile_px), float(tile_magnification)
+    if not input_resize:
+        doc["input_resize"] = False
+    if aggregation == "kmeans":
+        doc["clustering"] = (clustering or Clustering()).to_json()
     doc_json = json.dumps(doc, default=json_default, sort_keys=True, allow_nan=True)
     header = {
         "format": FORMAT_NAME,
@@ -365,7 +245,10 @@ def _layer_shapes(input_dim: int, hidden: Sequence[int], n_genes: int) -> dict[s
 class ModelBundle:
     """A loaded fold ensemble and what it expects.
 
-    ``layers[f]`` holds the (weight ``(out, in)``, bias ``(out,)``) float32 pairs of fold ``f``.
+    ``layers[f]`` holds the (weight ``(out, in)``, bias ``(out,)``) float32 pairs of fold ``f``. What a map
+    depends on beside the features: ``tile_um`` (always), ``tile_px`` at ``tile_magnification`` (the size the
+    model was trained on, where known), ``input_resize`` (False: the backbone saw each tile at its own pixel
+    size) and, for ``aggregation == "kmeans"``, the ``clustering`` that makes a slide's input.
     """
 
     genes: list[str]
@@ -380,11 +263,18 @@ class ModelBundle:
     layers: list[list[tuple[torch.Tensor, torch.Tensor]]]
     path: Path | None = None
     aggregation: str = "topk"
+    tile_px: int | None = None
+    tile_magnification: float | None = None
+    input_resize: bool = True
+    clustering: Clustering | None = None
     _gene_index: dict[str, int] = field(default_factory=dict, repr=False)
     _hidden_cache: tuple | None = field(default=None, repr=False)
+    _slide_input_cache: tuple | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._gene_index = {g: i for i, g in enumerate(self.genes)}
+        if self.aggregation == "kmeans" and self.clustering is None:
+            self.clustering = Clustering()
 
     # -- description ----------------------------------------------------------------------------------
     @property
@@ -422,8 +312,18 @@ class ModelBundle:
         parts = [
             f"HE2RNA model: {len(self.genes)} genes, ensemble of {self.n_folds} fold(s), "
             f"hidden layers {list(self.hidden)}, backbone '{self.backbone}' ({self.feature_dim} features), "
-            f"tiles of {self.tile_um:g} µm, k in {list(self.ks)}."
+            f"{self._tiles_text()}, k in {list(self.ks)}."
         ]
+        if self.aggregation == "kmeans" and self.clustering is not None:
+            c = self.clustering
+            parts.append(
+                f"Slide input: the means of {c.n_clusters} k-means clusters of the tile features per slide "
+                f"(scikit-learn, random_state {c.random_state}, n_init {c.n_init}); tile maps from every "
+                "tile."
+            )
+        unit = meta.get("output_unit")
+        if isinstance(unit, str) and unit.strip():
+            parts.append(f"Outputs in {unit.strip()}.")
         if cohort:
             n = cohort.get("n_samples")
             types = cohort.get("cancer_types")
@@ -443,6 +343,12 @@ class ModelBundle:
             )
         return " ".join(parts)
 
+    def _tiles_text(self) -> str:
+        if self.tile_px is None:
+            return f"tiles of {self.tile_um:g} µm"
+        text = f"tiles of {self.tile_px} px at {self.tile_magnification:g}x (about {self.tile_um:g} µm)"
+        return text + (", not resized" if not self.input_resize else "")
+
     # -- inference ------------------------------------------------------------------------------------
     def _as_tensor(self, features: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = torch.as_tensor(np.asarray(features, dtype=np.float32))
@@ -456,7 +362,7 @@ class ModelBundle:
         self, features: np.ndarray | torch.Tensor, chunk: int = 4096
     ) -> list[torch.Tensor]:
         """Last hidden activations ``(N, h)`` per fold, not cached (callers that keep them, like the viewer's
-        :class:`~napari_he2rna.session.SlideSession`, own their cache)."""
+        :class:`~napari_he2rna.maps.session.SlideSession`, own their cache)."""
         x = self._as_tensor(features)
         outs = []
         with torch.no_grad():
@@ -489,7 +395,7 @@ class ModelBundle:
         The hidden layers do not depend on the gene; caching them makes picking genes one after the other
         cost one small matrix product each.
         """
-        key = (tuple(x.shape), hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest())
+        key = _features_key(x)
         if self._hidden_cache is not None and self._hidden_cache[0] == key:
             return self._hidden_cache[1]
         outs = self.hidden_activations(x, chunk)
@@ -523,12 +429,34 @@ class ModelBundle:
     def slide_prediction(self, features: np.ndarray, genes: Sequence[str] | str | None = None) -> np.ndarray:
         """Slide-level prediction ``(len(genes),)``: per fold, the mean over k in ``ks`` of the top-k mean of
         the tile scores (``aggregation == "topk"``) or the mean of all tile scores (``"mean"``, the linear
-        baseline), then averaged over folds (each fold model was trained with its own aggregation)."""
+        baseline), then averaged over folds (each fold model was trained with its own aggregation).
+
+        With ``aggregation == "kmeans"`` the scores are those of the slide's k-means cluster means
+        (:meth:`slide_inputs`), not of its tiles: SEQUOIA's forward pass (network in eval mode, ReLU between
+        layers, nothing after the last; mean over k in ``ks`` of the top-k mean over the clusters)."""
+        if self.aggregation == "kmeans":
+            hidden = self.hidden_activations(self.slide_inputs(features))
+            return self.aggregate_fold_scores(self.scores_from_hidden(hidden, genes))
         scores, _ = self._fold_scores(features, genes)
         return self.aggregate_fold_scores(scores)
 
+    def slide_inputs(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
+        """What the slide-level prediction aggregates over, ``(n, feature_dim)`` float32: the tile features
+        themselves, or with ``aggregation == "kmeans"`` the means of their k-means clusters (``clustering``;
+        computed once for the last feature matrix seen)."""
+        x = self._as_tensor(features)
+        if self.aggregation != "kmeans" or self.clustering is None:
+            return x.numpy()
+        key = (_features_key(x), self.clustering)
+        if self._slide_input_cache is not None and self._slide_input_cache[0] == key:
+            return self._slide_input_cache[1]
+        means = self.clustering.cluster_means(x.numpy())
+        self._slide_input_cache = (key, means)
+        return means
+
     def aggregate_fold_scores(self, scores: Sequence[torch.Tensor]) -> np.ndarray:
-        """Slide-level prediction from per-fold tile scores ``(N, G)`` (see :meth:`slide_prediction`)."""
+        """Slide-level prediction from per-fold scores ``(N, G)`` (see :meth:`slide_prediction`): of the
+        tiles, or with ``aggregation == "kmeans"`` of the rows of :meth:`slide_inputs` (the cluster means)."""
         preds = []
         for s in scores:
             if self.aggregation == "mean":
@@ -548,6 +476,11 @@ class ModelBundle:
                     layer.bias.copy_(b)
             out.append(m)
         return out
+
+
+def _features_key(x: torch.Tensor) -> tuple:
+    """Identity of a feature matrix for the caches of :class:`ModelBundle` (shape and a digest)."""
+    return (tuple(x.shape), hashlib.blake2b(x.numpy().tobytes(), digest_size=16).hexdigest())
 
 
 def load_bundle(path: str | Path) -> ModelBundle:
@@ -599,7 +532,12 @@ def load_bundle(path: str | Path) -> ModelBundle:
         demo = bool(doc["demo"])
         aggregation = str(doc.get("aggregation", "topk"))  # bundles written before it existed: HE2RNA
         extra = dict(doc.get("extra") or {})
-    except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        # Bundles written before these existed: tile size in µm only, tiles resized, no k-means.
+        tile_px = None if doc.get("tile_px") is None else int(doc["tile_px"])
+        tile_mag = None if doc.get("tile_magnification") is None else float(doc["tile_magnification"])
+        input_resize = bool(doc.get("input_resize", True))
+        clustering = Clustering.from_json(doc["clustering"]) if "clustering" in doc else None
+    except (KeyError, TypeError, ValueError, json.JSONDecodeError, ModelError) as exc:
         raise ModelError(f"{name} has incomplete or malformed model metadata ({exc!s}).") from None
     if aggregation not in AGGREGATIONS:
         raise ModelError(f"{name} has an unknown aggregation {aggregation!r}.")
@@ -656,140 +594,8 @@ def load_bundle(path: str | Path) -> ModelBundle:
         layers=layers,
         path=path,
         aggregation=aggregation,
+        tile_px=tile_px,
+        tile_magnification=tile_mag,
+        input_resize=input_resize,
+        clustering=clustering,
     )
-
-
-# ------------------------------------------------------------------------------------------- converter
-
-
-def _extract_state_dict(obj: Any, name: str) -> dict[str, torch.Tensor]:
-    """The tensor dict inside a loaded checkpoint (plain state dict or one nested under a usual key)."""
-    if isinstance(obj, Mapping):
-        if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-            return dict(obj)
-        for key in ("state_dict", "model_state_dict", "model", "net", "weights"):
-            if key in obj and isinstance(obj[key], Mapping):
-                return _extract_state_dict(obj[key], name)
-        tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-        if tensors:
-            return tensors
-    raise ModelError(f"{name} holds no state dict of tensors (a whole pickled model is not accepted).")
-
-
-def _layers_from_state_dict(
-    sd: Mapping[str, torch.Tensor], name: str
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Map a state dict onto (weight, bias) pairs by order and shape.
-
-    Weights are 3-D ``(out, in, 1)`` (Conv1d, kernel 1) or 2-D ``(out, in)`` (Linear); each is followed by its
-    ``(out,)`` bias. Anything else (batch norm, attention, ...) means another architecture: refused.
-    """
-    items = [(k, v) for k, v in sd.items() if v.is_floating_point()]
-    layers: list[tuple[torch.Tensor, torch.Tensor]] = []
-    i = 0
-    while i < len(items):
-        key, w = items[i]
-        if w.ndim == 3 and w.shape[2] == 1:
-            w2 = w[:, :, 0]
-        elif w.ndim == 2:
-            w2 = w
-        else:
-            raise ModelError(
-                f"{name}: tensor '{key}' of shape {tuple(w.shape)} is not a layer of the HE2RNA MLP "
-                "(expected 1x1 convolutions or dense layers)."
-            )
-        if i + 1 >= len(items) or items[i + 1][1].ndim != 1 or items[i + 1][1].shape[0] != w2.shape[0]:
-            raise ModelError(f"{name}: layer '{key}' has no bias of size {w2.shape[0]} after it.")
-        layers.append((w2.to(torch.float32).contiguous(), items[i + 1][1].to(torch.float32).contiguous()))
-        i += 2
-    if not layers:
-        raise ModelError(f"{name} contains no layer weights.")
-    for (w_prev, _), (w_next, _) in zip(layers[:-1], layers[1:], strict=False):
-        if w_next.shape[1] != w_prev.shape[0]:
-            raise ModelError(
-                f"{name}: consecutive layers do not chain "
-                f"({w_prev.shape[0]} outputs feed {w_next.shape[1]} inputs)."
-            )
-    return layers
-
-
-def convert_checkpoint(
-    src: str | Path | Sequence[str | Path],
-    out: str | Path,
-    genes: Sequence[str] | str | Path,
-    backbone: str = "resnet50-imagenet",
-    feature_dim: int | None = None,
-    tile_um: float = 112.0,
-    ks: Sequence[int] = SUPERTILE_KS,
-    dropout: float = 0.25,
-    metadata: Mapping[str, Any] | None = None,
-    demo: bool = False,
-) -> Path:
-    """Convert PyTorch HE2RNA checkpoints into one model bundle.
-
-    Accepts plain state dicts in the paper's layout (a sequence of Conv1d kernel-1 layers, or dense layers)
-    and the ``he2rna-{cancer}-{fold}`` checkpoints published by the SEQUOIA authors (state dicts of the same
-    kind of MLP). Keys are mapped by order and shape; a checkpoint that does not fit is refused with a
-    :class:`ModelError`. Files are read with ``torch.load(weights_only=True)``: no pickled code runs.
-
-    Parameters
-    ----------
-    src
-        A checkpoint file, a folder of them (``*.pt``/``*.pth``/``*.bin``/``*.ckpt``, sorted by name; one per
-        fold), or a list of files. All folds are put in one ensemble.
-    out
-        The ``.safetensors`` bundle to write.
-    genes
-        Output names in order, or a text file with one name per line.
-    backbone, feature_dim, tile_um, ks, dropout
-        What the model expects (``feature_dim`` defaults to the first layer's input size).
-    """
-    if isinstance(src, (str, Path)):
-        p = Path(src)
-        if p.is_dir():
-            files = sorted(f for f in p.iterdir() if f.suffix.lower() in {".pt", ".pth", ".bin", ".ckpt"})
-            if not files:
-                raise ModelError(f"No checkpoint files (.pt, .pth, .bin, .ckpt) in {p}.")
-        else:
-            files = [p]
-    else:
-        files = [Path(s) for s in src]
-    if isinstance(genes, (str, Path)) and Path(genes).is_file():
-        genes = [ln.strip() for ln in Path(genes).read_text().splitlines() if ln.strip()]
-    genes = [str(g) for g in genes]
-
-    folds = []
-    for f in files:
-        try:
-            obj = torch.load(f, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ModelError(f"Checkpoint {f} does not exist.") from None
-        except Exception as exc:  # noqa: BLE001 - torch raises many kinds (UnpicklingError, RuntimeError...)
-            raise ModelError(
-                f"{f.name} cannot be read as a weights-only PyTorch checkpoint ({type(exc).__name__})."
-            ) from None
-        folds.append(_layers_from_state_dict(_extract_state_dict(obj, f.name), f.name))
-
-    first = folds[0]
-    shapes = [tuple(w.shape) for w, _ in first]
-    for f, fold in zip(files, folds, strict=False):
-        if [tuple(w.shape) for w, _ in fold] != shapes:
-            raise ModelError(f"{f.name} has another architecture than {files[0].name}; folds must match.")
-    in_dim = first[0][0].shape[1]
-    n_out = first[-1][0].shape[0]
-    if feature_dim is not None and int(feature_dim) != in_dim:
-        raise ModelError(f"The checkpoint takes {in_dim} features per tile, not {feature_dim}.")
-    if len(genes) != n_out:
-        raise ModelError(f"The checkpoint predicts {n_out} outputs but {len(genes)} gene names were given.")
-    hidden = [w.shape[0] for w, _ in first[:-1]]
-    models = []
-    for fold in folds:
-        m = HE2RNA(in_dim, n_out, hidden, dropout)
-        with torch.no_grad():
-            for layer, (w, b) in zip(m.layers, fold, strict=False):
-                layer.weight.copy_(w[:, :, None])
-                layer.bias.copy_(b)
-        models.append(m)
-    extra = dict(metadata or {})
-    extra.setdefault("converted_from", [f.name for f in files])
-    return save_bundle(out, models, genes, backbone, in_dim, tile_um, ks, extra, demo)

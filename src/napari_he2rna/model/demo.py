@@ -136,7 +136,7 @@ def build_demo_model(
         The cohort (:func:`napari_he2rna.synthetic.make_cohort`); ``size_px`` is level-0 (width, height)
         at 0.5 µm/px (1344 px = 672 µm = 6 x 6 tiles of 112 µm).
     hidden, epochs, patience, lr, n_folds
-        Training (:class:`napari_he2rna.training.TrainConfig`, supertile mode, batch 16).
+        Training (:class:`napari_he2rna.model.training.TrainConfig`, supertile mode, batch 16).
     null_inits
         Random inits of the untrained architecture for the significance test.
     report_dir
@@ -149,7 +149,7 @@ def build_demo_model(
     Returns
     -------
     (Path, Evaluation)
-        The bundle written and its :class:`napari_he2rna.evaluation.Evaluation` (the report is in
+        The bundle written and its :class:`napari_he2rna.model.evaluation.Evaluation` (the report is in
         ``report_dir``).
     """
     import torch
@@ -201,9 +201,9 @@ def _build(
 ):
 
     from ..cohorts.cohort import cohort_features, load_expression, load_samples, match_cohort
+    from ..synthetic import is_control_gene, make_cohort
     from .evaluation import SUMMARY_COLUMNS, write_report
     from .fitting import evaluate_result, fit, null_predictions, save_result
-    from ..synthetic import is_control_gene, make_cohort
     from .training import TrainConfig
 
     out = Path(out_path)

@@ -327,7 +327,7 @@ def evaluate(
         None treats all samples as one fold.
     null_predictions
         ``(n_inits, n_samples, n_genes)`` predictions of the untrained architecture (see
-        :func:`napari_he2rna.training.untrained_predictions`). Without it there is no significance test.
+        :func:`napari_he2rna.model.training.untrained_predictions`). Without it there is no significance test.
     alpha
         Significance level after correction.
     top_n

@@ -1,11 +1,11 @@
 """Train, save and evaluate a model on a cohort: the steps ``he2rna train``, ``he2rna evaluate`` and the demo
 model share, so that what the README reports is what a user's command does.
 
-* :func:`fit` trains HE2RNA (:func:`napari_he2rna.training.cross_validate`) or the linear baseline
-  (:func:`napari_he2rna.baseline.ridge_cross_validate`) on patient-grouped folds.
+* :func:`fit` trains HE2RNA (:func:`napari_he2rna.model.training.cross_validate`) or the linear baseline
+  (:func:`napari_he2rna.model.baseline.ridge_cross_validate`) on patient-grouped folds.
 * :func:`save_result` writes the fold ensemble as one bundle with what inference needs to know about the
   training data: the fold scalers, the out-of-fold R, the distribution of the training features and the
-  range of the training targets (:mod:`napari_he2rna.ood`).
+  range of the training targets (:mod:`napari_he2rna.model.ood`).
 * :func:`evaluate_result` tests the out-of-fold predictions against the untrained architecture and, beside
   them, the baseline trained on the same folds.
 """
@@ -87,7 +87,7 @@ def save_result(
     demo: bool = False,
     cancel: CancelToken | None = None,
 ) -> Path:
-    """Write ``result`` as one ``.safetensors`` bundle (see :func:`napari_he2rna.model.save_bundle`)."""
+    """Write ``result`` as one ``.safetensors`` bundle (see :func:`napari_he2rna.model.bundle.save_bundle`)."""
     from .bundle import save_bundle
     from .training import bundle_metadata
 
@@ -143,7 +143,7 @@ def evaluate_result(
     alpha: float = 0.05,
     seed: int = 0,
 ):
-    """:func:`napari_he2rna.evaluation.evaluate` of out-of-fold predictions on the cohort's cancer types."""
+    """:func:`napari_he2rna.model.evaluation.evaluate` of out-of-fold predictions on the cohort's cancer types."""
     from .evaluation import evaluate
 
     types = cohort.samples.loc[cohort.sample_ids, "cancer_type"].astype(str).to_numpy()

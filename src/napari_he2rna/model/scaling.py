@@ -130,7 +130,7 @@ class FeatureScaler:
             first.weight.copy_((w * (s[None, :, None] if w.ndim == 3 else s[None, :])).to(first.weight.dtype))
 
     def fold_into(self, model: Any) -> None:
-        """Fold into the first layer of a :class:`napari_he2rna.model.HE2RNA` (or any module whose
+        """Fold into the first layer of a :class:`napari_he2rna.model.network.HE2RNA` (or any module whose
         ``layers[0]`` is a 1x1 ``Conv1d`` or ``Linear``), in place."""
         first = model.layers[0]
         self.fold_into_linear(first.weight, first.bias)

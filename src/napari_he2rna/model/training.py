@@ -1,7 +1,7 @@
 """HE2RNA training: one public path for every command that trains a per-tile model on slide-level targets.
 
 ``he2rna train``, ``make-demo-model``, ``slide-ex`` and the library all go through :func:`cross_validate`
-(folds from :mod:`napari_he2rna.folds`, standardisation from :mod:`napari_he2rna.scaling`) and
+(folds from :mod:`napari_he2rna.model.folds`, standardisation from :mod:`napari_he2rna.model.scaling`) and
 :func:`train_one`. Training follows the paper's Methods: Adam (lr 3e-4), minibatches of 16 slides
 (supertiles) or 4 (all tiles), one k drawn from ``L`` per batch, mean squared error on log10(1 + FPKM-UQ),
 at most 200 epochs, early stopping after 50 epochs without improvement on a validation split (10 % of the
@@ -12,7 +12,7 @@ Two things the paper leaves implicit are explicit here:
 * **Standardised inputs.** Each fold's network sees ``(x - mean) / std`` with mean and std fitted on that
   fold's training samples only; the scaling is folded into the first layer when the fold ends, so the
   models (and the saved bundle) take raw backbone features, and the bundle records the scalers.
-* **A validation criterion that is always defined** (:func:`napari_he2rna.folds.choose_criterion`): the
+* **A validation criterion that is always defined** (:func:`napari_he2rna.model.folds.choose_criterion`): the
   paper's mean per-gene, per-cancer-type R when every type has enough validation samples, else the R pooled
   over the validation samples, else the validation loss. The history of each fold says which was used.
 """
@@ -32,32 +32,23 @@ import pandas as pd
 import torch
 
 from ..cohorts.cohort import Cohort
-from ..features.devices import resolve_device
 from ..errors import DataError
+from ..features.devices import resolve_device
+from ..jobs import CancelToken, ProgressCallback, check_cancel, report
+from .bundle import atomic_write_bytes
+from .cohort_prediction import SlideBatches, predict_slides
 from .evaluation import mean_r_by_type, pearson_by_type, pearson_columns
 from .folds import choose_criterion, cv_folds, validation_split
-from ..jobs import CancelToken, ProgressCallback, check_cancel, report
-from .bundle import (
-    FULL_TILE_KS,
-    HE2RNA,
-    SUPERTILE_KS,
-    ModelBundle,
-    atomic_write_bytes,
-    topk_mean,
-    topk_mean_multi,
-)
+from .network import FULL_TILE_KS, HE2RNA, SUPERTILE_KS, topk_mean, topk_mean_multi
 from .scaling import FeatureScaler, ScaledFeatures
 
 __all__ = [
     "CVResult",
-    "SlideBatches",
     "TrainConfig",
     "bundle_metadata",
-    "bundle_oof_predictions",
     "check_targets",
     "cross_validate",
     "pooled_mean_r",
-    "predict_slides",
     "train_one",
     "untrained_predictions",
     "validation_score",
@@ -77,7 +68,7 @@ def resolve_val_fraction(val_fraction: float | None, train_types: Sequence[str])
     """The validation fraction of one fold and why.
 
     ``None`` (auto) gives the paper's 10 % when every cancer type of the fold's training samples would get
-    at least :data:`napari_he2rna.folds.MIN_VAL_PER_TYPE` validation samples at that fraction (so the paper's
+    at least :data:`napari_he2rna.model.folds.MIN_VAL_PER_TYPE` validation samples at that fraction (so the paper's
     per-type R is defined), else 0: on smaller cohorts a validation split of one or two samples per type
     only picks a noisy epoch and takes samples from training (docs/training.md), so training runs all its
     epochs. A number is used as given.
@@ -144,85 +135,6 @@ class TrainConfig:
         d["batch_size"] = self.batch
         d["hidden"] = list(self.hidden)
         return d
-
-
-class SlideBatches:
-    """Feature matrices by position, loaded once (supertiles) or on demand (all tiles), batched and padded.
-
-    Parameters
-    ----------
-    features
-        ``sample_id -> (n_tiles, dim)`` arrays (any mapping; lazy ones are read per batch).
-    ids
-        The samples, by position.
-    keep_in_memory
-        Keep each matrix after its first read (supertiles: small).
-    """
-
-    def __init__(self, features: Mapping[str, np.ndarray], ids: Sequence[str], keep_in_memory: bool) -> None:
-        self.features, self.ids, self.keep = features, list(ids), keep_in_memory
-        self._cache: dict[int, np.ndarray] = {}
-        self.dim: int | None = None
-
-    def get(self, i: int) -> np.ndarray:
-        if i in self._cache:
-            return self._cache[i]
-        sid = self.ids[i]
-        try:
-            arr = np.asarray(self.features[sid], dtype=np.float32)
-        except KeyError:
-            raise DataError(f"No features for sample {sid}.") from None
-        if arr.ndim != 2 or arr.shape[0] == 0:
-            raise DataError(
-                f"Features of sample {sid} must be a non-empty (n_tiles, dim) array, got {arr.shape}."
-            )
-        if self.dim is None:
-            self.dim = arr.shape[1]
-        elif arr.shape[1] != self.dim:
-            raise DataError(f"Features of sample {sid} have {arr.shape[1]} dimensions, others {self.dim}.")
-        if not np.isfinite(arr).all():
-            raise DataError(f"Features of sample {sid} contain NaN or infinite values.")
-        if self.keep:
-            self._cache[i] = arr
-        return arr
-
-    def batch(self, idx: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(B, dim, N_max)`` features and ``(B, N_max)`` mask; padding is zeros, masked out."""
-        arrays = [self.get(int(i)) for i in idx]
-        n_max = max(a.shape[0] for a in arrays)
-        x = np.zeros((len(arrays), arrays[0].shape[1], n_max), dtype=np.float32)
-        mask = np.zeros((len(arrays), n_max), dtype=bool)
-        for j, a in enumerate(arrays):
-            x[j, :, : a.shape[0]] = a.T
-            mask[j, : a.shape[0]] = True
-        return torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
-
-
-def predict_slides(
-    model: HE2RNA,
-    slides: SlideBatches,
-    idx: Sequence[int],
-    ks: Sequence[int],
-    device: torch.device,
-    batch_size: int = 16,
-    aggregation: str = "topk",
-) -> np.ndarray:
-    """Slide predictions ``(len(idx), n_genes)``: the mean over k in ``ks`` of the top-k mean of the tile
-    scores (``aggregation="topk"``, HE2RNA), or the plain mean over the tiles (``"mean"``)."""
-    model.eval()
-    out = []
-    with torch.no_grad():
-        for start in range(0, len(idx), batch_size):
-            x, mask = slides.batch(idx[start : start + batch_size], device)
-            scores = model(x, mask)
-            if aggregation == "mean":
-                m = mask[:, None, :].to(scores.dtype)
-                out.append(((scores * m).sum(2) / m.sum(2).clamp_min(1)).cpu().numpy())
-            else:
-                out.append(topk_mean_multi(scores, mask, ks).cpu().numpy())
-    if not out:
-        return np.zeros((0, model.n_genes), dtype=np.float32)
-    return np.concatenate(out)
 
 
 # ------------------------------------------------------------------------------------------- validation
@@ -464,7 +376,7 @@ def cross_validate(
     Parameters
     ----------
     cohort
-        From :func:`napari_he2rna.cohort.match_cohort`.
+        From :func:`napari_he2rna.cohorts.cohort.match_cohort`.
     config
         :class:`TrainConfig` (defaults: the paper's supertile settings, standardised inputs).
     progress, cancel
@@ -477,7 +389,7 @@ def cross_validate(
         One model per fold to start from (fine-tuning, e.g. on full tiles after supertile training); they
         take raw features, and are re-expressed on the fold's standardised features before training.
     folds
-        Fold per sample (default: :func:`napari_he2rna.folds.cv_folds` with the config's seed).
+        Fold per sample (default: :func:`napari_he2rna.model.folds.cv_folds` with the config's seed).
     log
         Called with one line per fold (its validation criterion and split sizes).
 
@@ -683,60 +595,10 @@ def untrained_predictions(
     return out
 
 
-def bundle_oof_predictions(
-    bundle: ModelBundle, cohort: Cohort, device: str = "auto"
-) -> tuple[pd.DataFrame, np.ndarray]:
-    """Out-of-fold predictions of a saved fold ensemble on its training cohort.
-
-    Each sample is predicted by the fold model that did not see it (``metadata['folds']``); samples not in
-    that map are predicted by the whole ensemble (and flagged with fold -1).
-
-    Returns
-    -------
-    (pd.DataFrame, np.ndarray)
-        Predictions ``(n_samples, n_genes)`` for ``bundle.genes`` and the fold per sample.
-    """
-    from ..cohorts.cohort import tile_mean
-
-    fold_map = {str(k): int(v) for k, v in (bundle.metadata.get("folds") or {}).items()}
-    ids = cohort.sample_ids
-    folds = np.array([fold_map.get(s, -1) for s in ids], dtype=np.int64)
-    modules = bundle.to_modules()
-    dev = resolve_device(device)
-    first = np.asarray(cohort.features[ids[0]])
-    if first.ndim != 2 or first.shape[1] != bundle.feature_dim:
-        raise DataError(
-            f"The cohort's features have {first.shape[-1]} dimensions but the model takes "
-            f"{bundle.feature_dim} "
-            f"({bundle.backbone}); extract features with the model's backbone."
-        )
-    if bundle.aggregation == "mean" and not bundle.hidden:
-        # A linear model: the mean of its tile scores is its value at the mean tile (exact, and it uses
-        # every tile even when the cohort holds supertiles).
-        means = {s: tile_mean(cohort.features, s)[None, :].astype(np.float32) for s in ids}
-        slides = SlideBatches(means, ids, keep_in_memory=True)
-    else:
-        slides = SlideBatches(cohort.features, ids, keep_in_memory=False)
-    agg = bundle.aggregation
-    preds = np.zeros((len(ids), len(bundle.genes)), dtype=np.float32)
-    for f, m in enumerate(modules):
-        idx = np.flatnonzero(folds == f)
-        if len(idx):
-            preds[idx] = predict_slides(m.to(dev), slides, idx, bundle.ks, dev, aggregation=agg)
-    rest = np.flatnonzero((folds < 0) | (folds >= len(modules)))
-    if len(rest):
-        preds[rest] = np.mean(
-            [predict_slides(m.to(dev), slides, rest, bundle.ks, dev, aggregation=agg) for m in modules],
-            axis=0,
-        )
-        folds[rest] = -1
-    return pd.DataFrame(preds, index=pd.Index(ids, name="sample_id"), columns=bundle.genes), folds
-
-
 def bundle_metadata(
     result: CVResult, cohort: Cohort, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
-    """Metadata for :func:`napari_he2rna.model.save_bundle`: cohort summary, per-gene per-cancer
+    """Metadata for :func:`napari_he2rna.model.bundle.save_bundle`: cohort summary, per-gene per-cancer
     cross-validated R (out-of-fold), the fold of every sample, the training settings with each fold's
     validation criterion and history, and the input standardisation of every fold."""
     r = pearson_by_type(

@@ -1,10 +1,10 @@
 """The "Export" dock widget: write a slide's tile scores as CSV, AnnData (.h5ad), QuPath GeoJSON tiles or
 heatmap TIFFs.
 
-Only wiring: the files are written by :class:`napari_he2rna.session.SlideSession` (atomically, via
-:mod:`napari_he2rna.spatial`). The names offered are the genes/sets painted on the picked slide (its heatmap
-layers); more can be typed. An existing file is replaced only after the user says so; every outcome is a
-notification naming the written path(s), or the one-sentence reason it failed.
+Only wiring: the files are written by :class:`napari_he2rna.maps.session.SlideSession` (atomically, via
+:mod:`napari_he2rna.maps.exports`). The names offered are the genes/sets painted on the picked slide (its
+heatmap layers); more can be typed. An existing file is replaced only after the user says so; every outcome is
+a notification naming the written path(s), or the one-sentence reason it failed.
 """
 
 from __future__ import annotations
@@ -24,13 +24,15 @@ from qtpy.QtWidgets import (
     QListWidgetItem,
     QMessageBox,
     QPushButton,
+    QSizePolicy,
     QVBoxLayout,
     QWidget,
 )
 
-from ..maps import spatial
 from ..errors import He2rnaError
-from ..maps.session import safe_name
+from ..maps import exports, gene_sets
+from ..maps.exports import safe_name
+from ._dock_fit import elide_middle
 from ._pickers import SlideLayerPicker
 from ._state import SlideState, get_registry, layer_info
 
@@ -54,6 +56,9 @@ class ExportWidget(QWidget):
         self.slide_picker = SlideLayerPicker(napari_viewer)
         self.names_list = QListWidget()
         self.names_list.setToolTip("The genes / gene sets painted on this slide; tick those to export")
+        # as tall as its names (the dock scrolls, the list does not)
+        self.names_list.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.names_list.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Fixed)
         self.extra_edit = QLineEdit()
         self.extra_edit.setPlaceholderText("more genes or sets, comma-separated (optional)")
         self.csv_button = QPushButton("Export tile scores (CSV)…")
@@ -117,6 +122,13 @@ class ExportWidget(QWidget):
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
             item.setCheckState(Qt.CheckState.Unchecked if name in unticked else Qt.CheckState.Checked)
             self.names_list.addItem(item)
+        self._fit_list()
+
+    def _fit_list(self) -> None:
+        """The name list as tall as its rows (two at least, so it reads as a list when empty)."""
+        lst = self.names_list
+        row = lst.sizeHintForRow(0) if lst.count() else lst.fontMetrics().height() + 4
+        lst.setFixedHeight(max(lst.count(), 2) * row + 2 * lst.frameWidth() + 4)
 
     def set_checked(self, names: Sequence[str]) -> None:
         """Tick exactly ``names`` in the list."""
@@ -132,7 +144,7 @@ class ExportWidget(QWidget):
             for i in range(self.names_list.count())
             if self.names_list.item(i).checkState() == Qt.CheckState.Checked
         ]
-        names += spatial.split_names(self.extra_edit.text())
+        names += gene_sets.split_names(self.extra_edit.text())
         return list(dict.fromkeys(names))
 
     def _ready_state(self) -> tuple[SlideState, list[str]] | None:
@@ -176,7 +188,11 @@ class ExportWidget(QWidget):
 
     def _done(self, paths: Sequence[Path]) -> None:
         text = "Wrote " + ", ".join(str(p) for p in paths)
-        self.result_label.setText(text)
+        # the dock is narrow: the file names, then their folder shortened (the full paths in the tooltip)
+        folders = list(dict.fromkeys(str(Path(p).parent) for p in paths))
+        where = "; ".join(elide_middle(f, 36) for f in folders)
+        self.result_label.setText(f"Wrote {', '.join(Path(p).name for p in paths)} in {where}")
+        self.result_label.setToolTip("\n".join(str(p) for p in paths))
         self._last_dir = Path(paths[0]).parent
         show_info(text)
 
@@ -201,7 +217,7 @@ class ExportWidget(QWidget):
             return None
         if path.suffix.lower() != ".csv":
             path = path.with_name(path.name + ".csv")
-        if not self.confirm_overwrite([path, spatial.slide_csv_path(path), spatial.tile_metadata_path(path)]):
+        if not self.confirm_overwrite([path, exports.slide_csv_path(path), exports.tile_metadata_path(path)]):
             return None
         try:
             written = state.session.export_csv(path, names, overwrite=True)

@@ -37,5 +37,8 @@ class SlideLayerPicker(ComboBox):
         if not is_slide_layer(active):
             state = get_registry(self._viewer).state_of_layer(active)
             active = state.layer if state is not None else None
-        if active is not None and any(active is c for c in self.choices):
-            self.value = active
+        # ``==``, not ``is``: under ``he2rna view`` napari hands plugins a proxy of each layer, which is never
+        # the layer object itself but compares equal to it
+        match = next((c for c in self.choices if active is not None and c == active), None)
+        if match is not None:
+            self.value = match

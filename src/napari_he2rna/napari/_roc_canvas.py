@@ -6,12 +6,13 @@ from collections.abc import Mapping
 
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
+from qtpy.QtWidgets import QSizePolicy
 
 from ..validation import metrics
 
 
 class RocCanvas:
-    """A matplotlib figure in a Qt canvas showing the ROC curves of :class:`~napari_he2rna.compare` results.
+    """A matplotlib figure in a Qt canvas showing the ROC curves of :class:`~napari_he2rna.validation.metrics` results.
 
     Attributes
     ----------
@@ -23,6 +24,9 @@ class RocCanvas:
         self.figure = Figure(figsize=figsize, tight_layout=True)
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(min_height)
+        # as wide as the dock, as tall as asked: it does not take the height the tab has to spare
+        self.canvas.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.canvas.setFixedHeight(min_height)
 
     def draw(self, results: Mapping[str, metrics.TileMetrics | metrics.AnnotationMetrics]) -> None:
         """One panel per name: the ROC curve of each AUC cut (or inside vs outside), and the chance line."""

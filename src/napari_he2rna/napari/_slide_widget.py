@@ -1,6 +1,6 @@
 """The "Slide" dock widget: open a slide, see its facts, give or correct its pixel size (µm/px).
 
-It only wires magicgui widgets to :mod:`napari_he2rna.slide` and to the same layer-building code as the
+It only wires magicgui widgets to :mod:`napari_he2rna.slides.slide` and to the same layer-building code as the
 reader (:func:`~napari_he2rna.napari._reader.open_slide_layer`); errors become notifications.
 """
 
@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 from magicgui.widgets import Container, FileEdit, Label, LineEdit, PushButton
 from napari.utils.notifications import show_error, show_info
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QLineEdit
 
 from ..errors import SlideError
 from ..slides.slide import SLIDE_SUFFIXES, Slide, validate_mpp
@@ -47,6 +49,11 @@ class SlideWidget(Container):
             widgets=[self.file, self.open_button, self.facts, self.mpp, self.mpp_button, self.mask_button],
             labels=True,
         )
+        # A narrow dock: the facts wrap (the levels line is long) and rows keep their natural height.
+        self.facts.native.setWordWrap(True)
+        self.facts.native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.native.layout().addStretch(1)
+        self._path_edit = self.file.native.findChild(QLineEdit)
         self._layer = None
         self.open_button.changed.connect(self._open_clicked)
         self.mpp_button.changed.connect(self._set_mpp_clicked)
@@ -84,9 +91,28 @@ class SlideWidget(Container):
             return
         slide: Slide = layer.metadata["slide"]
         facts = {"layer": layer.name, **slide.facts()}
-        facts.pop("file", None)
+        facts.pop("file", None)  # in the file field
         self.facts.value = "\n".join(f"{key}: {value}" for key, value in facts.items())
         self.mpp.value = f"{slide.mpp:g}" if slide.mpp is not None else ""
+        self._show_file(Path(slide.path))
+
+    def _show_file(self, path: Path) -> None:
+        """The slide file field shows the file of the slide shown (its end: the name), unless the user has
+        put another file there to open."""
+        typed = str(self.file.value) if self.file.value is not None else ""
+        if typed not in ("", ".") and Path(typed).resolve() not in self._open_paths():
+            return
+        self.file.value = path
+        self.file.tooltip = str(path)
+        if self._path_edit is not None:
+            self._path_edit.setToolTip(str(path))
+            self._path_edit.setCursorPosition(len(self._path_edit.text()))  # the name, not the folders
+
+    def _open_paths(self) -> dict[Path, object]:
+        """The files of the viewer's slide layers, to their layers."""
+        return {
+            Path(ly.metadata["slide"].path).resolve(): ly for ly in self.viewer.layers if is_slide_layer(ly)
+        }
 
     # ------------------------------------------------------------------ actions
     def open_path(self, path: str | Path) -> None:
@@ -94,6 +120,11 @@ class SlideWidget(Container):
         path = Path(path)
         if not str(path) or path == Path("."):
             show_error("Pick a slide file first.")
+            return
+        already = self._open_paths().get(path.resolve())
+        if already is not None:  # the field shows the open slide's file: Open shows that slide
+            self.viewer.layers.selection.active = already
+            self.refresh()
             return
         data = open_slide_layer(path)
         if data[0][0] is None:  # the error was shown already

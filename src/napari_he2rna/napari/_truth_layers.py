@@ -1,8 +1,13 @@
 """The Compare dock's truth layer: Points (cells), Shapes (annotation outlines) or Image (mask), in µm.
 
-What is drawn comes from a :class:`~napari_he2rna.comparison.Comparison` (the selected cells, the polygon
+What is drawn comes from a :class:`~napari_he2rna.validation.comparison.Comparison` (the selected cells, the polygon
 rings and their roles, the mask and its placement), the same object and geometry the per-tile numbers come
 from; this module only turns it into napari layers.
+
+The truth is drawn over the heatmap so both are seen: cells as small semi-transparent dots (a lymphocyte
+nucleus is about 5-7 µm, so at full zoom a dot sits on its nucleus and leaves the tile's colour around
+it), and the layer that was active (the heatmap) stays active, so hovering still gives the tile's scores
+and its truth.
 """
 
 from __future__ import annotations
@@ -11,12 +16,17 @@ from typing import Any
 
 import numpy as np
 
-from ..validation import truth
+from ..validation import geojson
 from ..validation.comparison import Comparison
 
 #: Edge colour of an annotation outline by its role in the comparison.
 ROLE_COLOURS = {"inside": "red", "outside": "cyan", "other": "gray"}
 LAYER_TYPES = {"cells": "points", "annotations": "shapes", "mask": "image"}
+#: Diameter of a truth cell's dot, µm (the layer is in µm), its colour (one that neither the heatmaps'
+#: magma nor H&E has) and the truth layers' opacity.
+CELL_SIZE_UM = 4.0
+CELL_COLOUR = "lime"
+TRUTH_OPACITY = 0.5
 
 
 def outline_paths(rings_um: list[np.ndarray], tolerance_um: float = 1.0) -> list[np.ndarray]:
@@ -30,8 +40,8 @@ def outline_paths(rings_um: list[np.ndarray], tolerance_um: float = 1.0) -> list
     for ring in rings_um:
         ring = np.asarray(ring, dtype=float)
         closed = ring if np.array_equal(ring[0], ring[-1]) else np.vstack([ring, ring[:1]])
-        if truth.shapely is not None and len(closed) > 8:
-            simple = truth.shapely.simplify(truth.shapely.LineString(closed), tolerance_um)
+        if geojson.shapely is not None and len(closed) > 8:
+            simple = geojson.shapely.simplify(geojson.shapely.LineString(closed), tolerance_um)
             closed = np.asarray(simple.coords, dtype=float)
         out.append(closed)
     return out
@@ -53,17 +63,18 @@ def show_truth_layer(viewer: Any, comparison: Comparison, layer: Any, **kwargs: 
         viewer.layers.remove(layer)
         layer = None
     mpp = comparison.mpp
+    active = viewer.layers.selection.active  # the heatmap: it stays active (see the module docstring)
     if kind == "cells":
         pts = comparison.points_um()
         if layer is None:
-            # ~ a lymphocyte's size in µm, so the dots sit on the nuclei at full zoom
             layer = viewer.add_points(
                 pts,
-                size=6.0,
-                face_color="yellow",
-                border_color="yellow",
+                size=CELL_SIZE_UM,
+                face_color=CELL_COLOUR,
+                border_color=CELL_COLOUR,
                 border_width=0,
-                opacity=0.8,
+                opacity=TRUTH_OPACITY,
+                canvas_size_limits=(1, 10_000),  # zoomed out, a 1-px dot per cell: the tiles stay seen
                 **kwargs,
             )
         else:
@@ -80,12 +91,14 @@ def show_truth_layer(viewer: Any, comparison: Comparison, layer: Any, **kwargs: 
             comparison.mask_image(),
             colormap="green",
             blending="additive",
-            opacity=0.5,
+            opacity=TRUTH_OPACITY,
             contrast_limits=(0, 1),
             **kwargs,
         )
     style_truth_layer(layer, comparison)
     place_truth_layer(layer, comparison)
+    if active is not None and active in viewer.layers and viewer.layers.selection.active is not active:
+        viewer.layers.selection.active = active
     return layer
 
 

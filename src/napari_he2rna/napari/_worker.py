@@ -6,10 +6,13 @@ the tile grid or a :class:`Failed` holding the exception, which the dock turns i
 
 from __future__ import annotations
 
+import logging
 import threading
 from typing import TYPE_CHECKING
 
 from qtpy.QtCore import QObject, Signal
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from ..model.bundle import ModelBundle
@@ -38,10 +41,11 @@ def compute_job(
 
     Returns the tile grid, or the exception that stopped the job wrapped in :class:`Failed`: napari workers
     relay a raised (or returned) exception as a traceback notification, and users get one sentence instead
-    (see ``ModelWidget._on_errored``).
+    (see ``RunSection._on_errored`` in :mod:`._run_section`).
     """
     from .. import jobs
     from ..features.devices import resolve_device
+    from ..maps import map_display
 
     session = state.session
     try:
@@ -65,6 +69,11 @@ def compute_job(
         # The training-data check (tile distances, every gene's slide prediction vs the training range)
         # runs here too, off the GUI thread; the widget reads the cached assessment.
         session.assessment()
+        # The tissue the maps are clipped to (a thumbnail's tissue mask), off the GUI thread as well.
+        try:
+            state.extra["tissue_cover"] = (grid, map_display.tissue_cover(session.slide, grid))
+        except Exception:  # noqa: BLE001 - the maps are then clipped to the slide's bounds only
+            log.debug("tissue cover of the maps failed", exc_info=True)
         return grid
     except Exception as exc:  # noqa: BLE001 - handed to the GUI thread, which reports it
         return Failed(exc)

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..model.bundle import save_bundle
 from ..model.evaluation import Evaluation
-from ..model.bundle import HE2RNA, save_bundle
+from ..model.network import HE2RNA
 from ..model.scaling import FeatureScaler
 from .nested_cv import NestedCVResult
 
@@ -55,7 +56,7 @@ def save_result_bundle(
 ) -> Path:
     """Write the outer fold models of a nested CV as one model bundle (genes = ``result.names``).
 
-    Metadata: ``folds`` (outer fold per sample, so :func:`napari_he2rna.training.bundle_oof_predictions`
+    Metadata: ``folds`` (outer fold per sample, so :func:`napari_he2rna.model.cohort_prediction.bundle_oof_predictions`
     gives back the outer test predictions), ``validation_r`` (outer-test R per cancer type, regression),
     ``cohort`` and ``slide_ex`` (task, grid, the choice of every outer fold, evaluation summary).
     """

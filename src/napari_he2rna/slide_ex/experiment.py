@@ -12,9 +12,9 @@ import pandas as pd
 
 from ..cohorts.cohort import Cohort
 from ..errors import DataError
+from ..jobs import CancelToken, ProgressCallback, report
 from ..model.evaluation import Evaluation, evaluate
 from ..model.folds import patient_auc
-from ..jobs import CancelToken, ProgressCallback, report
 from ..model.scaling import FeatureScaler, ScaledFeatures
 from ..model.training import (
     untrained_predictions,
@@ -33,7 +33,7 @@ def untrained_null(
     Returns
     -------
     np.ndarray
-        ``(null_inits, n_samples, n_outputs)``, the null of :func:`napari_he2rna.evaluation.evaluate`.
+        ``(null_inits, n_samples, n_outputs)``, the null of :func:`napari_he2rna.model.evaluation.evaluate`.
     """
     cfg = result.config
     pos = {s: i for i, s in enumerate(result.sample_ids)}
@@ -66,7 +66,7 @@ def evaluate_regression(
 ) -> Evaluation:
     """Per output and cancer type: Pearson R on the outer test folds, untrained null, Holm–Šidák and BH.
 
-    See :func:`napari_he2rna.evaluation.evaluate` (R within each outer fold, averaged over folds).
+    See :func:`napari_he2rna.model.evaluation.evaluate` (R within each outer fold, averaged over folds).
     """
     cfg = result.config
     null = untrained_null(result, features, samples) if cfg.null_inits > 0 else None
@@ -203,7 +203,7 @@ def run_slide_ex(
     features
         ``sample_id -> (n_supertiles, dim)`` slide features.
     samples
-        Sample sheet (:func:`napari_he2rna.training.load_samples`): ``patient_id``, ``cancer_type``.
+        Sample sheet (:func:`napari_he2rna.cohorts.cohort.load_samples`): ``patient_id``, ``cancer_type``.
     targets
         :func:`load_deconvolved`.
     responders

@@ -11,19 +11,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..features.devices import resolve_device
 from ..errors import DataError
+from ..features.devices import resolve_device
+from ..jobs import CancelToken, ProgressCallback, check_cancel, report
+from ..model.cohort_prediction import SlideBatches, predict_slides
 from ..model.evaluation import mean_r_by_type, pearson_columns
 from ..model.folds import group_folds, patient_auc
-from ..jobs import CancelToken, ProgressCallback, check_cancel, report
-from ..model.bundle import HE2RNA, SUPERTILE_KS
+from ..model.network import HE2RNA, SUPERTILE_KS
 from ..model.scaling import FeatureScaler, ScaledFeatures
-from ..model.training import (
-    SlideBatches,
-    TrainConfig,
-    predict_slides,
-    train_one,
-)
+from ..model.training import TrainConfig, train_one
 
 # ------------------------------------------------------------------------------------------ nested CV
 

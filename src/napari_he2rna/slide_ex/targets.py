@@ -117,7 +117,7 @@ def read_celltype_expression(
     cell_types
         Only these cell types (each must have a table); default all found.
     transform, filter_zero_median
-        See :func:`napari_he2rna.training.load_expression`: ``"raw"`` FPKM is turned into log10(1 + FPKM),
+        See :func:`napari_he2rna.cohorts.cohort.load_expression`: ``"raw"`` FPKM is turned into log10(1 + FPKM),
         ``"log"`` is kept, ``"auto"`` decides per table (raw when any value exceeds 50). Genes with a zero
         median in a cell type are dropped (not expressed there) unless ``filter_zero_median`` is False.
 
@@ -221,10 +221,13 @@ def load_deconvolved(
     )
     notes = []
     for ct, tab in expr.items():
-        dropped = tab.attrs.get("n_genes_dropped_zero_median", 0) + tab.attrs.get("n_genes_dropped_nan", 0)
+        dropped = sum(
+            tab.attrs.get(f"n_genes_dropped_{why}", 0) for why in ("zero_median", "nan", "infinite")
+        )
         if dropped:
             notes.append(
-                f"{ct}: {dropped} of {tab.attrs.get('n_genes_in')} genes dropped (zero median or NaN)"
+                f"{ct}: {dropped} of {tab.attrs.get('n_genes_in')} genes dropped (zero median, NaN or "
+                "infinite values)"
             )
     ab = read_abundance(abundance) if abundance is not None else None
     if ab is not None and expr:

@@ -1,2 +1,2 @@
-"""Slides: open a whole-slide image (backends, the ``Slide`` object, its lazy pyramid), the tissue mask, pen ink,
-and the tile grid."""
+"""Slides: open a whole-slide image (backends, native TIFF tiles, the ``Slide`` object, its lazy pyramid), the
+tissue mask, pen ink, and the tile grid."""

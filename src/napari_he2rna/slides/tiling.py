@@ -4,14 +4,19 @@ A tile is a row of :attr:`TileGrid.table`; features, scores and ground truth are
 Coordinates are level-0 pixels; tile ``(row, col)`` covers x in ``[col*tile_px, (col+1)*tile_px)``, y
 likewise, so the grid starts at the slide's origin and the last row/column may cross the slide border (those
 edge tiles are kept when the part inside the slide holds enough tissue, and read padded with white).
+
+A tile size is given in µm (the paper's 112 µm) or in pixels at a magnification (SEQUOIA's 256 px at 20x):
+:func:`tile_side_px` is the rule that turns the latter into level-0 pixels of a given slide.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -19,7 +24,7 @@ from PIL import Image
 from skimage.filters import threshold_otsu
 from skimage.morphology import remove_small_holes, remove_small_objects
 
-from ..errors import TileSizeError, TissueError
+from ..errors import He2rnaWarning, TileSizeError, TissueError
 from .ink import INK_METHOD, channel_max, channel_min, ink_mask, optical_density, pen_mask
 
 __all__ = [
@@ -33,6 +38,10 @@ __all__ = [
     "pen_mask",
     "tile_grid",
     "check_tile_size",
+    "tile_side_px",
+    "slide_magnification",
+    "MagnificationWarning",
+    "STANDARD_MAGNIFICATIONS",
     "read_tile",
     "read_tiles",
 ]
@@ -82,6 +91,80 @@ def check_tile_size(
             f"The tile size {shown} µm is not plausible: give one between {lo:g} and {hi:g} µm{where}."
         )
     return None if mpp is None else max(int(round(value / float(mpp))), 1)
+
+
+#: The objective powers a magnification estimated from a pixel size is rounded to.
+STANDARD_MAGNIFICATIONS = (5.0, 10.0, 20.0, 40.0, 60.0, 80.0)
+#: µm per pixel at 1x, nominally (a 20x scan is about 0.5 µm/px): magnification ≈ this / mpp.
+UM_PER_PX_AT_1X = 10.0
+
+
+class MagnificationWarning(He2rnaWarning):
+    """A slide does not state its objective power: its magnification was estimated from its pixel size."""
+
+
+def slide_magnification(slide) -> tuple[float, str]:
+    """The magnification of a slide's level 0 and where it comes from.
+
+    The objective power the file states (``slide.objective_power``, e.g. Aperio's ``AppMag``), else
+    ``10 / mpp`` rounded to the nearest of :data:`STANDARD_MAGNIFICATIONS` (nearest as a ratio: 0.25 µm/px
+    is 40x, 0.5 is 20x, 0.2527 is 40x).
+
+    Returns
+    -------
+    (magnification, source)
+        ``source`` is ``"objective power"`` or ``"pixel size"``.
+
+    Raises
+    ------
+    MissingMPPError
+        The slide states neither its objective power nor its pixel size.
+    """
+    power = getattr(slide, "objective_power", None)
+    if power is not None and math.isfinite(float(power)) and float(power) > 0:
+        return float(power), "objective power"
+    estimate = UM_PER_PX_AT_1X / float(slide.require_mpp())
+    nearest = min(STANDARD_MAGNIFICATIONS, key=lambda m: abs(math.log(estimate / m)))
+    return nearest, "pixel size"
+
+
+def tile_side_px(slide, tile_px: int, magnification: float, *, warn: bool = True) -> int:
+    """THE tile size rule for a tile given in pixels at a magnification: its side in level-0 pixels.
+
+    A tile of ``tile_px`` pixels at ``magnification`` covers ``tile_px * M / magnification`` level-0 pixels
+    of a slide whose level 0 is at magnification ``M`` (:func:`slide_magnification`): 256 px at 20x is 512
+    level-0 px on a 40x slide (read there and downsampled to 256 px) and 256 on a 20x slide. Its side in
+    µm is that times the slide's mpp. When ``M`` had to be estimated from the pixel size, a
+    :class:`MagnificationWarning` says so (unless ``warn`` is False).
+
+    Parameters
+    ----------
+    slide : Slide
+        An open slide (its objective power, else its pixel size, gives ``M``).
+    tile_px : int
+        The tile side in pixels at ``magnification`` (e.g. 256).
+    magnification : float
+        The magnification ``tile_px`` is counted at (e.g. 20).
+
+    Returns
+    -------
+    int
+        The tile side in level-0 pixels (at least 1).
+    """
+    if int(tile_px) < 1 or not float(magnification) > 0:
+        raise TileSizeError(f"A tile of {tile_px} px at {magnification}x is not a tile size.")
+    power, source = slide_magnification(slide)
+    side = max(int(round(int(tile_px) * power / float(magnification))), 1)
+    if warn and source != "objective power":
+        name = Path(str(getattr(slide, "path", "the slide"))).name
+        warnings.warn(
+            f"{name} does not state its objective power: taken as {power:g}x from its pixel size "
+            f"({float(slide.require_mpp()):.4g} µm/px), so a tile of {int(tile_px)} px at "
+            f"{float(magnification):g}x is {side} level-0 px.",
+            MagnificationWarning,
+            stacklevel=2,
+        )
+    return side
 
 
 def mask_method(remove_ink: bool = True) -> str:
@@ -365,9 +448,11 @@ def tile_grid(
     Parameters
     ----------
     slide : Slide
-        An open slide (:func:`napari_he2rna.slide.open_slide`) with a known pixel size.
+        An open slide (:func:`napari_he2rna.slides.slide.open_slide`) with a known pixel size.
     tile_um : float
-        Tile side in µm (112 µm = 224 px at 0.5 µm/px, the paper's tiles).
+        Tile side in µm (112 µm = 224 px at 0.5 µm/px, the paper's tiles). A tile given in pixels at a
+        magnification is :func:`tile_side_px` level-0 px, i.e. that times the slide's mpp in µm
+        (:meth:`~napari_he2rna.features.extraction.ExtractOptions.for_slide` converts it).
     min_tissue : float
         Smallest tissue fraction (0–1) of a kept tile, measured over the part of the tile inside the slide.
     max_tiles : int or None

@@ -14,7 +14,8 @@ resolution tags in centimetres so ``openslide.mpp-x`` = 10000 / XResolution), wi
 A cohort adds ``samples.tsv`` (sample, patient, cancer type, slide file, MSI-like label),
 ``expression.tsv`` (samples x genes, log10(1 + FPKM-UQ)-like) and ``cell_abundance.tsv``, and
 cell-type-resolved targets for SLIDE-EX (``celltype_expression/<type>.tsv``, ``celltype_abundance.tsv``,
-``responders.tsv``, see :func:`write_celltype_targets`). The generative
+``responders.tsv``, see :func:`write_celltype_targets`) and ``genes.tsv`` (each gene's role: planted, with its
+driver, or control; see :func:`write_gene_roles`). The generative
 formulas are documented in ``sample_data/README.md`` and in :data:`GENE_PANEL` /
 :func:`expression_from_signals`.
 
@@ -97,8 +98,12 @@ from .truth import (
     truth_rasters,
 )
 from .writers import (
+    DRIVER_NAMES,
+    INVISIBLE_DRIVERS,
+    gene_roles_table,
     truth_paths,
     write_celltype_targets,
+    write_gene_roles,
     write_pyramid_tiff,
     write_table,
     write_truth_files,
@@ -162,4 +167,8 @@ __all__ = [
     "truth_paths",
     "write_table",
     "write_truth_files",
+    "DRIVER_NAMES",
+    "INVISIBLE_DRIVERS",
+    "gene_roles_table",
+    "write_gene_roles",
 ]

@@ -25,7 +25,13 @@ from .params import (
     draw_params,
 )
 from .truth import SlideTruth, truth_rasters
-from .writers import write_celltype_targets, write_pyramid_tiff, write_table, write_truth_files
+from .writers import (
+    write_celltype_targets,
+    write_gene_roles,
+    write_pyramid_tiff,
+    write_table,
+    write_truth_files,
+)
 
 
 @dataclass
@@ -131,8 +137,8 @@ def make_cohort(
         :data:`HOUSEKEEPING` genes; more adds ``CTRL0001``, ...).
 
     Files: ``<id>.tiff`` and its truth files (see :func:`make_slide`), ``samples.tsv``, ``expression.tsv``,
-    ``cell_abundance.tsv`` and the SLIDE-EX targets (:func:`write_celltype_targets`). Deterministic from
-    ``seed``.
+    ``cell_abundance.tsv``, the SLIDE-EX targets (:func:`write_celltype_targets`) and ``genes.tsv``, which
+    genes are planted and which are controls (:func:`write_gene_roles`). Deterministic from ``seed``.
     """
     out = Path(out_dir)
     if isinstance(n_slides, bool) or not isinstance(n_slides, (int, np.integer)) or n_slides < 1:
@@ -216,6 +222,7 @@ def make_cohort(
         atomic_write_text(stage / "expression.tsv", expression.round(5).to_csv(sep="\t", lineterminator="\n"))
         atomic_write_text(stage / "cell_abundance.tsv", abundance.to_csv(sep="\t", lineterminator="\n"))
         write_celltype_targets(stage, seed)
+        write_gene_roles(stage / "genes.tsv", controls)
     for truth in truths:  # where the files are now
         truth.path = out / truth.path.relative_to(stage)
         truth.files = {k: out / Path(v).relative_to(stage) for k, v in truth.files.items()}

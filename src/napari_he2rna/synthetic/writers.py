@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from ..safe_output import atomic_write, atomic_write_text, prepare_folder
-from .biology import celltype_targets
+from .biology import GENE_PANEL, celltype_targets
 from .params import JPEG_QUALITY, MASK_DOWNSAMPLE, MPP, TIFF_TILE
 from .truth import SlideTruth
 
@@ -206,3 +207,45 @@ def write_celltype_targets(out_dir: str | Path, seed: int = 0) -> dict[str, Path
     paths["responders"] = out / "responders.tsv"
     write_table(paths["responders"], resp, "\t")
     return paths
+
+
+# --- which genes are planted -------------------------------------------------------------------------------
+
+#: driver signal of :data:`GENE_PANEL` -> the name ``genes.tsv`` gives it
+DRIVER_NAMES = {
+    "t_density": "T cells",
+    "b_density": "B cells",
+    "epithelium": "epithelium",
+    "proliferating_density": "proliferation",
+    "stroma": "stroma",
+    "fat": "fat",
+}
+#: drivers a model cannot see: fat is not tissue, so the tissue mask drops the tiles that show it
+INVISIBLE_DRIVERS = frozenset({"fat"})
+
+
+def gene_roles_table(controls: Iterable[str]) -> pd.DataFrame:
+    """The role of every gene of a cohort, one row per gene: ``gene``; ``role``, ``planted`` for
+    :data:`GENE_PANEL` and ``control`` for the noise-only ``controls`` (names as
+    :func:`.biology.control_genes` gives them); ``driver`` (:data:`DRIVER_NAMES`, ``noise`` for a control);
+    ``visible``, True when the driver is drawn in tissue that the tiles keep (not fat, which the tissue mask
+    drops, and not noise)."""
+    rows = [
+        {
+            "gene": gene,
+            "role": "planted",
+            "driver": DRIVER_NAMES[driver],
+            "visible": driver not in INVISIBLE_DRIVERS,
+        }
+        for gene, (driver, *_rest) in GENE_PANEL.items()
+    ]
+    rows += [{"gene": gene, "role": "control", "driver": "noise", "visible": False} for gene in controls]
+    return pd.DataFrame(rows, columns=["gene", "role", "driver", "visible"])
+
+
+def write_gene_roles(path: Path, controls: Iterable[str]) -> Path:
+    """Write :func:`gene_roles_table` as ``genes.tsv`` (what ``he2rna evaluate --gene-roles`` reads)."""
+    table = gene_roles_table(controls)
+    table["visible"] = table["visible"].map({True: "yes", False: "no"})
+    write_table(path, table, "\t")
+    return path

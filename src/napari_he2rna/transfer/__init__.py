@@ -39,8 +39,8 @@ from typing import Any
 # name -> (module, attribute). Written out rather than with lazy_loader.attach, which only attaches the
 # package's own submodules: two names come from sibling modules.
 _EXPORTS: dict[str, tuple[str, str]] = {
-    "pearson_per_gene": ("..evaluation", "pearson_columns"),  # the package's one per-gene Pearson R
-    "patient_auc": ("..folds", "patient_auc"),
+    "pearson_per_gene": ("..model.evaluation", "pearson_columns"),  # the package's one per-gene Pearson R
+    "patient_auc": ("..model.folds", "patient_auc"),
     "AUC_COLUMNS": (".experiment", "AUC_COLUMNS"),
     "TEST_COLUMNS": (".experiment", "TEST_COLUMNS"),
     "TransferConfig": (".experiment", "TransferConfig"),

@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 
 from ..errors import DataError
-from ..model.folds import patient_auc
 from ..jobs import CancelToken, ProgressCallback, check_cancel, report
+from ..model.folds import patient_auc
 from .labels import group_folds
 from .networks import (
     check_matrix,

@@ -198,12 +198,12 @@ def load_slide_features(
     with_supertiles: bool = False,
 ) -> SlideFeatures:
     """Mean tile feature (over *all* tiles, the simple HE2RNA's input) of every sample of a sheet (``slide``
-    column), read the way ``he2rna train`` reads a cohort: :func:`napari_he2rna.training.cohort_features`
+    column), read the way ``he2rna train`` reads a cohort: :func:`napari_he2rna.cohorts.cohort.cohort_features`
     on the shared feature cache (extracted when missing).
 
     The supertile means are not used for the mean: supertiles are unweighted cluster centroids. Each slide's
     tiles are read once: the mean is taken while they are loaded
-    (:meth:`napari_he2rna.cohort.LazyFeatures.tile_mean`).
+    (:meth:`napari_he2rna.cohorts.cohort.LazyFeatures.tile_mean`).
     """
     from ..cohorts.cohort import cohort_features
 

@@ -2,18 +2,18 @@
 share.
 
 A :class:`Comparison` holds the slide's tile grid, the loaded truth
-(:class:`~napari_he2rna.truth.GroundTruth`: QuPath cells, a mask or annotation polygons), the filters (classes
+(:class:`~napari_he2rna.validation.truth.GroundTruth`: QuPath cells, a mask or annotation polygons), the filters (classes
 counted or inside, the outside class, the mask's scale), the alignment of the truth scan onto the slide, the
-truth per tile (cached), and the metrics of the last scores compared (:mod:`napari_he2rna.compare`). It also
+truth per tile (cached), and the metrics of the last scores compared (:mod:`napari_he2rna.validation.metrics`). It also
 gives what a viewer draws of the truth: points, polygon outlines and their roles, and the mask with its
-placement, from the same geometry the numbers use (:func:`napari_he2rna.truth.mask_geometry`), so what is
+placement, from the same geometry the numbers use (:func:`.masks.mask_geometry`), so what is
 drawn and what is counted cannot disagree.
 
 No Qt, no napari: the dock only wires its fields to these attributes, the CLI builds one per truth.
 
 Coordinates: the truth is in level-0 px of the scan it was drawn on (``scan_mpp`` µm/px; the slide's own when
 it was drawn on the slide); the alignment maps it onto the slide in µm, px being taken to µm with the slide's
-``mpp`` (:meth:`~napari_he2rna.truth.Alignment.apply_px`). Drawn data are (y, x) µm for layers of the slide's
+``mpp`` (:meth:`~.transform.Alignment.apply_px`). Drawn data are (y, x) µm for layers of the slide's
 scale, before the alignment's affine (:meth:`Comparison.layer_affine`).
 """
 
@@ -27,9 +27,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from . import metrics
-from . import truth as truth_io
 from ..errors import DataError
+from . import metrics
+from .annotations import AnnotationPolygon, annotation_labels, annotation_shapes_um
+from .cells import cell_counts_per_tile, cells_points_um, class_mask, select_classes
+from .masks import MaskGeometry, mask_fraction_per_tile, mask_geometry
+from .transform import Alignment
+from .truth import GroundTruth, load_truth
 
 if TYPE_CHECKING:
     from ..slides.tiling import TileGrid
@@ -37,9 +41,9 @@ if TYPE_CHECKING:
 Metrics = metrics.TileMetrics | metrics.AnnotationMetrics
 
 
-def layer_affine(alignment: truth_io.Alignment | None) -> np.ndarray:
+def layer_affine(alignment: Alignment | None) -> np.ndarray:
     """An alignment (truth µm -> slide µm, acting on (x, y, 1)) as a napari affine acting on (y, x, 1) µm."""
-    a = (alignment or truth_io.Alignment()).affine
+    a = (alignment or Alignment()).affine
     return np.array([[a[1, 1], a[1, 0], a[1, 2]], [a[0, 1], a[0, 0], a[0, 2]], [0.0, 0.0, 1.0]])
 
 
@@ -72,7 +76,7 @@ class Comparison:
     alignment
         Truth scan -> slide, µm (``None``: the truth was drawn on the slide).
     percentiles, thresholds, top_n
-        The metrics' settings (see :func:`napari_he2rna.compare.tile_metrics`).
+        The metrics' settings (see :func:`napari_he2rna.validation.metrics.tile_metrics`).
     scores, results, truth_values, truth_label
         The scores compared last (name -> (N,)), their metrics, and the truth per tile and its name they
         were compared with, from :meth:`compute`.
@@ -81,14 +85,14 @@ class Comparison:
     slide_dimensions: tuple[int, int]
     mpp: float
     grid: TileGrid | None = None
-    truth: truth_io.GroundTruth | None = None
+    truth: GroundTruth | None = None
     scan_mpp: float | None = None
     classes: tuple[str, ...] | None = None
     negative_classes: tuple[str, ...] | None = None
     min_fraction: float = 0.5
     mask_downsample: float | None = None
     mask_mpp: float | None = None
-    alignment: truth_io.Alignment | None = None
+    alignment: Alignment | None = None
     percentiles: Sequence[float] = metrics.DEFAULT_PERCENTILES
     thresholds: Sequence[float] = ()
     top_n: int = 100
@@ -99,9 +103,7 @@ class Comparison:
     _cache: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def for_grid(
-        cls, grid: TileGrid, ground_truth: truth_io.GroundTruth | None = None, **kw: Any
-    ) -> Comparison:
+    def for_grid(cls, grid: TileGrid, ground_truth: GroundTruth | None = None, **kw: Any) -> Comparison:
         """A comparison on ``grid`` (its slide size and µm/px)."""
         dims = tuple(int(v) for v in grid.slide_dimensions)
         return cls(dims, float(grid.mpp), grid=grid, truth=ground_truth, **kw)
@@ -122,7 +124,7 @@ class Comparison:
 
         QuPath µm are read at :attr:`truth_mpp`. A failed read raises and leaves the previous truth.
         """
-        loaded = truth_io.load_truth(path, self.truth_mpp, kind=kind, channel=channel)
+        loaded = load_truth(path, self.truth_mpp, kind=kind, channel=channel)
         self.truth = loaded
         self.clear()
         return loaded
@@ -132,7 +134,7 @@ class Comparison:
         self._cache = None
         self.scores, self.results, self.truth_values, self.truth_label = {}, {}, None, ""
 
-    def _require_truth(self) -> truth_io.GroundTruth:
+    def _require_truth(self) -> GroundTruth:
         if self.truth is None:
             raise DataError("load a truth file first (QuPath detections, a mask or annotations)")
         return self.truth
@@ -167,21 +169,17 @@ class Comparison:
         cells = gt.cells
         if self.classes is None:
             return cells
-        out = cells[truth_io.class_mask(cells["cls"], self.classes)].reset_index(drop=True)
+        out = cells[class_mask(cells["cls"], self.classes)].reset_index(drop=True)
         out.attrs = dict(cells.attrs)
         return out
 
-    def _polygons(self, classes: tuple[str, ...] | None, strict: bool) -> list[truth_io.AnnotationPolygon]:
+    def _polygons(self, classes: tuple[str, ...] | None, strict: bool) -> list[AnnotationPolygon]:
         gt = self._require_truth()
         polys = list(gt.polygons or [])
         if classes is None:
             return polys
         labels = [p.cls for p in polys]
-        keep = (
-            truth_io.select_classes(labels, classes, gt.source.name)
-            if strict
-            else truth_io.class_mask(labels, classes)
-        )
+        keep = select_classes(labels, classes, gt.source.name) if strict else class_mask(labels, classes)
         return [p for p, k in zip(polys, keep, strict=True) if k]
 
     def polygon_roles(self) -> list[str]:
@@ -189,28 +187,28 @@ class Comparison:
         gt = self.truth
         if gt is None or gt.kind != "annotations":
             return []
-        _, classes = truth_io.annotation_shapes_um(gt.polygons or [], self.mpp)
+        _, classes = annotation_shapes_um(gt.polygons or [], self.mpp)
         bases = [c.removesuffix(" (hole)") for c in classes]
-        inside = truth_io.class_mask(bases, self.classes) if bases else np.zeros(0, bool)
+        inside = class_mask(bases, self.classes) if bases else np.zeros(0, bool)
         if self.negative_classes is None:
             outside = np.zeros(len(bases), dtype=bool)
         else:
-            outside = truth_io.class_mask(bases, self.negative_classes)
+            outside = class_mask(bases, self.negative_classes)
         return ["inside" if i else "outside" if o else "other" for i, o in zip(inside, outside, strict=True)]
 
     # ------------------------------------------------------------------------------------------ drawing
     def points_um(self) -> np.ndarray:
         """(M, 2) (y, x) µm of the selected cells, for a Points layer of the slide's scale."""
-        return truth_io.cells_points_um(self.selected_cells(), self.mpp)
+        return cells_points_um(self.selected_cells(), self.mpp)
 
     def outlines_um(self) -> list[np.ndarray]:
         """Every polygon ring (exteriors and holes) as (K, 2) (y, x) µm; roles in :meth:`polygon_roles`."""
         gt = self.truth
         if gt is None or gt.kind != "annotations":
             return []
-        return truth_io.annotation_shapes_um(gt.polygons or [], self.mpp)[0]
+        return annotation_shapes_um(gt.polygons or [], self.mpp)[0]
 
-    def mask_geometry(self) -> truth_io.MaskGeometry:
+    def mask_geometry(self) -> MaskGeometry:
         """Where the mask lies on the slide: the one geometry behind the drawn mask and the fractions.
 
         Raises :class:`DataError` when the truth is not a mask (or the downsample is not positive).
@@ -218,7 +216,7 @@ class Comparison:
         gt = self._require_truth()
         if gt.kind != "mask":
             raise DataError("the truth is not a mask")
-        return truth_io.mask_geometry(
+        return mask_geometry(
             np.shape(gt.mask),
             self.slide_dimensions,
             self.truth_mpp,
@@ -270,19 +268,17 @@ class Comparison:
         if gt.kind == "cells":
             cells = gt.cells
             if self.classes is not None:
-                keep = truth_io.select_classes(cells["cls"], self.classes, gt.source.name)
+                keep = select_classes(cells["cls"], self.classes, gt.source.name)
                 cells = cells[keep].reset_index(drop=True)
             if not len(cells):
                 raise DataError(f"no cell in {gt.source.name}")
-            values = truth_io.cell_counts_per_tile(cells, grid, alignment=alignment)
+            values = cell_counts_per_tile(cells, grid, alignment=alignment)
         elif gt.kind == "mask":
-            values = truth_io.mask_fraction_per_tile(
-                gt.mask, grid, alignment=alignment, geometry=self.mask_geometry()
-            )
+            values = mask_fraction_per_tile(gt.mask, grid, alignment=alignment, geometry=self.mask_geometry())
         else:
             inside = self._polygons(self.classes, strict=True)
             negative = None if self.negative_classes is None else self._polygons(self.negative_classes, True)
-            values = truth_io.annotation_labels(
+            values = annotation_labels(
                 grid, inside, self.min_fraction, negative=negative, alignment=alignment
             )
         self._cache = (self.grid, gt, settings, values)  # the objects themselves: an id can be reused
@@ -307,12 +303,12 @@ class Comparison:
         return results
 
     def metrics_table(self) -> pd.DataFrame:
-        """The long metrics table of :attr:`results` (see :func:`napari_he2rna.compare.metrics_table`)."""
+        """The long metrics table of :attr:`results` (see :func:`napari_he2rna.validation.metrics.metrics_table`)."""
         return metrics.metrics_table(self.results, self.truth_label)
 
     def per_tile_table(self) -> pd.DataFrame:
         """Tile id and position, each score of :attr:`results` and the truth per tile they were compared
-        with (see :func:`napari_he2rna.compare.compare_table`)."""
+        with (see :func:`napari_he2rna.validation.metrics.compare_table`)."""
         if self.grid is None or self.truth_values is None:
             raise DataError("nothing compared yet: load a truth file and pick a gene or set")
         return metrics.compare_table(
@@ -320,8 +316,8 @@ class Comparison:
         )
 
     def spatial_null(self, scores: Any, n: int) -> dict[str, Any]:
-        """:func:`napari_he2rna.compare.spatial_null_p` of one score array against the truth per tile."""
-        from ..maps.spatial import heatmap_raster
+        """:func:`napari_he2rna.validation.metrics.spatial_null_p` of one score array against the truth per tile."""
+        from ..maps.heatmaps import heatmap_raster
 
         grid = self.grid
         return metrics.spatial_null_p(

@@ -1,6 +1,6 @@
 """How well does a heatmap match the truth? Tile-level metrics of the HE2RNA paper's validation.
 
-Per tile, a model score (a gene or gene set) is set against a truth value from :mod:`napari_he2rna.truth`: a
+Per tile, a model score (a gene or gene set) is set against a truth value from :mod:`napari_he2rna.validation.truth`: a
 cell count (CD3+ cells counted by QuPath), a mask fraction (epithelium) or an annotation label (tumour). The
 metrics are those of the paper's figures 4-5 and tables 1-3:
 
@@ -353,7 +353,7 @@ def spatial_null_p(
     Parameters
     ----------
     scores_raster, truth_raster
-        (n_rows, n_cols) maps (e.g. :func:`spatial.heatmap_raster`), NaN off tissue.
+        (n_rows, n_cols) maps (e.g. :func:`heatmaps.heatmap_raster`), NaN off tissue.
     n
         Number of shifts drawn at random (seeded) from the valid ones; ``None`` uses them all.
 
@@ -510,7 +510,7 @@ def summarize_slides(per_slide: pd.DataFrame, group: Sequence[str] = ("score", "
 # ------------------------------------------------------------------------------------------------------------
 # Tile score files
 
-#: Columns of a tile-scores CSV that describe the tile, not a score (spatial.TILE_CSV_COLUMNS and the grid's).
+#: Columns of a tile-scores CSV that describe the tile, not a score (exports.TILE_CSV_COLUMNS and the grid's).
 POSITION_COLUMNS = (
     "tile_id",
     "row",
@@ -531,7 +531,7 @@ POSITION_COLUMNS = (
 def _header_facts(path: Any) -> dict[str, str]:
     """``key=value`` facts of a tile CSV: its sidecar ``<stem>.json``, or the old commented first line.
 
-    ``spatial.write_tile_scores_csv`` writes the sidecar; earlier versions wrote a ``# napari-he2rna tile
+    ``exports.write_tile_scores_csv`` writes the sidecar; earlier versions wrote a ``# napari-he2rna tile
     scores ...; key=value; ...`` line above the table instead. Both are read.
     """
     import json
@@ -569,7 +569,7 @@ def read_tile_scores(
     ----------
     path
         CSV with ``tile_id, row, col`` and either ``x_px, y_px, size_px`` (the tile table of ``spatialize``
-        and ``predict``, :data:`napari_he2rna.spatial.TILE_CSV_COLUMNS`) or ``x, y`` and maybe ``size``
+        and ``predict``, :data:`napari_he2rna.maps.exports.TILE_CSV_COLUMNS`) or ``x, y`` and maybe ``size``
         (earlier versions; then the tile size is the tiles' spacing), then one column per gene or set.
         Facts (``mpp``, ``slide_width`` ...) come from the sidecar ``<stem>.json`` or, in the old form, a
         first line starting with ``#`` holding ``key=value`` facts.
@@ -582,7 +582,7 @@ def read_tile_scores(
     Returns
     -------
     (TileGrid, pandas.DataFrame)
-        The grid (:meth:`~napari_he2rna.tiling.TileGrid.from_table`; its ``table`` has ``tile_id, row, col,
+        The grid (:meth:`~napari_he2rna.slides.tiling.TileGrid.from_table`; its ``table`` has ``tile_id, row, col,
         x, y, size, tissue_fraction`` and its ``tile_um`` is the actual side) and the (N, k) score columns.
     """
     from pathlib import Path
