@@ -415,7 +415,9 @@ def test_bad_inputs_are_one_sentence_and_a_non_zero_exit(tmp_path, hub_cache, ca
 
     # a hub id not in the cache, the hub offline
     assert main(["convert", "gevaertlab/he2rna-brca-0", "--genes", str(genes), "--out", str(out)]) == 2
-    assert "gevaertlab/he2rna-brca-0) is not in the Hugging Face cache" in _one_error_line(capsys)
+    line = _one_error_line(capsys)
+    assert "gevaertlab/he2rna-brca-0) is not in the Hugging Face cache" in line
+    assert "in place of the hub id" in line and "--weights" not in line  # convert has no --weights
 
     # online, an id the hub does not know
     from huggingface_hub.errors import RepositoryNotFoundError
@@ -428,7 +430,8 @@ def test_bad_inputs_are_one_sentence_and_a_non_zero_exit(tmp_path, hub_cache, ca
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", not_found)
     assert main(["convert", "gevaertlab/he2rna-nope-0", "--genes", str(genes), "--out", str(out)]) == 2
-    assert "gevaertlab/he2rna-nope-0 is not on the Hugging Face hub" in _one_error_line(capsys)
+    line = _one_error_line(capsys)
+    assert "gevaertlab/he2rna-nope-0 is not on the Hugging Face hub" in line and "--weights" not in line
     assert not out.exists()
 
 

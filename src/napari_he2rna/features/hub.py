@@ -160,12 +160,13 @@ def hub_offline() -> bool:
     )
 
 
-def licence_advice(hub_id: str) -> str:
+def licence_advice(hub_id: str, folder_hint: str = "with --weights") -> str:
     """How to get at a gated or login-only hub repo, as the end of a sentence: accept its licence and log in,
-    or pass a local snapshot folder."""
+    or pass a local snapshot folder (``folder_hint`` says how: the backbones take ``--weights``, the
+    converter a folder in place of the hub id)."""
     return (
         f"accept its licence at https://huggingface.co/{hub_id}, run `huggingface-cli login`, "
-        "or pass a local snapshot folder with --weights"
+        f"or pass a local snapshot folder {folder_hint}"
     )
 
 
@@ -182,7 +183,13 @@ def hub_id_of_folder(folder: Path) -> str | None:
 
 
 def hub_snapshot_files(
-    name: str, hub_id: str, filenames: Sequence[str], local_only: bool, *, optional: bool = False
+    name: str,
+    hub_id: str,
+    filenames: Sequence[str],
+    local_only: bool,
+    *,
+    optional: bool = False,
+    folder_hint: str = "with --weights",
 ) -> dict[str, Path | None]:
     """The files ``filenames`` of the hub repo ``hub_id``, from the Hugging Face cache or the hub.
 
@@ -203,6 +210,8 @@ def hub_snapshot_files(
     optional : bool
         Where the cache holds none of ``filenames`` and the hub cannot be asked, map them all to None rather
         than raise (for files a snapshot may lack, asked for once the repo is known to be in the cache).
+    folder_hint : str
+        How the messages say to pass a local snapshot folder instead (see :func:`licence_advice`).
 
     Raises
     ------
@@ -230,14 +239,14 @@ def hub_snapshot_files(
         try:
             return Path(hf_hub_download(hub_id, filename, local_files_only=local_only))
         except GatedRepoError:
-            raise WeightsError(f"{name} ({hub_id}) is a gated model: {licence_advice(hub_id)}.") from None
+            raise WeightsError(f"{name} ({hub_id}) is a gated model: {licence_advice(hub_id, folder_hint)}.") from None
         except LocalEntryNotFoundError:
             not_cached.append(filename)
             return None
         except RepositoryNotFoundError:
             raise WeightsError(
                 f"{hub_id} is not on the Hugging Face hub or needs a login: check the name, "
-                f"{licence_advice(hub_id)}."
+                f"{licence_advice(hub_id, folder_hint)}."
             ) from None
         except EntryNotFoundError:
             return None
@@ -245,7 +254,7 @@ def hub_snapshot_files(
             status = getattr(getattr(exc, "response", None), "status_code", None)
             if status in (401, 403):
                 raise WeightsError(
-                    f"the Hugging Face hub refused {name} ({hub_id}): {licence_advice(hub_id)}."
+                    f"the Hugging Face hub refused {name} ({hub_id}): {licence_advice(hub_id, folder_hint)}."
                 ) from None
             raise WeightsError(f"cannot fetch {name} from the Hugging Face hub ({hub_id}: {exc}).") from None
 
@@ -253,7 +262,7 @@ def hub_snapshot_files(
     if filenames and len(not_cached) == len(filenames) and not optional:  # nothing of this model in the cache
         raise WeightsError(
             f"{name} ({hub_id}) is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-            f"the hub is offline or unreachable: fetch it once online ({licence_advice(hub_id)})."
+            f"the hub is offline or unreachable: fetch it once online ({licence_advice(hub_id, folder_hint)})."
         )
     return found
 

@@ -40,8 +40,9 @@ from .network import HE2RNA, SUPERTILE_KS
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 #: The unit of HE2RNA's outputs unless told otherwise (TCGA's FPKM-UQ, log-scaled as in the paper).
 DEFAULT_UNIT = "log10(1+FPKM-UQ)"
-#: How the hub messages name what is fetched.
+#: How the hub messages name what is fetched, and how they say to pass a downloaded snapshot instead.
 HUB_NAME = "HE2RNA"
+FOLDER_HINT = "(e.g. he2rna-brca-0/, as `huggingface-cli download` writes it) in place of the hub id"
 #: The name of SEQUOIA's HE2RNA snapshots (``gevaertlab/he2rna-{cancer}-{fold}``).
 SEQUOIA_NAME = re.compile(r"he2rna-[a-z]+-\d+$")
 #: Header names of the gene column of a CSV/TSV gene list, in order of preference (case-insensitive).
@@ -119,12 +120,14 @@ def _hub_source(hub_id: str) -> FoldSource:
         )
 
     local_only = hub_offline()
-    found = hub_snapshot_files(HUB_NAME, hub_id, ["model.safetensors", "config.json"], local_only)
+    found = hub_snapshot_files(
+        HUB_NAME, hub_id, ["model.safetensors", "config.json"], local_only, folder_hint=FOLDER_HINT
+    )
     weights = found["model.safetensors"]
     if weights is None:  # older PyTorchModelHubMixin versions saved a pickle
-        weights = hub_snapshot_files(HUB_NAME, hub_id, ["pytorch_model.bin"], local_only, optional=True)[
-            "pytorch_model.bin"
-        ]
+        weights = hub_snapshot_files(
+            HUB_NAME, hub_id, ["pytorch_model.bin"], local_only, optional=True, folder_hint=FOLDER_HINT
+        )["pytorch_model.bin"]
     if weights is None:
         where = "in the Hugging Face cache (the hub is offline)" if local_only else "on the Hugging Face hub"
         raise ModelError(
