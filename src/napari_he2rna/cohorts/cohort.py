@@ -507,6 +507,7 @@ def cohort_features(
     bb = get_backbone(backbone, device=device)
     failed: dict[str, str] = {}
     stores: dict[str, Path] = {}
+    shapes: dict[str, tuple[int, int]] = {}  # of each store checked when opened: later reads check only this
     kept: dict[str, np.ndarray] = {}
     means: dict[str, np.ndarray] = {}
 
@@ -518,10 +519,15 @@ def cohort_features(
 
     def read_tiles(sid: str) -> np.ndarray:
         try:
-            return feature_cache.read_cache(stores[sid])[1]
-        except He2rnaError:  # the store went away or broke since: extract again
-            with open_slide(samples.loc[sid, "slide"]) as slide:
-                return extract(slide)[1]
+            return feature_cache.read_features(stores[sid], shapes[sid])
+        except He2rnaError:  # the store went away or broke since: check it again, else extract again
+            try:
+                tiles = feature_cache.read_cache(stores[sid])[1]
+            except He2rnaError:
+                with open_slide(samples.loc[sid, "slide"]) as slide:
+                    tiles = extract(slide)[1]
+            shapes[sid] = tiles.shape
+            return tiles
 
     def read_train(sid: str) -> np.ndarray:
         return kept[sid] if supertiles else read_tiles(sid)
@@ -544,6 +550,7 @@ def cohort_features(
                 with open_slide(slide_path) as slide:
                     grid, tiles = extract(slide)  # in tile mode too: extract now, train reads the cache
                     stores[sid] = feature_cache.cache_path(slide, bb, tile_um, cache_dir)
+                shapes[sid] = tiles.shape
                 means[sid] = tiles.astype(np.float64).mean(axis=0)
                 if supertiles:
                     try:

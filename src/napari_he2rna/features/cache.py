@@ -230,6 +230,24 @@ def read_cache(path: str | Path) -> tuple[TileGrid, np.ndarray, dict[str, Any]]:
     return grid, features, attrs
 
 
+def read_features(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
+    """The ``(n_tiles, dim)`` float32 features of a store already checked when opened (:func:`read_cache`,
+    :func:`load_or_extract`): only their shape is checked, not their checksums nor every value, so re-reading
+    a cohort every epoch costs the read alone. Raises :class:`CacheError` when unreadable or reshaped."""
+    import zarr
+
+    path = Path(path)
+    try:
+        features = zarr.open_group(str(path), mode="r")["features"]
+        if tuple(features.shape) != tuple(shape):
+            raise CacheError(f"the feature cache {path} changed shape since it was opened: {features.shape}.")
+        return np.asarray(features[:], dtype=np.float32)
+    except CacheError:
+        raise
+    except Exception as exc:
+        raise CacheError(f"the feature cache {path} is unreadable ({type(exc).__name__}: {exc}).") from exc
+
+
 def read_supertiles(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """The supertiles stored beside the features: ``(k, dim)`` mean features and ``(N,)`` labels.
 

@@ -8,6 +8,7 @@ saved fold ensemble on its training cohort (each sample predicted by the fold mo
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import closing
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 from ..errors import DataError
 from ..features.devices import resolve_device
 from .network import HE2RNA, topk_mean_multi
+from .prefetch import iter_batches
 
 if TYPE_CHECKING:
     from ..cohorts.cohort import Cohort
@@ -39,6 +41,7 @@ class SlideBatches:
     def __init__(self, features: Mapping[str, np.ndarray], ids: Sequence[str], keep_in_memory: bool) -> None:
         self.features, self.ids, self.keep = features, list(ids), keep_in_memory
         self._cache: dict[int, np.ndarray] = {}
+        self._checked: set[int] = set()  # values checked finite once (a store is checked when opened)
         self.dim: int | None = None
 
     def get(self, i: int) -> np.ndarray:
@@ -57,14 +60,21 @@ class SlideBatches:
             self.dim = arr.shape[1]
         elif arr.shape[1] != self.dim:
             raise DataError(f"Features of sample {sid} have {arr.shape[1]} dimensions, others {self.dim}.")
-        if not np.isfinite(arr).all():
-            raise DataError(f"Features of sample {sid} contain NaN or infinite values.")
+        if i not in self._checked:
+            if not np.isfinite(arr).all():
+                raise DataError(f"Features of sample {sid} contain NaN or infinite values.")
+            self._checked.add(i)
         if self.keep:
             self._cache[i] = arr
         return arr
 
     def batch(self, idx: Sequence[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """``(B, dim, N_max)`` features and ``(B, N_max)`` mask; padding is zeros, masked out."""
+        x, mask = self.arrays(idx)
+        return torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
+
+    def arrays(self, idx: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`batch` as host arrays (what :func:`~napari_he2rna.model.prefetch.iter_batches` reads)."""
         arrays = [self.get(int(i)) for i in idx]
         n_max = max(a.shape[0] for a in arrays)
         x = np.zeros((len(arrays), arrays[0].shape[1], n_max), dtype=np.float32)
@@ -72,7 +82,7 @@ class SlideBatches:
         for j, a in enumerate(arrays):
             x[j, :, : a.shape[0]] = a.T
             mask[j, : a.shape[0]] = True
-        return torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
+        return x, mask
 
 
 def predict_slides(
@@ -88,9 +98,9 @@ def predict_slides(
     scores (``aggregation="topk"``, HE2RNA), or the plain mean over the tiles (``"mean"``)."""
     model.eval()
     out = []
-    with torch.no_grad():
-        for start in range(0, len(idx), batch_size):
-            x, mask = slides.batch(idx[start : start + batch_size], device)
+    batches = [idx[start : start + batch_size] for start in range(0, len(idx), batch_size)]
+    with torch.no_grad(), closing(iter_batches(slides, batches, device)) as stream:
+        for x, mask in stream:
             scores = model(x, mask)
             if aggregation == "mean":
                 m = mask[:, None, :].to(scores.dtype)

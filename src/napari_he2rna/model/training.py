@@ -23,6 +23,7 @@ import copy
 import hashlib
 import json
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from .cohort_prediction import SlideBatches, predict_slides
 from .evaluation import mean_r_by_type, pearson_by_type, pearson_columns
 from .folds import choose_criterion, cv_folds, validation_split
 from .network import FULL_TILE_KS, HE2RNA, SUPERTILE_KS, topk_mean, topk_mean_multi
+from .prefetch import iter_batches
 from .scaling import FeatureScaler, ScaledFeatures
 
 __all__ = [
@@ -239,23 +241,24 @@ def train_one(
         model.train()
         order = rng.permutation(train_idx)
         total, count = 0.0, 0
-        for start in range(0, len(order), config.batch):
-            batch = order[start : start + config.batch]
-            x, mask = slides.batch(batch, device)
-            scores_t = model(x, mask)
-            if aggregation == "mean":
-                m = mask[:, None, :].to(scores_t.dtype)
-                pred = (scores_t * m).sum(2) / m.sum(2).clamp_min(1)
-            else:
-                k = int(rng.choice(ks))  # one k per batch: the paper's stochastic aggregation
-                pred = topk_mean(scores_t, mask, k)
-            loss = torch.nn.functional.mse_loss(pred, y_t[batch].to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += float(loss.detach()) * len(batch)
-            count += len(batch)
-            check_cancel(cancel)
+        batches = [order[start : start + config.batch] for start in range(0, len(order), config.batch)]
+        # The next batches are read in the background while this one is computed.
+        with closing(iter_batches(slides, batches, device)) as stream:
+            for batch, (x, mask) in zip(batches, stream, strict=True):
+                scores_t = model(x, mask)
+                if aggregation == "mean":
+                    m = mask[:, None, :].to(scores_t.dtype)
+                    pred = (scores_t * m).sum(2) / m.sum(2).clamp_min(1)
+                else:
+                    k = int(rng.choice(ks))  # one k per batch: the paper's stochastic aggregation
+                    pred = topk_mean(scores_t, mask, k)
+                loss = torch.nn.functional.mse_loss(pred, y_t[batch].to(device))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(batch)
+                count += len(batch)
+                check_cancel(cancel)
         losses.append(total / max(count, 1))
         if criterion != "none":
             pv = predict_slides(model, slides, val_idx, ks, device, config.batch, aggregation)
