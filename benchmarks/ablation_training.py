@@ -1,7 +1,8 @@
 """Ablation of HE2RNA's training settings on a synthetic cohort with planted truth (docs/training.md).
 
 For each variant: 5-fold patient-grouped cross-validation through the library's one training path
-(:func:`napari_he2rna.model.fitting.fit`), evaluation against the untrained null (the same null and folds for every
+(:func:`napari_he2rna.model.fitting.fit`), evaluation against the untrained null (the same null and folds for
+every
 variant), planted vs control genes significant per cancer type, and tile-level agreement on held-out slides:
 each slide is scored by the fold model that did not train on it, the T-cell set (CD3D+CD3E+CD3G+CD247) against
 the CD3+ count per tile, the B-cell set (CD19+MS4A1) against the CD20+ count, the epithelium set

@@ -3,8 +3,8 @@
 Builds two-level pyramids of real H&E (the CMU region, mirror-tiled) with a real TCGA frozen slide's odd
 sizes, 4443 x 3567 -> 2221 x 1783 (downsample 2.0005), as Aperio SVS in JPEG and in JPEG 2000 (33005), then
 for each level reads every 480 px tile-aligned window of unseen tiles (fresh handles) with OpenSlide's
-``read_region`` (level-0 coordinates) and with :class:`napari_he2rna.slides.backends.NativeTiles`, and reports the
-seconds and the largest difference of each to the level read from its origin. Run::
+``read_region`` (level-0 coordinates) and with :class:`napari_he2rna.slides.native_tiles.NativeTiles`, and
+reports the seconds and the largest difference of each to the level read from its origin. Run::
 
     python benchmarks/bench_levels.py
 

@@ -5,7 +5,8 @@ Two figures, each measured in one run as a ratio (the machine is shared; absolut
 1. **Seconds per training epoch** on a supertile cohort (default 1,000 slides x 100 supertiles x 2048
    features, 2,000 genes, hidden 1024-1024, batch 16, one k per batch from (1, 2, 5, 10, 20, 50, 100), Adam):
 
-   * ``ours``: :class:`napari_he2rna.model.network.HE2RNA`, :func:`napari_he2rna.model.network.topk_mean` and the batches of
+   * ``ours``: :class:`napari_he2rna.model.network.HE2RNA`, :func:`napari_he2rna.model.network.topk_mean` and
+     the batches of
      :mod:`napari_he2rna.model.training` (padding + explicit tile mask);
    * ``plain``: the paper's model as one would write it plainly in PyTorch: ``nn.Sequential`` of
      ``Conv1d(kernel 1)``, ReLU and dropout, top-k by a full ``torch.sort`` of the tile scores, mean of the

@@ -152,6 +152,7 @@ def scored_slide(tmp_path_factory):
     """A synthetic slide, its truth files and a tile-scores CSV where "T cells" tracks the CD3 truth."""
     from napari_he2rna import synthetic
     from napari_he2rna.maps import exports
+
     out = tmp_path_factory.mktemp("scored")
     t = synthetic.make_slide(out / "s1.tiff", seed=11, size_px=(1120, 896))
     tiles = pd.read_csv(out / "s1_tiles.csv")

@@ -266,7 +266,7 @@ def test_gated_or_not_cached_model_says_how_to_get_access(offline_hub, monkeypat
 
 
 def test_named_files_of_a_hub_repo_from_the_offline_cache(tmp_path, offline_hub):
-    """What other users of the hub (the weights converter) fetch with: each file, or None where it is absent."""
+    """What other users of the hub (the weights converter) fetch with: each file, or None where absent."""
     files = ["config.json", "model.safetensors"]
     with pytest.raises(
         WeightsError, match=r"tiny \(test-org/tiny\) is not in the Hugging Face cache"

@@ -282,9 +282,7 @@ def test_resnet50_takes_256_px_tiles_whole(slides, tmp_path):
 
 
 def test_a_model_not_resized_without_its_pixel_size_is_one_sentence(tmp_path):
-    path = save_bundle(
-        tmp_path / "odd.safetensors", _folds(8), GENES, TINY, 8, 128.0, KS, input_resize=False
-    )
+    path = save_bundle(tmp_path / "odd.safetensors", _folds(8), GENES, TINY, 8, 128.0, KS, input_resize=False)
     with pytest.raises(ModelError, match="without resizing but not their size in pixels"):
         ExtractOptions.for_model(load_bundle(path))
 

@@ -64,6 +64,7 @@ def test_slide_opens_in_openslide_with_mpp(slide_truth):
 
 def test_slide_opens_with_library(slide_truth):
     from napari_he2rna.slides import slide as slide_mod
+
     with slide_mod.open_slide(slide_truth.path) as slide:
         assert slide.dimensions == SIZE
         assert slide.mpp == pytest.approx(0.5)

@@ -6,7 +6,8 @@ napari_he2rna`` loads no torch, Qt or napari:
 - :func:`open_slide` — a whole-slide image as a lazy, micron-true pyramid (``slides``).
 - :func:`tile_grid` — the tissue tiles of a slide (``slides``).
 - :func:`extract_features` — backbone features of tiles (``features``); :func:`load_or_extract` caches them.
-- :func:`build_gdc_cohort` — a GDC/TCGA download (sample sheets, STAR counts, slides) as a cohort (``cohorts``).
+- :func:`build_gdc_cohort` — a GDC/TCGA download (sample sheets, STAR counts, slides) as a cohort
+(``cohorts``).
 - :func:`load_bundle` — a model bundle (``model``).
 - :func:`spatialize` — the main job: heatmaps, tile scores and slide-level predictions of a slide (``maps``).
 - :func:`predict` — slide-level predictions and per-tile scores of a slide, in memory (``maps``).

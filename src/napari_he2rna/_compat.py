@@ -125,9 +125,7 @@ def stage_getattr(package: str, old: str):
         if name.startswith("__"):
             raise AttributeError(name)
         value = forward(name)
-        warnings.warn(
-            f"{package}.{name}: {moved_message(old)}", DeprecationWarning, stacklevel=2
-        )
+        warnings.warn(f"{package}.{name}: {moved_message(old)}", DeprecationWarning, stacklevel=2)
         return value
 
     return __getattr__

@@ -61,7 +61,8 @@ class Cancelled(He2rnaError):
 class AlignmentError(He2rnaError):
     """An automatic alignment failed (the fit found leaves the slides unlike each other).
 
-    ``result`` is the rejected :class:`~napari_he2rna.validation.align.AlignmentResult` (for diagnosis), or None.
+    ``result`` is the rejected :class:`~napari_he2rna.validation.align.AlignmentResult` (for diagnosis), or
+    None.
     """
 
     def __init__(self, message: str, result=None) -> None:

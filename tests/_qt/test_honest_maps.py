@@ -202,7 +202,9 @@ def test_canvas_texts_rewrap_when_the_canvas_narrows(make_napari_viewer):
     viewer = make_napari_viewer()
     viewer.canvas.size = (1000, 1400)
     show_warning(viewer, True)
-    label = "B cells\npercentile of this slide's tiles (100 = highest)\nslide prediction 1.45 log10(1+FPKM-UQ)"
+    label = (
+        "B cells\npercentile of this slide's tiles (100 = highest)\nslide prediction 1.45 log10(1+FPKM-UQ)"
+    )
     show_legend(viewer, label)
     wide = [wrapped_text(viewer, key).split("\n") for key in (WARNING_OVERLAY, LEGEND_OVERLAY)]
     viewer.canvas.size = (600, 300)  # about what is left of a 1089 x 630 window beside the docks

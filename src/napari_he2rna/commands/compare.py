@@ -164,7 +164,8 @@ def compare_one(
 ) -> tuple[pd.DataFrame, pd.DataFrame, list[dict[str, Any]]]:
     """Everything for one slide: (per-tile table, long metrics table, flat rows per score x truth).
 
-    ``transform`` (an :class:`~napari_he2rna.validation.align.AlignmentResult`, e.g. read from ``he2rna align``'s JSON)
+    ``transform`` (an :class:`~napari_he2rna.validation.align.AlignmentResult`, e.g. read from ``he2rna
+    align``'s JSON)
     maps a truth drawn on its moving slide onto this one and replaces ``alignment``: the truth's µm are then
     read at the moving slide's pixel size.
     """

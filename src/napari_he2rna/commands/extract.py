@@ -161,7 +161,8 @@ def expand_slides(items: list[str], slide_column_name: str | None = None) -> lis
     """Slide paths from files, folders, globs and manifests, in order, without duplicates.
 
     A manifest's slide column is ``slide_column_name`` or the one of the common names
-    (:data:`napari_he2rna.cohorts.cohort.SLIDE_COLUMN_NAMES`) it has; its rows without a slide are left out (see
+    (:data:`napari_he2rna.cohorts.cohort.SLIDE_COLUMN_NAMES`) it has; its rows without a slide are left out
+    (see
     :func:`collect_slides`, which names them).
 
     A name that is neither an existing path nor matches a glob is kept, so that it is reported as failed.

@@ -239,7 +239,8 @@ def hub_snapshot_files(
         try:
             return Path(hf_hub_download(hub_id, filename, local_files_only=local_only))
         except GatedRepoError:
-            raise WeightsError(f"{name} ({hub_id}) is a gated model: {licence_advice(hub_id, folder_hint)}.") from None
+            advice = licence_advice(hub_id, folder_hint)
+            raise WeightsError(f"{name} ({hub_id}) is a gated model: {advice}.") from None
         except LocalEntryNotFoundError:
             not_cached.append(filename)
             return None
@@ -262,7 +263,8 @@ def hub_snapshot_files(
     if filenames and len(not_cached) == len(filenames) and not optional:  # nothing of this model in the cache
         raise WeightsError(
             f"{name} ({hub_id}) is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and "
-            f"the hub is offline or unreachable: fetch it once online ({licence_advice(hub_id, folder_hint)})."
+            "the hub is offline or unreachable: fetch it once online "
+            f"({licence_advice(hub_id, folder_hint)})."
         )
     return found
 

@@ -134,12 +134,14 @@ def ridge_cross_validate(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
 ) -> CVResult:
-    """The linear baseline on the same patient-grouped folds as :func:`napari_he2rna.model.training.cross_validate`.
+    """The linear baseline on the same patient-grouped folds as
+    :func:`napari_he2rna.model.training.cross_validate`.
 
     Parameters
     ----------
     cohort
-        From :func:`napari_he2rna.cohorts.cohort.match_cohort`; each sample's slide-mean feature is its mean over
+        From :func:`napari_he2rna.cohorts.cohort.match_cohort`; each sample's slide-mean feature is its mean
+        over
         all tiles (:func:`napari_he2rna.cohorts.cohort.tile_mean`).
     folds
         Fold per sample (default: :func:`napari_he2rna.model.folds.cv_folds` with the config's seed: the same

@@ -87,7 +87,8 @@ def save_result(
     demo: bool = False,
     cancel: CancelToken | None = None,
 ) -> Path:
-    """Write ``result`` as one ``.safetensors`` bundle (see :func:`napari_he2rna.model.bundle.save_bundle`)."""
+    """Write ``result`` as one ``.safetensors`` bundle (see
+    :func:`napari_he2rna.model.bundle.save_bundle`)."""
     from .bundle import save_bundle
     from .training import bundle_metadata
 
@@ -143,7 +144,8 @@ def evaluate_result(
     alpha: float = 0.05,
     seed: int = 0,
 ):
-    """:func:`napari_he2rna.model.evaluation.evaluate` of out-of-fold predictions on the cohort's cancer types."""
+    """:func:`napari_he2rna.model.evaluation.evaluate` of out-of-fold predictions on the cohort's cancer
+    types."""
     from .evaluation import evaluate
 
     types = cohort.samples.loc[cohort.sample_ids, "cancer_type"].astype(str).to_numpy()

@@ -70,7 +70,8 @@ def resolve_val_fraction(val_fraction: float | None, train_types: Sequence[str])
     """The validation fraction of one fold and why.
 
     ``None`` (auto) gives the paper's 10 % when every cancer type of the fold's training samples would get
-    at least :data:`napari_he2rna.model.folds.MIN_VAL_PER_TYPE` validation samples at that fraction (so the paper's
+    at least :data:`napari_he2rna.model.folds.MIN_VAL_PER_TYPE` validation samples at that fraction (so the
+    paper's
     per-type R is defined), else 0: on smaller cohorts a validation split of one or two samples per type
     only picks a noisy epoch and takes samples from training (docs/training.md), so training runs all its
     epochs. A number is used as given.

@@ -76,7 +76,7 @@ _GIVEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _rewrap_on_resize(viewer: napari.viewer.Viewer) -> None:
-    """Connect once per viewer: a resized canvas (a window made smaller, a dock widened) re-wraps the texts."""
+    """Connect once per viewer: a resized canvas (a smaller window, a wider dock) re-wraps the texts."""
     canvas = getattr(viewer, "canvas", None)
     events = getattr(getattr(canvas, "events", None), "size", None)
     if events is None or viewer in _GIVEN:

@@ -1,6 +1,7 @@
 """npe2 reader: a whole-slide image becomes one lazy, multiscale RGB image layer scaled in µm.
 
-The layer's ``metadata["slide"]`` is the open :class:`~napari_he2rna.slides.slide.Slide` (the widgets use it to tile,
+The layer's ``metadata["slide"]`` is the open :class:`~napari_he2rna.slides.slide.Slide` (the widgets use it
+to tile,
 extract features, ...). Its file handle is closed when the last layer showing it is removed from the viewer
 that opened it (see :func:`watch_layer_removal`); a layer built without a current viewer (e.g. a script
 calling the reader directly) keeps its handle until the Slide object is garbage collected.

@@ -12,7 +12,8 @@ from ..validation import metrics
 
 
 class RocCanvas:
-    """A matplotlib figure in a Qt canvas showing the ROC curves of :class:`~napari_he2rna.validation.metrics` results.
+    """A matplotlib figure in a Qt canvas showing the ROC curves of :mod:`napari_he2rna.validation.metrics`
+    results.
 
     Attributes
     ----------

@@ -180,7 +180,10 @@ class SlideWidget(Container):
                 self.viewer.layers.remove(full)
             added.append(
                 self.viewer.add_labels(
-                    data.astype("uint8") * value, name=full, scale=masks.scale, translate=translate,
+                    data.astype("uint8") * value,
+                    name=full,
+                    scale=masks.scale,
+                    translate=translate,
                     opacity=0.35 if value == 1 else 0.6,
                 )  # fmt: skip
             )

@@ -1,6 +1,7 @@
 """The Compare dock's truth layer: Points (cells), Shapes (annotation outlines) or Image (mask), in µm.
 
-What is drawn comes from a :class:`~napari_he2rna.validation.comparison.Comparison` (the selected cells, the polygon
+What is drawn comes from a :class:`~napari_he2rna.validation.comparison.Comparison` (the selected cells, the
+polygon
 rings and their roles, the mask and its placement), the same object and geometry the per-tile numbers come
 from; this module only turns it into napari layers.
 

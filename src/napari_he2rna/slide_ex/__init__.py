@@ -16,7 +16,8 @@ outer training set with that choice and predicts the outer test fold, which noth
 (not the feature standardisation, not the output bias, not the epoch count).
 
 The regressor is this package's HE2RNA (a per-tile MLP with top-k aggregation, trained by
-:func:`napari_he2rna.model.training.train_one`: Adam, minibatches of slides, one k per batch, mean squared error),
+:func:`napari_he2rna.model.training.train_one`: Adam, minibatches of slides, one k per batch, mean squared
+error),
 on standardised supertile features. The classifier is the same network with one output trained on the 0/1
 label with the same squared loss (a Brier-score fit: its slide score estimates P(responder)).
 
@@ -27,7 +28,8 @@ have chosen different widths: a narrower network is zero-padded to the widest on
 exactly unchanged (a padded unit has zero weights in and out). The standardisation of each fold is folded into
 its first layer, so a bundle takes raw features.
 
-Significance of a gene (per cell type and cancer type) follows :mod:`napari_he2rna.model.evaluation`: Pearson R on
+Significance of a gene (per cell type and cancer type) follows :mod:`napari_he2rna.model.evaluation`: Pearson
+R on
 the outer test folds (within each fold, averaged over folds) against the R of the same fold architecture
 untrained on the same test samples (pooled over genes and random inits), one-sided empirical p,
 Holm–Šidák and Benjamini–Hochberg over the genes of that cell type. The responder classifier reports the

@@ -56,7 +56,8 @@ def save_result_bundle(
 ) -> Path:
     """Write the outer fold models of a nested CV as one model bundle (genes = ``result.names``).
 
-    Metadata: ``folds`` (outer fold per sample, so :func:`napari_he2rna.model.cohort_prediction.bundle_oof_predictions`
+    Metadata: ``folds`` (outer fold per sample, so
+    :func:`napari_he2rna.model.cohort_prediction.bundle_oof_predictions`
     gives back the outer test predictions), ``validation_r`` (outer-test R per cancer type, regression),
     ``cohort`` and ``slide_ex`` (task, grid, the choice of every outer fold, evaluation summary).
     """

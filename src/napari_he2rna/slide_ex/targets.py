@@ -117,7 +117,8 @@ def read_celltype_expression(
     cell_types
         Only these cell types (each must have a table); default all found.
     transform, filter_zero_median
-        See :func:`napari_he2rna.cohorts.cohort.load_expression`: ``"raw"`` FPKM is turned into log10(1 + FPKM),
+        See :func:`napari_he2rna.cohorts.cohort.load_expression`: ``"raw"`` FPKM is turned into log10(1 +
+        FPKM),
         ``"log"`` is kept, ``"auto"`` decides per table (raw when any value exceeds 50). Genes with a zero
         median in a cell type are dropped (not expressed there) unless ``filter_zero_median`` is False.
 

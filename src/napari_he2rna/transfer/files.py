@@ -198,7 +198,8 @@ def load_slide_features(
     with_supertiles: bool = False,
 ) -> SlideFeatures:
     """Mean tile feature (over *all* tiles, the simple HE2RNA's input) of every sample of a sheet (``slide``
-    column), read the way ``he2rna train`` reads a cohort: :func:`napari_he2rna.cohorts.cohort.cohort_features`
+    column), read the way ``he2rna train`` reads a cohort:
+    :func:`napari_he2rna.cohorts.cohort.cohort_features`
     on the shared feature cache (extracted when missing).
 
     The supertile means are not used for the mean: supertiles are unweighted cluster centroids. Each slide's

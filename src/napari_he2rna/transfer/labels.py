@@ -22,7 +22,8 @@ def group_folds(
 ) -> np.ndarray:
     """Fold per sample with every patient (group) in one fold, strata (e.g. labels) spread over the folds.
 
-    scikit-learn's ``StratifiedGroupKFold`` via :mod:`napari_he2rna.model.training` (which falls back to dealing
+    scikit-learn's ``StratifiedGroupKFold`` via :mod:`napari_he2rna.model.training` (which falls back to
+    dealing
     patients round-robin when a stratum is too small for scikit-learn).
     """
     from ..model.folds import group_folds as grouped

@@ -577,7 +577,8 @@ def align_slides(
     Parameters
     ----------
     fixed, moving
-        Paths or open :class:`~napari_he2rna.slides.slide.Slide` objects (whole-slide files or plain JPEG/PNG).
+        Paths or open :class:`~napari_he2rna.slides.slide.Slide` objects (whole-slide files or plain
+        JPEG/PNG).
     mpp_fixed, mpp_moving
         µm per level-0 px, overriding the files'. When only one is known the other is taken to be the same;
         when neither is, the transform is found in pixels (its scale absorbs any difference).

@@ -2,9 +2,11 @@
 share.
 
 A :class:`Comparison` holds the slide's tile grid, the loaded truth
-(:class:`~napari_he2rna.validation.truth.GroundTruth`: QuPath cells, a mask or annotation polygons), the filters (classes
+(:class:`~napari_he2rna.validation.truth.GroundTruth`: QuPath cells, a mask or annotation polygons), the
+filters (classes
 counted or inside, the outside class, the mask's scale), the alignment of the truth scan onto the slide, the
-truth per tile (cached), and the metrics of the last scores compared (:mod:`napari_he2rna.validation.metrics`). It also
+truth per tile (cached), and the metrics of the last scores compared
+(:mod:`napari_he2rna.validation.metrics`). It also
 gives what a viewer draws of the truth: points, polygon outlines and their roles, and the mask with its
 placement, from the same geometry the numbers use (:func:`.masks.mask_geometry`), so what is
 drawn and what is counted cannot disagree.
@@ -303,7 +305,8 @@ class Comparison:
         return results
 
     def metrics_table(self) -> pd.DataFrame:
-        """The long metrics table of :attr:`results` (see :func:`napari_he2rna.validation.metrics.metrics_table`)."""
+        """The long metrics table of :attr:`results` (see
+        :func:`napari_he2rna.validation.metrics.metrics_table`)."""
         return metrics.metrics_table(self.results, self.truth_label)
 
     def per_tile_table(self) -> pd.DataFrame:
@@ -316,7 +319,8 @@ class Comparison:
         )
 
     def spatial_null(self, scores: Any, n: int) -> dict[str, Any]:
-        """:func:`napari_he2rna.validation.metrics.spatial_null_p` of one score array against the truth per tile."""
+        """:func:`napari_he2rna.validation.metrics.spatial_null_p` of one score array against the truth per
+        tile."""
         from ..maps.heatmaps import heatmap_raster
 
         grid = self.grid

@@ -169,7 +169,8 @@ def mask_fraction_per_tile(
         Maps the mask's scan (µm) onto the slide.
     geometry
         Where the mask lies (:func:`mask_geometry`), computed once by the caller that also draws the mask
-        (:class:`napari_he2rna.validation.comparison.Comparison`); it replaces ``mask_downsample``, ``mask_mpp`` and
+        (:class:`napari_he2rna.validation.comparison.Comparison`); it replaces ``mask_downsample``,
+        ``mask_mpp`` and
         ``max_aspect_mismatch``.
 
     Returns

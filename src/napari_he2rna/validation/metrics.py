@@ -1,6 +1,7 @@
 """How well does a heatmap match the truth? Tile-level metrics of the HE2RNA paper's validation.
 
-Per tile, a model score (a gene or gene set) is set against a truth value from :mod:`napari_he2rna.validation.truth`: a
+Per tile, a model score (a gene or gene set) is set against a truth value from
+:mod:`napari_he2rna.validation.truth`: a
 cell count (CD3+ cells counted by QuPath), a mask fraction (epithelium) or an annotation label (tumour). The
 metrics are those of the paper's figures 4-5 and tables 1-3:
 
@@ -582,7 +583,8 @@ def read_tile_scores(
     Returns
     -------
     (TileGrid, pandas.DataFrame)
-        The grid (:meth:`~napari_he2rna.slides.tiling.TileGrid.from_table`; its ``table`` has ``tile_id, row, col,
+        The grid (:meth:`~napari_he2rna.slides.tiling.TileGrid.from_table`; its ``table`` has ``tile_id, row,
+        col,
         x, y, size, tissue_fraction`` and its ``tile_um`` is the actual side) and the (N, k) score columns.
     """
     from pathlib import Path
