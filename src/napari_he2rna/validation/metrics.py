@@ -34,6 +34,7 @@ from scipy import stats
 from sklearn.metrics import auc as area_under_curve
 from sklearn.metrics import roc_curve
 
+from ..maps.exports import TILE_CSV_COLUMNS
 from ..slides.tiling import TileGrid
 
 DEFAULT_PERCENTILES = (75, 90, 95, 99)
@@ -511,22 +512,8 @@ def summarize_slides(per_slide: pd.DataFrame, group: Sequence[str] = ("score", "
 # ------------------------------------------------------------------------------------------------------------
 # Tile score files
 
-#: Columns of a tile-scores CSV that describe the tile, not a score (exports.TILE_CSV_COLUMNS and the grid's).
-POSITION_COLUMNS = (
-    "tile_id",
-    "row",
-    "col",
-    "x",
-    "y",
-    "size",
-    "x_px",
-    "y_px",
-    "x_um",
-    "y_um",
-    "size_px",
-    "size_um",
-    "tissue_fraction",
-)
+#: Columns of a tile-scores CSV that describe the tile, not a score: the tile table's and the grid's own.
+POSITION_COLUMNS = (*TILE_CSV_COLUMNS, "x", "y", "size")
 
 
 def _header_facts(path: Any) -> dict[str, str]:
