@@ -106,6 +106,17 @@ def register(subparsers) -> None:
             "else fp32)"
         ),
     )
+    parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "float16"],
+        help=(
+            "what the stores keep: float16 halves their size and read time (training, spatialize, predict "
+            "and the viewer read either; a backbone giving values beyond float16's ±65504 is refused with "
+            "the slide named). Default: float32 for new stores, and a slide's existing store is kept in "
+            "the dtype it has; naming one re-extracts the stores kept in the other (one store per slide)"
+        ),
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="tiles per batch (halved on GPU OOM)")
     parser.add_argument("--workers", type=int, default=2, help="tile reader threads per slide (default 2)")
     parser.add_argument(
@@ -276,6 +287,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         num_workers=args.workers,
+        dtype=args.dtype,
     )
     if read_only is not None:
         _require_stores(slides, backbone, options, cache_dir, args.mpp, read_only)

@@ -9,8 +9,9 @@
 * :func:`cache_path`, :func:`read_cache`, :func:`read_supertiles`, :func:`is_cached` name and read stores.
 
 Layout (format ``napari-he2rna-features`` version 1): ``grid/<column>`` (the tile table), ``features``
-``(N, dim)`` float32, ``done`` ``(N,)`` bool, ``supertiles/features`` ``(k, dim)``, ``supertiles/labels``
-``(N,)`` and the provenance attributes (:data:`MUST_MATCH` decide whether a store is reused).
+``(N, dim)`` float32 or float16 (its ``dtype`` attribute; readers return float32, see :mod:`.store_dtype`),
+``done`` ``(N,)`` bool, ``supertiles/features`` ``(k, dim)`` float32, ``supertiles/labels`` ``(N,)`` and the
+provenance attributes (:data:`MUST_MATCH` decide whether a store is reused, with the dtype when one is asked).
 
 Nothing here imports Qt or napari.
 """
@@ -38,6 +39,7 @@ from ..slides.tiling import TileGrid, check_tile_size, mask_method, tile_grid
 from .backbones import Backbone, get_backbone
 from .devices import resolve_device
 from .extraction import ExtractOptions, effective_precision, iter_features, supertiles
+from .store_dtype import dtype_mismatch, new_store_dtype, stored_dtype, to_store
 
 __all__ = [
     "CACHE_FORMAT",
@@ -108,11 +110,14 @@ def _provenance(slide, backbone: Backbone, options: ExtractOptions) -> dict[str,
         "tissue_mask": mask_method(),  # a store tiled with another mask (e.g. keeping pen ink) is not reused
         "max_tiles": None if options.max_tiles is None else int(options.max_tiles),
         "seed": int(options.seed),
+        # what a new store is written in; an existing one serves any dtype unless one is asked
+        "dtype": new_store_dtype(options.dtype),
         "library_version": __version__,
     }
 
 
-# These must match for a store to be reused; slide_path and library_version are provenance only.
+# These must match for a store to be reused (and the dtype, when one is asked: see _validate_complete);
+# slide_path and library_version are provenance only.
 MUST_MATCH = [
     "format",
     "format_version",
@@ -196,7 +201,8 @@ def _verify_checksums(path: Path, attrs: dict[str, Any], arrays: dict[str, np.nd
 
 
 def read_cache(path: str | Path) -> tuple[TileGrid, np.ndarray, dict[str, Any]]:
-    """Grid, features and provenance of a complete store (no checks against a slide).
+    """Grid, features (float32, whatever the store's dtype) and provenance of a complete store (no checks
+    against a slide).
 
     Raises
     ------
@@ -216,7 +222,9 @@ def read_cache(path: str | Path) -> tuple[TileGrid, np.ndarray, dict[str, Any]]:
         if not attrs.get("complete"):
             raise CacheError(f"{path} is an unfinished feature cache.")
         grid = _grid_from_group(group, attrs)
-        features = np.asarray(group["features"][:], dtype=np.float32)
+        stored = group["features"]
+        stored_dtype(attrs, stored.dtype, str(path))
+        features = np.asarray(stored[:])  # as stored: its checksum is of these bytes
         done = np.asarray(group["done"][:], dtype=bool)
     except CacheError:
         raise
@@ -227,13 +235,14 @@ def read_cache(path: str | Path) -> tuple[TileGrid, np.ndarray, dict[str, Any]]:
     _verify_checksums(path, attrs, {"features": features, "done": done, **_grid_arrays(grid)})
     if not np.isfinite(features).all():
         raise CacheError(f"the feature cache {path} holds missing or non-finite features.")
-    return grid, features, attrs
+    return grid, features.astype(np.float32, copy=False), attrs
 
 
 def read_features(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
-    """The ``(n_tiles, dim)`` float32 features of a store already checked when opened (:func:`read_cache`,
-    :func:`load_or_extract`): only their shape is checked, not their checksums nor every value, so re-reading
-    a cohort every epoch costs the read alone. Raises :class:`CacheError` when unreadable or reshaped."""
+    """The ``(n_tiles, dim)`` features, as float32, of a store already checked when opened
+    (:func:`read_cache`, :func:`load_or_extract`): only their shape is checked, not their checksums nor every
+    value, so re-reading a cohort every epoch costs the read alone. Raises :class:`CacheError` when
+    unreadable or reshaped."""
     import zarr
 
     path = Path(path)
@@ -329,10 +338,11 @@ def _remove_store(path: Path) -> None:
 
 
 def _validate_complete(
-    path: Path, expected: dict[str, Any]
+    path: Path, expected: dict[str, Any], dtype: str | None = None
 ) -> tuple[TileGrid, np.ndarray, dict[str, Any]] | None:
-    """Cached grid, features and attributes if ``path`` is a complete, matching, sound store; else None
-    (warned). Its supertiles are checked apart (:func:`_sound_supertiles`): they can be repaired alone."""
+    """Cached grid, features and attributes if ``path`` is a complete, matching, sound store, in ``dtype``
+    when one is asked; else None (warned). Its supertiles are checked apart (:func:`_sound_supertiles`):
+    they can be repaired alone."""
     if not path.exists():
         return None
     try:
@@ -340,7 +350,7 @@ def _validate_complete(
     except CacheError as exc:
         warnings.warn(f"{str(exc).rstrip('.')}; recomputing it.", CacheWarning, stacklevel=3)
         return None
-    reason = _mismatch(attrs, expected)
+    reason = _mismatch(attrs, expected) or dtype_mismatch(str(attrs.get("dtype", "float32")), dtype)
     if reason:
         warnings.warn(
             f"the feature cache {path.name} is stale ({reason}); recomputing it.", CacheWarning, stacklevel=3
@@ -367,12 +377,13 @@ def is_cached(
         options = ExtractOptions.of(options, **changes).for_slide(slide)
         expected = _provenance(slide, backbone, options)
         path = cache_path(slide, backbone, options.tile_um, cache_dir, options=options)
-        cached = _validate_complete(path, expected)
+        cached = _validate_complete(path, expected, options.dtype)
         return cached is not None and _sound_supertiles(path, cached[2])
 
 
-def _open_partial(partial: Path, expected: dict[str, Any]):
-    """A resumable partial store (group, grid, done) or None when absent/unsound (then removed)."""
+def _open_partial(partial: Path, expected: dict[str, Any], dtype: str | None):
+    """A resumable partial store (group, grid, done), in ``dtype`` when one is asked (else in the one it
+    was begun in), or None when absent/unsound (then removed)."""
     import zarr
 
     if not partial.exists():
@@ -380,7 +391,9 @@ def _open_partial(partial: Path, expected: dict[str, Any]):
     try:
         group = zarr.open_group(str(partial), mode="r+")
         attrs = dict(group.attrs)
-        reason = _mismatch(attrs, expected)
+        reason = _mismatch(attrs, expected) or dtype_mismatch(
+            stored_dtype(attrs, group["features"].dtype, partial.name), dtype
+        )
         if reason is None:
             grid = _grid_from_group(group, attrs)
             done = np.asarray(group["done"][:], dtype=bool)
@@ -415,7 +428,7 @@ def _create_partial(partial: Path, grid: TileGrid, expected: dict[str, Any], chu
     group.create_array(
         "features",
         shape=(n, expected["feature_dim"]),
-        dtype="float32",
+        dtype=expected["dtype"],
         chunks=(chunk_rows, expected["feature_dim"]),
         fill_value=np.nan,
     )
@@ -451,13 +464,13 @@ def load_or_extract(
     """Cached features of a slide: read them if a sound store exists, else compute (resuming) and store.
 
     The store ``cache_path(slide, backbone, tile_um, cache_dir)`` holds the grid table columns
-    (``grid/<column>``), ``features`` (N, dim) float32, ``done`` (N,) bool, ``supertiles/features`` (k, dim)
-    and ``supertiles/labels`` (N,), and provenance attributes (slide fingerprint and path, backbone name and
-    weights hash, precision, tile µm, mpp, tiling parameters, library version, ``complete``). It is written
-    batch by
-    batch into ``<name>.partial`` and renamed when complete, so a killed or cancelled run resumes from the
-    rows already done; a stale (other weights, pixel size or tiling parameters) or corrupt store is
-    recomputed with a warning.
+    (``grid/<column>``), ``features`` (N, dim) float32 or float16 (``options.dtype``: None reuses a store
+    of either and writes float32; a dtype asked re-extracts a store of the other), ``done`` (N,) bool,
+    ``supertiles/features`` (k, dim) and ``supertiles/labels`` (N,), and provenance attributes (slide
+    fingerprint and path, backbone name and weights hash, precision, tile µm, mpp, tiling parameters, dtype,
+    library version, ``complete``). It is written batch by batch into ``<name>.partial`` and renamed when
+    complete, so a killed or cancelled run resumes from the rows already done; a stale (other weights, pixel
+    size or tiling parameters) or corrupt store is recomputed with a warning.
 
     Parameters
     ----------
@@ -487,7 +500,7 @@ def load_or_extract(
     Returns
     -------
     grid : TileGrid
-    features : (N, dim) float32
+    features : (N, dim) float32, whatever the store's dtype
     """
     import zarr  # noqa: F401  (fail early with ImportError rather than after extracting)
 
@@ -511,7 +524,7 @@ def load_or_extract(
         lock, what=f"the feature cache {final.name}", cancelled=lambda: check_cancel(cancel)
     ) as held:
         owner = _lock_identity(lock) if held else None
-        cached = _validate_complete(final, expected)
+        cached = _validate_complete(final, expected, options.dtype)
         if cached is not None:
             grid, features, attrs = cached
             if not _sound_supertiles(final, attrs, repair=held) and held:  # the tile features are sound
@@ -583,7 +596,7 @@ def _extract_into_store(
     """
     check_held = still_held or (lambda: None)
     partial = final.with_name(final.name + ".partial")
-    opened = _open_partial(partial, expected)
+    opened = _open_partial(partial, expected, options.dtype)
     if opened is None:
         grid = tile_grid(
             slide,
@@ -602,6 +615,7 @@ def _extract_into_store(
     if order is not None:
         todo = np.asarray(order(grid, todo), dtype=np.int64)
     features_arr, done_arr = group["features"], group["done"]
+    dtype = features_arr.dtype.name  # asked, or the one a resumed store was begun in
     n_done = int(done.sum())
     if batch_ready is not None and n_done:
         have = np.flatnonzero(done)
@@ -624,6 +638,7 @@ def _extract_into_store(
     ):
         # In grid order rows are mostly contiguous: write the span, then mark it done; a spread order
         # writes the batch's rows at once (each chunk touched once per batch).
+        feats = to_store(feats, dtype, backbone.name, Path(slide.path).name)
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         if hi - lo == len(rows) and np.array_equal(rows, np.arange(lo, hi)):
             features_arr[lo:hi] = feats
@@ -632,10 +647,11 @@ def _extract_into_store(
             features_arr.oindex[rows] = feats
             done_arr.oindex[rows] = True
         if batch_ready is not None:
-            batch_ready(rows, feats)
+            batch_ready(rows, feats.astype(np.float32, copy=False))  # the values stored
         check_held()
 
-    features = np.asarray(features_arr[:], dtype=np.float32)
+    stored = np.asarray(features_arr[:])  # in the store's dtype: its checksum is of these bytes
+    features = stored.astype(np.float32, copy=False)
     done_all = np.asarray(done_arr[:], dtype=bool)
     if not done_all.all() or not np.isfinite(features).all():
         raise CacheError(
@@ -644,7 +660,7 @@ def _extract_into_store(
     centroids, labels = supertiles(grid, features, k=options.supertile_k, seed=options.seed)
     check_held()
     arrays = {
-        "features": features,
+        "features": stored,
         "done": done_all,
         **_grid_arrays(grid),
         **_write_supertiles(group, centroids, labels),

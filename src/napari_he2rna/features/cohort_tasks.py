@@ -51,7 +51,8 @@ def extract_slide_task(
     ----------
     path : path of the slide
     options : ExtractOptions
-        Backbone (built once per process), tiling and how the extraction runs.
+        Backbone (built once per process), tiling, how the extraction runs and the store's dtype (a
+        float16 or float32 one asked re-extracts a store kept in the other).
     out_dir : path, optional
         Where the stores go (default :func:`settings.cache_dir`).
     mpp : float, optional
@@ -71,7 +72,7 @@ def extract_slide_task(
         if backbone is None:
             backbone = _cached_backbone(options.backbone, options.weights, options.device)
         with open_slide(path, mpp=mpp) as slide:
-            store = cache_path(slide, backbone, options.tile_um, out_dir)
+            store = cache_path(slide, backbone, options.tile_um, out_dir, options=options)
             cached = is_cached(slide, backbone, options, cache_dir=out_dir)
             # The backbone is already on its device: device "auto" leaves it there.
             grid, _ = load_or_extract(

@@ -35,6 +35,7 @@ from ..slides.tiling import MIN_TILE_PX, TileGrid, read_tiles, tile_side_px
 from .backbones import Backbone
 from .devices import resolve_device
 from .precision import precision_name, resolve_precision
+from .store_dtype import check_dtype
 
 __all__ = [
     "ExtractOptions",
@@ -76,6 +77,10 @@ class ExtractOptions:
         Feed the backbone each tile read at this side, not resized to its input side (e.g. 256 for
         SEQUOIA's ResNet50 features); None: resized to the backbone's ``input_px``. Part of the store's name
         and provenance, so features of one input size are never served for the other.
+    dtype : str, optional
+        ``"float32"`` or ``"float16"``: what the store keeps (float16 halves its size and read time; readers
+        always return float32). None: new stores are float32 and an existing one is used in the dtype it
+        has; a dtype asked re-extracts a store kept in the other (:mod:`.store_dtype`).
     """
 
     backbone: str = "resnet50-imagenet"
@@ -92,8 +97,10 @@ class ExtractOptions:
     tile_px: int | None = None
     tile_magnification: float | None = None
     input_px: int | None = None
+    dtype: str | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", check_dtype(self.dtype))  # "float16", np.float16: one spelling
         px, mag = self.tile_px, self.tile_magnification
         if (px is None) != (mag is None):
             raise TileSizeError("A tile size in pixels needs its magnification, and a magnification pixels.")
