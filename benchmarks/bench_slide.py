@@ -14,7 +14,12 @@ Figures per reader (each in a fresh process, in its own environment):
 A fourth row, ``plain-read_region``, is the library underneath: ``OpenSlide.read_region`` of the same random
 512x512 viewports (same seed, same file) from a thread pool of 1 and of 2 threads, no napari and no dask; its
 ``open_s`` is ``OpenSlide(path)``, and it has no first view. The table ends with each reader's figures as
-ratios to ours, and the goals of issue 13 checked.
+ratios to ours, and the goals of issues 13 and 26 checked.
+
+Before its timed reads of a level, every reader (plain read_region too) reads ``--warmup`` viewports (40 by
+default) at other random positions: the figures are a running viewer's, with the reader's and the library's
+tile caches already full and the allocator warm. (With a single warm-up read, a fresh process fills its caches
+during the timed reads, while plain read_region's 2-thread figure is taken after its 1-thread pass.)
 
 Usage (from the repository root, under a display with 24-bit depth)::
 
@@ -154,14 +159,14 @@ def _viewports(rng, h: int, w: int, n: int) -> list[tuple[int, int]]:
     return [(int(rng.integers(0, h - side_y + 1)), int(rng.integers(0, w - side_x + 1))) for _ in range(n)]
 
 
-def measure(reader: str, path: str, n_reads: int, seed: int) -> dict:
+def measure(reader: str, path: str, n_reads: int, seed: int, warmup: int = 1) -> dict:
     import dask
 
-    out: dict = {"reader": reader}
+    out: dict = {"reader": reader, "warmup_viewports": warmup}
     dask.config.set(scheduler="threads", num_workers=2)
     out["module"] = _import_reader(reader)
     if reader == PLAIN:
-        return _measure_plain(out, path, n_reads, seed)
+        return _measure_plain(out, path, n_reads, seed, warmup)
 
     t0 = time.perf_counter()
     data, kwargs = _layer_data(reader, path)
@@ -169,13 +174,14 @@ def measure(reader: str, path: str, n_reads: int, seed: int) -> dict:
     levels = data if isinstance(data, list | tuple) else [data]
     out["levels"] = [tuple(int(s) for s in lv.shape) for lv in levels]
 
-    rng = np.random.default_rng(seed)
+    rng, warm_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     for key, level in (("level0", levels[0]), ("lowest", levels[-1])):
         arr = _as_rgb_dask(level)
         h, w = arr.shape[:2]
         side_y, side_x = min(VIEWPORT, h), min(VIEWPORT, w)
-        arr[:side_y, :side_x].compute()  # warm-up: first-call costs (graph code paths, decoder setup)
         corners = _viewports(rng, h, w, n_reads)
+        for y, x in _viewports(warm_rng, h, w, warmup):  # see --warmup
+            arr[y : y + side_y, x : x + side_x].compute()
         cpu0, t0 = time.process_time(), time.perf_counter()
         for y, x in corners:
             block = np.asarray(arr[y : y + side_y, x : x + side_x].compute())
@@ -190,7 +196,7 @@ def measure(reader: str, path: str, n_reads: int, seed: int) -> dict:
     return out
 
 
-def _measure_plain(out: dict, path: str, n_reads: int, seed: int) -> dict:
+def _measure_plain(out: dict, path: str, n_reads: int, seed: int, warmup: int = 1) -> dict:
     """``OpenSlide.read_region`` of the viewports the readers read, from a pool of 1 and of 2 threads."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -200,7 +206,7 @@ def _measure_plain(out: dict, path: str, n_reads: int, seed: int) -> dict:
     slide = openslide.OpenSlide(path)
     out["open_s"] = time.perf_counter() - t0
     out["levels"] = [(h, w, 4) for w, h in slide.level_dimensions]
-    rng = np.random.default_rng(seed)
+    rng, warm_rng = np.random.default_rng(seed), np.random.default_rng(seed + 1)
     lowest = slide.level_count - 1
     for key, level in (("level0", 0), ("lowest", lowest)):
         w, h = slide.level_dimensions[level]
@@ -213,7 +219,8 @@ def _measure_plain(out: dict, path: str, n_reads: int, seed: int) -> dict:
             block = np.asarray(slide.read_region((round(x * ds), round(y * ds)), level, side))
             assert block.shape[:2] == (side[1], side[0])
 
-        read((0, 0))  # warm-up, as for the readers
+        for corner in _viewports(warm_rng, h, w, warmup):  # warm-up, as for the readers
+            read(corner)
         for threads in (1, 2):
             with ThreadPoolExecutor(threads) as pool:
                 cpu0, t0 = time.process_time(), time.perf_counter()
@@ -222,7 +229,7 @@ def _measure_plain(out: dict, path: str, n_reads: int, seed: int) -> dict:
             out[f"{key}_reads_s_{threads}t"] = n_reads / wall
             if key == "level0":
                 out[f"cpu_per_wall_{threads}t"] = (time.process_time() - cpu0) / wall
-    # the figures the table compares: the 2-thread pool (the goal is half of it)
+    # the figures the table compares: the 2-thread pool (the goals: level 0 as fast, the lowest half)
     out["level0_reads_s"] = out["level0_reads_s_2t"]
     out["lowest_reads_s"] = out["lowest_reads_s_2t"]
     out["cpu_per_wall"] = out["cpu_per_wall_2t"]
@@ -272,6 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slide", type=Path, default=None, help="a multi-level slide (default: make one)")
     parser.add_argument("--side", type=int, default=16384, help="side of the generated slide in px")
     parser.add_argument("--reads", type=int, default=60, help="random viewports per level")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=40,
+        help="viewports each reader reads at other random positions of a level before its timed reads "
+        "(1: only first-call costs are left out, and the figure includes the process filling its tile "
+        "caches, which plain read_region's 2-thread figure, taken after its 1-thread pass, does not)",
+    )
     parser.add_argument("--reader", choices=sorted(READERS), help="(internal) measure one reader, print JSON")
     parser.add_argument(
         "--rounds", type=int, default=2, help="alternate the readers this many times, keep best"
@@ -280,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.reader:
-        print(json.dumps(measure(args.reader, str(args.slide), args.reads, seed=0)))
+        print(json.dumps(measure(args.reader, str(args.slide), args.reads, seed=0, warmup=args.warmup)))
         return 0
 
     slide = args.slide or make_slide(
@@ -303,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
                 str(slide),
                 "--reads",
                 str(args.reads),
+                "--warmup",
+                str(args.warmup),
             ]
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -320,7 +337,10 @@ def main(argv: list[str] | None = None) -> int:
                         best[reader][key] = min(best[reader][key], value)
     results = list(best.values())
     print(f"slide: {slide} levels {results[0]['levels'] if results else '?'}")
-    print(f"load average at the end: {_load()}; rounds {args.rounds}, {args.reads} viewports per level")
+    print(
+        f"load average at the end: {_load()}; rounds {args.rounds}, {args.reads} viewports per level "
+        f"after {args.warmup} warm-up viewports"
+    )
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -379,16 +399,17 @@ def table(results: list[dict]) -> str:
             adv = _advantage(ours, r, c)
             cells.append("-" if adv is None else f"{adv:.2f}x")
         lines.append(f"| {r['reader']} | " + " | ".join(cells) + " |")
-    lines += ["", "goals (issue 13)", ""]
+    lines += ["", "goals (issues 13 and 26)", ""]
     for r in results:
         if r is ours:
             continue
         if r["reader"] == PLAIN:
-            for c in ("level0_reads_s", "lowest_reads_s"):
+            # issue 26: level-0 viewports at least as fast as read_region from 2 threads; issue 13: half
+            for c, need in (("level0_reads_s", 1.0), ("lowest_reads_s", 0.5)):
                 adv = _advantage(ours, r, c)
                 if adv is not None:
-                    ok = "met" if adv >= 0.5 else "NOT met"
-                    lines.append(f"- {c} >= 0.5x plain read_region (2 threads): {adv:.2f}x, {ok}")
+                    ok = "met" if adv >= need else "NOT met"
+                    lines.append(f"- {c} >= {need}x plain read_region (2 threads): {adv:.2f}x, {ok}")
             continue
         for c, need in (
             ("level0_reads_s", 1.5),

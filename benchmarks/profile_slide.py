@@ -1,8 +1,9 @@
 """Where the time of a viewport read goes, in napari-he2rna's reader (the "Where the time goes" figures).
 
 For random 512 x 512 viewports of the bench_slide.py slide (level 0, and the lowest level, whose tiles all
-sit in the tile cache), per viewport: the tiles decoded, the dask tasks left after dask's optimisation, CPU
-and wall milliseconds of the reader's own read of exactly that region (no dask), of the dask array's slice
+sit in the tile cache), per viewport: the tiles decoded (with dask's default settings, and with napari's,
+which turn task fusion off while it slices), the dask tasks left after dask's optimisation, CPU and wall
+milliseconds of the reader's own read of exactly that region (no dask), of the dask array's slice
 computed with the synchronous scheduler and with 2 threads, and of one tile decode. Run it on one checkout,
 then another, to compare (CPU milliseconds are the figure that a busy machine disturbs least)::
 
@@ -58,13 +59,17 @@ def profile(path: Path, reads: int, seed: int = 0) -> dict:
             np.mean([len(dict(s.__dask_optimize__(s.__dask_graph__(), s.__dask_keys__()))) for s in sliced])
         )
         if native is not None:
-            decoded = []
-            for y, x in corners[:10]:
-                native._cache.clear()
-                native._cache_bytes = 0
-                arr[y : y + 512, x : x + 512].compute(scheduler="sync")
-                decoded.append(len(native._cache))
-            out[f"{key}_tiles_decoded"] = float(np.mean(decoded))
+            # dask's default settings, then napari's while it slices (task fusion off: a chunk task reads its
+            # whole chunk unless the viewport is one task of its own)
+            for suffix, fuse in (("", True), ("_napari", False)):
+                decoded = []
+                with dask.config.set({"optimization.fuse.active": fuse}):
+                    for y, x in corners[:10]:
+                        native._cache.clear()
+                        native._cache_bytes = 0
+                        arr[y : y + 512, x : x + 512].compute(scheduler="sync")
+                        decoded.append(len(native._cache))
+                out[f"{key}_tiles_decoded{suffix}"] = float(np.mean(decoded))
             arr[:512, :512].compute()
             if key == "lowest":  # warm the whole level into the tile cache
                 arr.compute()

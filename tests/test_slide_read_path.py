@@ -1,5 +1,5 @@
-"""slide.py's read path: a viewport reads only its own tiles, any NumPy index reads the right pixels, tiles
-decode on several threads, transparent pixels are composited exactly."""
+"""slide.py's read path: a viewport reads only its own tiles, in one task whatever dask fuses, any NumPy index
+reads the right pixels, tiles decode on several threads, transparent pixels are composited exactly."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import tifffile
@@ -112,3 +113,64 @@ def test_tiles_decode_on_several_threads_and_concurrent_reads_agree(rgba_tiff, m
             blocks = list(pool.map(lambda c: slide.read_level_region(c, 0, (100, 100)), corners))
         for (x, y), block in zip(corners, blocks, strict=True):
             np.testing.assert_array_equal(block, want[y : y + 100, x : x + 100])
+
+
+def _tasks(array) -> int:
+    """Tasks that computing ``array`` runs, after dask's optimisation (as configured now)."""
+    return len(dict(array.__dask_optimize__(array.__dask_graph__(), array.__dask_keys__())))
+
+
+@pytest.mark.parametrize("fuse", [True, False], ids=["dask-default", "napari-slicing"])
+def test_a_viewport_is_one_read_of_its_own_tiles_whatever_dask_fuses(rgba_tiff, fuse):
+    """napari turns dask's task fusion off while it slices: a viewport across chunk borders must still be one
+    task that decodes only the tiles it shows (with dask's chunk tasks it decoded their whole chunks)."""
+    path, image = rgba_tiff
+    want = _over_white(image)
+    with open_slide(path) as slide, dask.config.set({"optimization.fuse.active": fuse}):
+        native = slide._backend.native
+        level = slide.pyramid(chunk=256)[0]  # one tile per chunk: the viewport below spans 4 chunks
+        assert level.numblocks[:2] == (3, 4)
+        slide.read_level_region((0, 0), 0, (1, 1))  # the level's first read checks tile 0 against OpenSlide
+        native._cache.clear()
+        viewport = level[200:300, 250:270]
+        assert viewport.numblocks == (1, 1, 1) and _tasks(viewport) == 1
+        np.testing.assert_array_equal(viewport.compute(), want[200:300, 250:270])
+        across = -(-900 // TILE)
+        assert set(native._cache) == {(0, r * across + c) for r in (0, 1) for c in (0, 1)}
+        # a slice of that slice is one read too, of the right pixels
+        np.testing.assert_array_equal(viewport[10:20, 5:][:, :, :3].compute(), want[210:220, 255:270])
+        # and the viewport is a dask array like any other: other indexing, arithmetic, rechunking
+        np.testing.assert_array_equal(viewport[::3, 1].compute(), want[200:300:3, 251])
+        got = (viewport.astype(np.int16) - 1).rechunk((50, 10, 3)).compute()
+        np.testing.assert_array_equal(got, want[200:300, 250:270].astype(np.int16) - 1)
+
+
+def test_level_slices_are_the_levels_pixels(rgba_tiff):
+    path, image = rgba_tiff
+    want = _over_white(image)
+    with open_slide(path) as slide:
+        level = slide.pyramid(chunk=256)[0]
+        assert level[..., :3] is level and level[:, :] is level
+        for index in [
+            (slice(600, 1000), slice(-100, None)),  # past the edge, negative start
+            (slice(5, 6),),
+            (slice(1, 700), Ellipsis, slice(0, 3)),
+            (slice(10, 300), slice(20, 800), slice(None)),
+        ]:
+            sliced = level[index]
+            assert sliced.numblocks == (1, 1, 1), index
+            np.testing.assert_array_equal(sliced.compute(), want[index], err_msg=str(index))
+        # what is not a viewport goes through dask's own slicing, one task per chunk touched
+        for index in [
+            (slice(0, 600, 2), slice(3, 700)),
+            (Ellipsis, 1),
+            (slice(0, 500), 7),
+            (Ellipsis, slice(0, 2)),
+        ]:
+            sliced = level[index]
+            assert sliced.numblocks[0] > 1, index
+            np.testing.assert_array_equal(sliced.compute(), want[index], err_msg=str(index))
+        with dask.config.set({"array.chunk-size": "64kiB"}):  # larger than a chunk may be: dask's chunks
+            assert level[0:300, 0:300].numblocks[:2] == (2, 2)
+        slide._backend._native_ok[0] = False  # a level OpenSlide reads on one thread: dask's chunks
+        assert level[0:300, 0:300].numblocks[:2] == (2, 2)

@@ -144,6 +144,10 @@ class Backend:
     def read_level(self, location: tuple[int, int], level: int, size: tuple[int, int]) -> np.ndarray:
         raise NotImplementedError
 
+    def parallel_reads(self, level: int) -> bool:
+        """Whether one read of ``level`` decodes its tiles on several threads."""
+        return False
+
     def close(self) -> None:
         pass
 
@@ -227,6 +231,10 @@ class _OpenSlideBackend(Backend):
         if self._use_native(level):
             return super().read(location, level, size)
         return self._openslide_read(location, level, size)
+
+    def parallel_reads(self, level):
+        # native tiles decode on the decode pool; not yet checked against OpenSlide counts as native (no I/O)
+        return self.native is not None and self.native.has(level) and self._native_ok[level] is not False
 
     def read_level(self, location, level, size):
         if self._use_native(level):

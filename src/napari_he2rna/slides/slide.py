@@ -14,7 +14,6 @@ Nothing here imports Qt or napari.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import threading
 from pathlib import Path
@@ -26,8 +25,17 @@ import numpy as np
 
 from ..errors import MissingMPPError, SlideError
 from .backends import PLAUSIBLE_MPP, WSI_SUFFIXES, Backend, open_backend, plausible_mpp, positive_float
+from .level_arrays import LevelArray, LevelView, level_array
 
-__all__ = ["Slide", "open_slide", "WSI_SUFFIXES", "IMAGE_SUFFIXES", "TIFF_SUFFIXES", "SLIDE_SUFFIXES"]
+__all__ = [
+    "Slide",
+    "LevelView",
+    "open_slide",
+    "WSI_SUFFIXES",
+    "IMAGE_SUFFIXES",
+    "TIFF_SUFFIXES",
+    "SLIDE_SUFFIXES",
+]
 
 # WSI_SUFFIXES (suffixes that promise a whole-slide image) is defined with the backends, which check it.
 TIFF_SUFFIXES = (".tif", ".tiff")
@@ -70,82 +78,6 @@ def _halve(block: np.ndarray) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------- Slide
-_ARRAY_IDS = itertools.count()
-
-
-def _axis_window(index: Any, n: int) -> tuple[int, int, Any]:
-    """``(lo, hi, local)``: the window ``[lo, hi)`` of an axis of length ``n`` that ``index`` touches, and the
-    index that picks the same elements out of that window."""
-    if isinstance(index, slice):
-        start, stop, step = index.indices(n)
-        if step == 1:
-            return start, max(start, stop), slice(None)
-        picked = range(start, stop, step)
-        if not picked:
-            return 0, 0, slice(0, 0)
-        lo, hi = min(picked[0], picked[-1]), max(picked[0], picked[-1]) + 1
-        end = picked[-1] - lo + (1 if step > 0 else -1)
-        return lo, hi, slice(picked[0] - lo, end if end >= 0 else None, step)
-    if isinstance(index, int | np.integer):
-        i = int(index) + (n if index < 0 else 0)
-        if not 0 <= i < n:
-            raise IndexError(f"index {int(index)} is out of bounds for an axis of {n}")
-        return i, i + 1, 0
-    picked = np.asarray(index)
-    if picked.dtype == bool:
-        picked = np.flatnonzero(picked)
-    picked = np.where(picked < 0, picked + n, picked).astype(np.intp)
-    if picked.size == 0:
-        return 0, 0, picked
-    lo = int(picked.min())
-    return lo, int(picked.max()) + 1, picked - lo
-
-
-class LevelView:
-    """One pyramid level as a NumPy-indexable array: ``view[y0:y1, x0:x1]`` reads just that region.
-
-    It is what the level's dask array is built on (``dask.array.from_array``); indexing it reads through
-    :meth:`Slide.read_level_region`, so a region holds the level's stored pixels at any downsample.
-    """
-
-    def __init__(self, slide: Slide, level: int) -> None:
-        self.slide = slide
-        self.level = level
-        width, height = slide.level_dimensions[level]
-        self.shape = (height, width, 3)
-        self.dtype = np.dtype(np.uint8)
-        self.ndim = 3
-
-    def __getitem__(self, index: Any) -> np.ndarray:
-        if not isinstance(index, tuple):
-            index = (index,)
-        if any(i is Ellipsis for i in index):
-            at = next(k for k, i in enumerate(index) if i is Ellipsis)
-            rest = 3 - (len(index) - 1 - sum(i is None for i in index))
-            index = index[:at] + (slice(None),) * rest + index[at + 1 :]
-        spatial: list[tuple[int, int]] = []
-        local: list[Any] = []
-        for i in index:
-            if i is None:
-                local.append(None)
-            elif len(spatial) < 2:
-                lo, hi, pick = _axis_window(i, self.shape[len(spatial)])
-                spatial.append((lo, hi))
-                local.append(pick)
-            else:
-                local.append(i)
-        while len(spatial) < 2:
-            spatial.append((0, self.shape[len(spatial)]))
-        (y0, y1), (x0, x1) = spatial
-        region = self.slide.read_level_region((x0, y0), self.level, (x1 - x0, y1 - y0))
-        if all(isinstance(i, slice) and i == slice(None) for i in local):
-            return region
-        return region[tuple(local)]
-
-    def __repr__(self) -> str:
-        return f"LevelView({self.slide.path.name!r}, level={self.level}, shape={self.shape})"
-
-
 class Slide:
     """An open whole-slide image. Use :func:`open_slide`; close it (or use ``with``) to free the file handle.
 
@@ -297,37 +229,31 @@ class Slide:
 
     # -------------------------------------------------------------- pyramid
     def _level_array(self, level: int, chunk: int) -> da.Array:
-        width, height = self.level_dimensions[level]
         side = _chunk_for_tile(self._tile_sizes[level], chunk)
-        # dask.array.from_array over a view that reads regions on demand: dask fuses a viewport's slice of a
-        # chunk into the chunk's read (fancy getter), so a 512 px viewport reads only the tiles it shows,
-        # not its four whole chunks. The name is explicit: dask would otherwise try to hash the slide.
-        return da.from_array(
-            LevelView(self, level),
-            chunks=(side, side, 3),
-            name=f"he2rna-slide-{id(self):x}-{next(_ARRAY_IDS)}-level{level}-chunk{side}",
-            lock=False,
-            asarray=True,
-            fancy=True,
-            inline_array=True,
-            meta=np.empty((0, 0, 0), dtype=np.uint8),
-        )
+        return level_array(LevelView(self, level), (side, side))
+
+    def parallel_reads(self, level: int) -> bool:
+        """Whether one read of ``level`` decodes its tiles on several threads (native TIFF tiles), so that a
+        viewport is best read in one piece rather than chunk by chunk on dask's threads."""
+        return self._backend.parallel_reads(level)
 
     def pyramid(self, chunk: int = 1024) -> list[da.Array]:
         """The slide as a lazy multiscale pyramid for napari.
 
         One dask array per native level, chunked along the slide's own tile grid (a whole number of tiles, at
         most ``chunk`` px), read on demand in the level's own pixel coordinates (:meth:`read_level_region`,
-        so chunks hold the stored pixels at any downsample). A slice of a level reads only the region it
-        covers (dask fuses the slice into each chunk's read), and the tiles of one read are decoded on all
-        cores. Then 2x-coarsened levels until the smallest fits :data:`PYRAMID_MIN_SIDE` px. Building it
-        reads no pixels.
+        so chunks hold the stored pixels at any downsample). A viewport slice of a level whose tiles decode
+        on several threads is one task reading exactly that region, its tiles decoded on all cores
+        (:class:`~.level_arrays.LevelArray`); other slices read only the region they cover when dask fuses
+        the slice into each chunk's read. Then 2x-coarsened levels until the smallest fits
+        :data:`PYRAMID_MIN_SIDE` px. Building it reads no pixels.
 
         Parameters
         ----------
         chunk : int
-            Largest chunk side in pixels. Large chunks mean few dask tasks per viewport (dask's per-task
-            scheduling costs more than a tile's decode); a slice still reads only what it covers.
+            Largest chunk side in pixels: what a whole-level computation, ``blocks``, ``rechunk`` or a slice
+            of a level read on one thread works in (a viewport of a level whose tiles decode on several
+            threads is one read whatever the chunks), and the coarsened levels' chunk side.
 
         Returns
         -------
@@ -447,6 +373,8 @@ class Slide:
 def _coarsen(level: da.Array, chunk: int) -> da.Array:
     """Half-size level: 2x2 means of ``level`` (odd last row/column dropped), chunked ``chunk`` px."""
     h, w = (level.shape[0] // 2) * 2, (level.shape[1] // 2) * 2
+    if isinstance(level, LevelArray):  # dask's slicing: a coarse chunk computes its own source chunks only
+        level = level.chunked()
     source = level[:h, :w].rechunk((2 * chunk, 2 * chunk, 3))
     return source.map_blocks(
         _halve,
