@@ -144,7 +144,7 @@ def test_evaluate_prints_the_planted_control_split_and_writes_it(tiny, cli_in_pr
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "16 visible planted genes, 22 noise-only controls" in proc.stdout
     split = pd.read_csv(report / "planted_truth.csv", keep_default_na=False)
-    models = ["HE2RNA", "ridge baseline"]
+    models = ["ensemble (HE2RNA + linear)", "ridge baseline"]  # the default model, evaluated beside ridge
     assert split[["cancer_type", "model"]].values.tolist() == [
         [t, m] for t in ("SYN-BRCA", "SYN-COAD") for m in models
     ]
@@ -152,7 +152,7 @@ def test_evaluate_prints_the_planted_control_split_and_writes_it(tiny, cli_in_pr
     planted = [g for g in GENE_PANEL if g != "ADIPOQ"]
     controls = [*HOUSEKEEPING, "CTRL0001", "CTRL0002"]
     block = proc.stdout.split("planted truth (")[1].splitlines()  # what --truth adds to the output
-    for model_name, file in (("HE2RNA", "per_gene.csv"), ("ridge baseline", "baseline_per_gene.csv")):
+    for model_name, file in ((models[0], "per_gene.csv"), ("ridge baseline", "baseline_per_gene.csv")):
         per_gene = pd.read_csv(report / file)
         for t, sub in per_gene.groupby("cancer_type"):
             sub = sub.set_index("gene")

@@ -422,3 +422,41 @@ def test_bundled_sample_slide():
     assert len(tiles) == math.ceil(w / 224) * math.ceil(h / 224)
     assert (tiles[["t_cells", "b_cells", "tumor_cells"]].sum() > 500).all()
     assert tiles["fat_fraction"].sum() > 1
+
+
+# ------------------------------------------------------------------------------------ immune phenotypes
+def test_immune_phenotypes_t_only_has_no_b_cell_and_shares_are_kept_per_type(tmp_path):
+    from napari_he2rna.errors import DataError
+    from napari_he2rna.synthetic import make_cohort
+
+    info = make_cohort(
+        tmp_path / "c",
+        n_slides=8,
+        seed=2,
+        size_px=(768, 768),
+        cancer_types=["SYN-BRCA", "SYN-COAD"],
+        second_slide_fraction=0.0,
+        phenotypes={"t-only": 1, "aggregates": 1},
+    )
+    sheet = pd.read_csv(tmp_path / "c" / "samples.tsv", sep="\t")
+    # every cancer type gets both phenotypes in the shares asked (in turn, not by chance)
+    counts = sheet.groupby(["cancer_type", "immune_phenotype"]).size()
+    assert set(counts.to_numpy()) == {2}
+    for row in sheet.itertuples():
+        cells = pd.read_csv(tmp_path / "c" / f"{row.sample_id}_cells.csv")
+        types = cells["type"].value_counts()
+        if row.immune_phenotype == "t-only":
+            assert types.get("B cell", 0) == 0 and types.get("T cell", 0) > 20
+        truth = next(t for t in info.truths if t.slide_id == row.sample_id)
+        if row.immune_phenotype == "aggregates":
+            assert truth.params.t_level < 0.5 and truth.params.follicles_per_mm2 >= 2.0
+    with pytest.raises(DataError, match="Unknown immune phenotype 'b-only'"):
+        make_cohort(tmp_path / "d", n_slides=2, size_px=(256, 256), phenotypes={"b-only": 1})
+
+
+def test_make_sample_refuses_a_phenotype_share_that_is_not_a_number(tmp_path, capsys):
+    from napari_he2rna.cli import main
+
+    code = main(["make-sample", str(tmp_path / "x"), "--n-slides", "2", "--phenotypes", "t-only:lots"])
+    assert code == 2 and "is not NAME:SHARE" in capsys.readouterr().out
+    assert not (tmp_path / "x").exists()

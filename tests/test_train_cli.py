@@ -86,3 +86,20 @@ def test_a_validation_fraction_out_of_range(small_cohort, train):
     proc, out = train(small_cohort, "--folds", "2", "--val-fraction", "1.5")
     assert "validation fraction" in one_sentence_error(proc)
     assert not out.exists()
+
+
+def test_an_ensemble_bundle_is_fine_tuned_through_its_he2rna_part(small_cohort, train):
+    """The default bundle (HE2RNA and ridge averaged) starts a fine-tuning run (e.g. supertiles -> all tiles):
+    each fold's HE2RNA starts from the bundle's, the linear baseline is fitted again."""
+    from napari_he2rna.model.bundle import load_bundle
+
+    proc, first = train(small_cohort, "--folds", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--model-type ridge" in proc.stdout  # the per-gene comparison line
+    tuned = small_cohort / "tuned.safetensors"
+    proc, _ = train(small_cohort, "--init-model", first, "--tiles", "--epochs", "1", "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    first.rename(tuned)
+    bundle = load_bundle(tuned)
+    assert bundle.metadata["fine_tuned_from"] == str(first)
+    assert bundle.linear_weight == 0.5 and bundle.metadata["training"]["mode"] == "tiles"

@@ -85,6 +85,10 @@ def test_training_learns_past_the_first_epoch_and_says_how_it_stopped(walkthroug
     # what inference needs about the training data travelled with the bundle
     assert "feature_reference" in bundle.metadata and "target_range" in bundle.metadata
     assert len(bundle.metadata["input_standardization"]["folds"]) == 5
+    # the default ensemble: every gene blends both models, and the command said how they compare
+    assert bundle.linear_weight == 0.5 and bundle.linear_genes == bundle.genes
+    assert set(bundle.metadata["gene_models"]["genes"]) == set(bundle.genes)
+    assert "median out-of-fold R" in logs[2] and "--model-type ridge" in logs[2]
 
 
 def test_planted_genes_significant_controls_not_and_baseline_beside(walkthrough):
@@ -104,9 +108,16 @@ def test_planted_genes_significant_controls_not_and_baseline_beside(walkthrough)
         assert int(controls.sum()) <= 1, (t, controls[controls].index.tolist())
         assert sub.drop(index=list(GENE_PANEL))["r_pooled_folds"].abs().median() < 0.3
     comparison = pd.read_csv(report / "comparison.csv")
-    assert set(comparison["model"]) == {"HE2RNA", "ridge baseline"}
+    assert set(comparison["model"]) == {"ensemble (HE2RNA + linear)", "ridge baseline"}
     text = (report / "report.md").read_text()
     assert "ridge baseline, same folds, same null" in text
+    # the default (--model-type ensemble) is reported beside HE2RNA alone, gene by gene
+    assert "## HE2RNA, the linear baseline and their ensemble, gene by gene" in text
+    everything = pd.read_csv(report / "comparison_all.csv")
+    assert set(everything["model"]) == {"ensemble (HE2RNA + linear)", "HE2RNA", "ridge"}
+    genes = pd.read_csv(report / "gene_models.csv")
+    assert {"r_he2rna", "r_linear", "r_ensemble", "best"} <= set(genes.columns)
+    assert len(genes) == per_gene["gene"].nunique()
     summary = pd.read_csv(report / "summary.csv")
     for col in (
         "n_significant_holm_sidak",

@@ -106,9 +106,11 @@ def run(args: argparse.Namespace) -> int:
             cohort, base.oof, base.folds, null, gene_sets, args.random_sets, args.alpha, args.seed
         )
     name = "ridge baseline" if is_ridge else "HE2RNA"
+    if bundle.linear_genes:
+        name = "ensemble (HE2RNA + linear)" if bundle.linear_weight < 1 else "HE2RNA with linear genes"
     title = f"{name} evaluation" + (" (DEMO model, synthetic slides)" if bundle.demo else "")
     report = write_report(ev, args.out, title=title, baseline=baseline, names=(name, "ridge baseline"))
-    print_summary(ev, baseline)
+    print_summary(ev, {"ridge": baseline} if baseline is not None else None, name)
     if roles is not None:
         from ..model.planted_truth import split_text, truth_split_table, write_truth_split
 

@@ -55,6 +55,19 @@ def register(subparsers) -> None:
             "more adds CTRL0001, CTRL0002, ...)"
         ),
     )
+    parser.add_argument(
+        "--phenotypes",
+        nargs="+",
+        default=None,
+        metavar="NAME:SHARE",
+        help=(
+            "mix of immune phenotypes, each patient drawing one: mixed (aggregates with a B-cell core and "
+            "a T-cell rim, stromal T cells, TILs), t-only (stromal and tumour-infiltrating T cells, no "
+            "aggregate, no B cell), aggregates (aggregates, few T cells outside them); e.g. --phenotypes "
+            "mixed:0.6 t-only:0.2 aggregates:0.2 (default: every patient mixed); samples.tsv then names each "
+            "slide's phenotype"
+        ),
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
 
@@ -63,6 +76,16 @@ def run(args: argparse.Namespace) -> int:
     from ..model.planted_truth import read_gene_roles
     from ..synthetic import make_cohort  # numpy/scipy heavy: only when the command runs
 
+    phenotypes = None
+    if args.phenotypes:
+        phenotypes = {}
+        for item in args.phenotypes:
+            name, _, share = item.partition(":")
+            try:
+                phenotypes[name] = float(share) if share else 1.0
+            except ValueError:
+                print(f"he2rna make-sample: error: --phenotypes {item!r} is not NAME:SHARE (e.g. t-only:1).")
+                return 2
     progress = None if args.quiet else TextProgress("make-sample")
     info = make_cohort(
         args.out_dir,
@@ -73,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
         names=args.names,
         progress=progress,
         n_controls=args.n_controls,
+        phenotypes=phenotypes,
     )
     n_patients = info.samples["patient_id"].nunique()
     print(f"wrote {len(info.samples)} slides of {n_patients} patients to {info.out_dir}")

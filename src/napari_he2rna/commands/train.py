@@ -24,8 +24,10 @@ def register(subparsers) -> None:
             "inputs standardised on each fold's training samples; early stopping on a validation split of "
             "the training patients) on cached slide features, an expression table and a sample sheet "
             "(sample_id, patient_id, cancer_type, slide). Features missing from the cache are extracted "
-            "first. --model-type ridge trains the linear baseline (ridge on the slide-mean feature) on the "
-            "same folds instead. Writes one model bundle with the fold ensemble and its out-of-fold R."
+            "first. By default (--model-type ensemble) the linear baseline (ridge on the slide-mean "
+            "feature) is trained on the same folds and averaged with HE2RNA tile by tile, and the command "
+            "says for how many genes the linear baseline alone would be better; --model-type he2rna or ridge "
+            "trains one of them alone. Writes one model bundle with the fold ensemble and its out-of-fold R."
         ),
     )
     add_cohort_arguments(p)
@@ -33,10 +35,12 @@ def register(subparsers) -> None:
     add_overwrite_argument(p)
     p.add_argument(
         "--model-type",
-        choices=["he2rna", "ridge"],
-        default="he2rna",
-        help="he2rna (default: per-tile MLP, top-k aggregation) or ridge (linear baseline on the slide-mean "
-        "feature, applied to every tile for heatmaps)",
+        choices=["ensemble", "he2rna", "ridge"],
+        default="ensemble",
+        help="ensemble (default: HE2RNA and the linear baseline trained on the same folds, each tile scored "
+        "by their mean, aggregated as HE2RNA's; the best of the rules measured on small cohorts, see "
+        "docs/training.md), he2rna (per-tile MLP, top-k aggregation: the paper's model alone) or ridge "
+        "(linear baseline on the slide-mean feature, applied to every tile for heatmaps)",
     )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
@@ -178,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..jobs import TextProgress
     from ..model.bundle import load_bundle
-    from ..model.fitting import evaluate_result, fit, null_predictions, save_result
+    from ..model.fitting import fit, save_result
     from ..model.training import TrainConfig
 
     out = Path(args.out)
@@ -222,9 +226,9 @@ def run(args: argparse.Namespace) -> int:
         args.model_type,
         config,
         folds=folds,
-        progress=TextProgress("training (epochs)" if args.model_type == "he2rna" else "ridge (folds)"),
+        progress=TextProgress("training (epochs)" if args.model_type != "ridge" else "ridge (folds)"),
         checkpoint_dir=args.checkpoint_dir,
-        initial_models=init.to_modules() if init else None,
+        initial_models=init.fold_modules()[0] if init else None,  # an ensemble: its HE2RNA part
         log=print,
     )
     extra = {"fine_tuned_from": str(args.init_model)} if init else None
@@ -238,27 +242,73 @@ def run(args: argparse.Namespace) -> int:
         f"{np.nanmedian(r) if np.isfinite(r).any() else float('nan'):.3f})"
     )
     if args.report:
-        from ..model.evaluation import write_report
-
-        null = null_predictions(cohort, config, args.null_inits)
-        ev = evaluate_result(cohort, result.oof, result.folds, null)
-        baseline = None
-        if args.model_type == "he2rna":
-            base = fit(cohort, "ridge", config, folds=result.folds)
-            baseline = evaluate_result(cohort, base.oof, base.folds, null)
-        names = ("HE2RNA", "ridge baseline") if args.model_type == "he2rna" else ("ridge baseline", "")
-        path = write_report(ev, args.report, title=f"{names[0]} evaluation", baseline=baseline, names=names)
-        print_summary(ev, baseline)
-        print(f"report: {path}")
+        write_train_report(args, cohort, config, result)
     return 0
 
 
-def print_summary(ev, baseline=None) -> None:
-    """The per-type figures on stdout (side by side with the baseline when there is one)."""
+MODEL_NAMES = {"ensemble": "ensemble (HE2RNA + linear)", "he2rna": "HE2RNA", "ridge": "ridge baseline"}
+
+
+def write_train_report(args: argparse.Namespace, cohort, config, result) -> None:
+    """``--report``: the evaluation of the trained model beside the ridge baseline on the same folds (and, for
+    the ensemble, beside HE2RNA alone, with every gene's R for the three models)."""
+    from ..model.evaluation import comparison_table, write_report
+    from ..model.fitting import evaluate_result, fit, null_predictions
+    from ..model.gene_comparison import comparison_markdown, null_strength_notes
+    from ..safe_output import atomic_write_text
+
+    null = null_predictions(cohort, config, args.null_inits)
+    ev = evaluate_result(cohort, result.oof, result.folds, null)
+    others = {}
+    if args.model_type == "ensemble":
+        both = result.comparison
+        others["HE2RNA"] = evaluate_result(cohort, both.oof_he2rna, result.folds, null)
+        others["ridge"] = evaluate_result(cohort, both.oof_linear, result.folds, null)
+    elif args.model_type == "he2rna":
+        base = fit(cohort, "ridge", config, folds=result.folds)
+        others["ridge"] = evaluate_result(cohort, base.oof, base.folds, null)
+    name = MODEL_NAMES[args.model_type]
+    baseline = others.get("ridge")
+    names = (name, "ridge baseline" if baseline is not None else "")
+    path = write_report(ev, args.report, title=f"{name} evaluation", baseline=baseline, names=names)
+    extra = [f"- {note}" for note in null_strength_notes(ev.summary)]
+    if extra:
+        extra = ["## How strong the untrained null is", "", *extra, ""]
+    if args.model_type == "ensemble":
+        table = comparison_table({name: ev, **others})
+        atomic_write_text(Path(args.report) / "comparison_all.csv", table.to_csv(index=False))
+        genes_csv = result.comparison.table().to_csv(index=False)
+        atomic_write_text(Path(args.report) / "gene_models.csv", genes_csv)
+        extra += [
+            comparison_markdown(result.comparison),
+            "The three models side by side, same folds, same null (comparison_all.csv):",
+            "",
+            _markdown_table(table),
+            "",
+        ]
+    if extra:
+        text = path.read_text(encoding="utf-8").rstrip("\n") + "\n\n" + "\n".join(extra)
+        atomic_write_text(path, text)
+    print_summary(ev, {**others} if others else None, name)
+    for note in null_strength_notes(ev.summary):
+        print(f"he2rna: note: {note}", file=sys.stderr)
+    print(f"report: {path}")
+
+
+def _markdown_table(df) -> str:
+    cols = list(df.columns)
+    rows = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for rec in df.itertuples(index=False):
+        rows.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in rec) + " |")
+    return "\n".join(rows)
+
+
+def print_summary(ev, others=None, name: str = "HE2RNA") -> None:
+    """The per-type figures on stdout (side by side with the other models when there are some)."""
     from ..model.evaluation import SUMMARY_COLUMNS, comparison_table, small_fold_warning
 
-    if baseline is not None:
-        print(comparison_table({"HE2RNA": ev, "ridge": baseline}).to_string(index=False))
+    if others:
+        print(comparison_table({name: ev, **others}).to_string(index=False))
     else:
         cols = [c for c in SUMMARY_COLUMNS if c in ev.summary]
         print(ev.summary[cols].to_string(index=False))

@@ -20,8 +20,9 @@ import numpy as np
 import pandas as pd
 
 from ..errors import GeneError, He2rnaError
+from ..model.mixed import map_models
 from . import map_display, readout
-from .gene_sets import is_distance_name
+from .gene_sets import PartialGeneSetWarning, is_distance_name
 from .heatmaps import heatmap_transform, render_heatmap_png
 from .map_style import PERCENTILE_UNITS
 from .scoring import SCORE_UNITS
@@ -424,6 +425,19 @@ def _score_names(names: Iterable[str]) -> list[str]:
     return [n for n in names if not is_distance_name(n)]
 
 
+def export_info(session: SlideSession, names: Iterable[str]) -> dict[str, Any]:
+    """The session's :meth:`~SlideSession.slide_info` and ``map_models``: which model made each map of
+    ``names`` (``"HE2RNA"``, ``"linear baseline"`` or ``"HE2RNA + linear baseline"`` for a set of both)."""
+    import warnings
+
+    info = session.slide_info()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", PartialGeneSetWarning)  # reported when the names were scored
+        resolved = session.resolve(_score_names(names))
+    info["map_models"] = map_models(session.bundle, resolved)
+    return info
+
+
 def export_csv(session: SlideSession, path: str | Path, names: Iterable[str], overwrite: bool = False):
     """Tile CSV + ``<stem>_slide.csv`` (see :func:`write_tile_scores_csv`); returns both paths."""
     names = _score_names(names)
@@ -434,7 +448,7 @@ def export_csv(session: SlideSession, path: str | Path, names: Iterable[str], ov
         path,
         grid,
         scores,
-        session.slide_info(),
+        export_info(session, names),
         session.slide_predictions(names),
         overwrite,
         units=readout.output_unit(session.bundle),
@@ -450,7 +464,7 @@ def export_metadata(session: SlideSession, names: Iterable[str]) -> dict[str, An
     return tile_metadata(
         grid,
         columns,
-        session.slide_info(),
+        export_info(session, names),
         session.slide_predictions(names),
         readout.output_unit(session.bundle),
     )

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 
+from ..model.mixed import HE2RNA_NAME
 from . import map_style
 
 if TYPE_CHECKING:  # only for type hints
@@ -208,6 +209,7 @@ def render_heatmap_png(
     prediction: float | None = None,
     prediction_units: str | None = None,
     prediction_note: str = "",
+    model: str | None = None,
     threshold: float | None = None,
     fade: float | None = None,
     cover: np.ndarray | None = None,
@@ -248,6 +250,9 @@ def render_heatmap_png(
         A gene set's genes: the subtitle says the map is their mean.
     prediction, prediction_units, prediction_note
         The slide-level prediction (the model's aggregate, in the target's unit), said in the subtitle.
+    model
+        Which model made the map (:func:`napari_he2rna.model.mixed.model_of_genes`); the subtitle
+        names it unless it is HE2RNA alone (``--model-type auto`` bundles).
     threshold
         The feature distance's training threshold: a white line on the colour bar (and the colormap).
     fade
@@ -331,6 +336,8 @@ def render_heatmap_png(
     if prediction is not None and math.isfinite(prediction):
         unit = f" {map_style.plain_unit(prediction_units)}" if prediction_units else ""
         sub.append(f"slide prediction {map_style.number(prediction)}{unit}{prediction_note}")
+    if model and model != HE2RNA_NAME:  # --model-type auto: say when the map is not HE2RNA's alone
+        sub.append(f"model: {model}")
     heading = title + ("\n" + textwrap.fill(" · ".join(sub), width=90) if sub else "")
     ax.set_title(heading, fontsize=11)
     cbar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)

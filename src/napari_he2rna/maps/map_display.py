@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..model import ood
+from ..model.mixed import model_of_genes
 from . import heatmaps, map_style, progressive, readout
 from .gene_sets import PartialGeneSetWarning, is_distance_name
 
@@ -158,12 +159,24 @@ def distance_threshold(session: SlideSession) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def model_of(session: SlideSession, name: str) -> str | None:
+    """Which model made the map of a gene or set (:func:`napari_he2rna.model.mixed.model_of_genes`: HE2RNA,
+    the linear baseline or both); None for the feature distance."""
+    if is_distance_name(name):
+        return None
+    return model_of_genes(session.bundle, _genes_of(session, name)[1])
+
+
 def legend(session: SlideSession, name: str, kind: str = "heatmap", outside: bool = False) -> str:
     """The colour bar's label of a map (see :func:`.map_style.legend_label`)."""
     canonical = session.canonical(name)
+    model = model_of(session, canonical)
     if kind == "uncertainty":
         return map_style.legend_label(
-            f"{canonical} fold spread", map_style.SPREAD_UNITS, members=members(session, canonical)
+            f"{canonical} fold spread",
+            map_style.SPREAD_UNITS,
+            members=members(session, canonical),
+            model=model,
         )
     if is_distance_name(canonical):
         return map_style.legend_label(canonical, ood.DISTANCE_UNITS, threshold=distance_threshold(session))
@@ -176,6 +189,7 @@ def legend(session: SlideSession, name: str, kind: str = "heatmap", outside: boo
         prediction_units=readout.output_unit(session.bundle),
         prediction_note=note,
         outside=outside,
+        model=model,
     )
 
 
@@ -250,4 +264,5 @@ def png_options(session: SlideSession, name: str) -> dict[str, Any]:
         "prediction": prediction,
         "prediction_units": readout.output_unit(session.bundle),
         "prediction_note": note,
+        "model": model_of(session, canonical),
     }

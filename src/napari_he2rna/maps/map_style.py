@@ -174,13 +174,17 @@ def legend_label(
     prediction_note: str = "",
     threshold: float | None = None,
     outside: bool = False,
+    model: str | None = None,
 ) -> str:
     """The colour bar's label, one fact a line: name (a set: the mean of its listed genes), unit, the
-    slide-level prediction in its unit (or the training threshold), and the warning when outside."""
+    slide-level prediction in its unit (or the training threshold), and the warning when outside.
+
+    ``model`` is which model made the map (``ModelBundle.model_of``), said after the name unless it is
+    HE2RNA's alone: ``"CD3D (linear baseline)"``."""
     lines = []
     if outside:
         lines.append("NOT A PREDICTION (outside training data)")
-    lines.append(name)
+    lines.append(f"{name} ({model})" if model and model != "HE2RNA" else name)
     if members:
         lines.append(f"mean of {listed_genes(members)}")
     lines.append(units)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pandas as pd
 
 from ..jobs import CancelToken, ProgressCallback
+from ..model.mixed import map_models
 from . import readout
 from .gene_sets import parse_request, resolve_names
 from .scoring import score_resolved
@@ -156,6 +157,8 @@ def predict(
         if genes or len(names) <= MAX_TILE_GENES_BY_DEFAULT:
             scores = session.scores_with_distance(score_resolved(bundle, feats, resolved))
         info = session.slide_info()
+        if scores is not None:  # which model made each map column (HE2RNA, the linear baseline or both)
+            info["map_models"] = map_models(bundle, resolved)
     return Prediction(
         predictions=pd.Series(
             dict(zip(names, predictions, strict=True)), dtype=float, name="slide_prediction"

@@ -452,7 +452,7 @@ class SlideSession:
         genes = list(genes)
         for start in range(0, len(genes), chunk):
             part = genes[start : start + chunk]
-            values = bundle.aggregate_fold_scores(bundle.scores_from_hidden(hidden, part))
+            values = bundle.aggregate_fold_scores(bundle.scores_from_hidden(hidden, part), part)
             out.update(zip(part, (float(v) for v in np.asarray(values).reshape(-1)), strict=True))
         return out
 

@@ -20,6 +20,7 @@ from .. import jobs
 from ..errors import ModelError
 from ..jobs import CancelToken, ProgressCallback
 from ..model import ood
+from ..model.mixed import map_models
 from . import exports, readout
 from .exports import safe_name
 from .gene_sets import DISTANCE_NAME, PartialGeneSetWarning, is_distance_name, parse_request, split_names
@@ -187,18 +188,17 @@ def spatialize(
             jobs.check_cancel(cancel)
             exported = session.scores_with_distance(scores)
             units = readout.output_unit(bundle)
+            info = {**session.slide_info(), "map_models": map_models(bundle, resolved)}
             csv_path, slide_csv = exports.write_tile_scores_csv(
                 paths["csv"],
                 grid,
                 exported,
-                session.slide_info(),
+                info,
                 predictions,
                 overwrite=overwrite,
                 units=units,
             )
-            meta = exports.tile_metadata(
-                grid, list(exported.columns), session.slide_info(), predictions, units
-            )
+            meta = exports.tile_metadata(grid, list(exported.columns), info, predictions, units)
             h5ad = exports.write_anndata(paths["h5ad"], grid, exported, meta, overwrite=overwrite)
             geo = None
             if paths["geojson"] is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +21,22 @@ import torch
 
 from ..errors import GeneError, ModelError
 from .aggregation import Clustering
+from .bundle_header import read_header
+from .mixed import (
+    checked_linear_genes,
+    combine,
+    describe_linear,
+    is_blend,
+    linear_columns,
+    linear_shapes,
+    linear_tensors,
+    mixed_scores,
+    model_of_genes,
+    read_linear_genes,
+    read_linear_weight,
+    stored_linear_layers,
+    widen,
+)
 from .network import HE2RNA, topk_mean_multi
 
 FORMAT_NAME = "napari-he2rna-model"
@@ -85,6 +100,9 @@ def save_bundle(
     tile_magnification: float | None = None,
     input_resize: bool = True,
     clustering: Clustering | None = None,
+    linear_models: Sequence[HE2RNA] | None = None,
+    linear_genes: Sequence[str] | None = None,
+    linear_weight: float = 1.0,
 ) -> Path:
     """Write a fold ensemble as one ``.safetensors`` model bundle (atomically).
 
@@ -118,6 +136,16 @@ def save_bundle(
     clustering
         The k-means of ``aggregation="kmeans"`` (default :class:`~napari_he2rna.model.aggregation.Clustering`:
         100 clusters, ``random_state=0``, ``n_init=10``).
+    linear_models, linear_genes
+        Genes from the linear baseline (:mod:`napari_he2rna.model.mixed`, ``--model-type ensemble``): one
+        linear module per fold (``HE2RNA(d, len(genes), hidden=())`` on raw features, as
+        :func:`~napari_he2rna.model.baseline.linear_module` makes) and the names whose tile scores and slide
+        predictions (the mean of the tile scores) come from it; only their rows are stored. None or empty:
+        a plain HE2RNA bundle, the same bytes as without them.
+    linear_weight
+        1: each linear gene from the linear map alone. Below 1 (``--model-type ensemble``,
+        :mod:`napari_he2rna.model.blend`): every gene (``linear_genes`` = all genes) scores a tile with
+        ``(1 - w) HE2RNA + w linear`` and is aggregated as HE2RNA's.
 
     Returns
     -------
@@ -151,11 +179,16 @@ def save_bundle(
         raise ModelError(f"A tile of {tile_px} px at {tile_magnification}x is not a tile size.")
     if clustering is not None and aggregation != "kmeans":
         raise ModelError(f"k-means settings belong to the 'kmeans' aggregation, not {aggregation!r}.")
+    linear_genes = checked_linear_genes(
+        genes, len(models), int(feature_dim), aggregation, linear_models, linear_genes, linear_weight
+    )
 
     tensors: dict[str, torch.Tensor] = {}
     for i, m in enumerate(models):
         for key, value in m.state_dict().items():
             tensors[f"fold{i}.{key}"] = value.detach().to("cpu", torch.float32).contiguous().clone()
+    if linear_genes:
+        tensors.update(linear_tensors(linear_models, genes, linear_genes))
     bad = next((key for key, t in tensors.items() if not torch.isfinite(t).all()), None)
     if bad is not None:
         raise ModelError(
@@ -183,6 +216,10 @@ def save_bundle(
         doc["input_resize"] = False
     if aggregation == "kmeans":
         doc["clustering"] = (clustering or Clustering()).to_json()
+    if linear_genes:
+        doc["linear_genes"] = linear_genes
+        if float(linear_weight) < 1.0:
+            doc["linear_weight"] = float(linear_weight)
     doc_json = json.dumps(doc, default=json_default, sort_keys=True, allow_nan=True)
     header = {
         "format": FORMAT_NAME,
@@ -192,44 +229,6 @@ def save_bundle(
     }
     atomic_write_bytes(path, save(tensors, metadata=header))
     return path
-
-
-#: How PyTorch checkpoints start: a zip archive (torch.save since 1.6) or a raw pickle (protocol 2+).
-_CHECKPOINT_MAGIC = (b"PK\x03\x04", b"\x80")
-
-
-def _looks_like_checkpoint(data: bytes) -> bool:
-    """A zip archive, or a pickle of protocol 2-5 (``\x80`` then the protocol byte), where no valid
-    safetensors header is (a safetensors length can start with ``\x80`` too: this is asked only after)."""
-    zip_or_pickle = data.startswith(_CHECKPOINT_MAGIC[0]) or data.startswith(_CHECKPOINT_MAGIC[1])
-    return zip_or_pickle and (data[0] != 0x80 or (len(data) > 1 and 2 <= data[1] <= 5))
-
-
-def _not_a_bundle(data: bytes, name: str, why: str) -> ModelError:
-    if _looks_like_checkpoint(data):
-        return ModelError(
-            f"{name} is a PyTorch checkpoint (a pickle), not a model bundle; convert it with "
-            "`he2rna convert` (checkpoints are never unpickled at load time)."
-        )
-    return ModelError(why)
-
-
-def _read_header(data: bytes, name: str) -> dict:
-    if len(data) >= 9 and data[8:9] != b"{" and _looks_like_checkpoint(data):
-        raise _not_a_bundle(data, name, "")
-    if len(data) < 8:
-        raise ModelError(f"{name} is not a model bundle: the file is too short.")
-    (n,) = struct.unpack("<Q", data[:8])
-    if n <= 0 or 8 + n > len(data):
-        why = f"{name} is not a valid model bundle: its header is truncated or corrupt."
-        raise _not_a_bundle(data, name, why)
-    try:
-        header = json.loads(data[8 : 8 + n].decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ModelError(f"{name} is not a valid model bundle: its header is not valid JSON.") from None
-    if not isinstance(header, dict):
-        raise ModelError(f"{name} is not a valid model bundle: its header is not a JSON object.")
-    return header
 
 
 def _layer_shapes(input_dim: int, hidden: Sequence[int], n_genes: int) -> dict[str, tuple[int, ...]]:
@@ -249,6 +248,10 @@ class ModelBundle:
     depends on beside the features: ``tile_um`` (always), ``tile_px`` at ``tile_magnification`` (the size the
     model was trained on, where known), ``input_resize`` (False: the backbone saw each tile at its own pixel
     size) and, for ``aggregation == "kmeans"``, the ``clustering`` that makes a slide's input.
+
+    ``linear_genes`` come from the linear baseline (:mod:`napari_he2rna.model.mixed`): ``linear_layers[f]``
+    is fold ``f``'s ``(weight (L, d), bias (L,))`` for them, and ``layers`` is given as the HE2RNA layers and
+    kept with each fold's last layer widened to read the extra columns that :meth:`hidden_activations` adds.
     """
 
     genes: list[str]
@@ -267,14 +270,37 @@ class ModelBundle:
     tile_magnification: float | None = None
     input_resize: bool = True
     clustering: Clustering | None = None
+    linear_genes: list[str] = field(default_factory=list)
+    linear_layers: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
+    linear_weight: float = 1.0  # below 1: every gene blends HE2RNA and the linear map (model/blend.py)
     _gene_index: dict[str, int] = field(default_factory=dict, repr=False)
     _hidden_cache: tuple | None = field(default=None, repr=False)
     _slide_input_cache: tuple | None = field(default=None, repr=False)
+    _he2rna_last: list | None = field(default=None, repr=False)  # each fold's last layer as trained
+    _input_maps: list | None = field(default=None, repr=False)  # combine's, per fold
+    _is_linear: torch.Tensor | None = field(default=None, repr=False)  # (G,) bool
 
     def __post_init__(self) -> None:
         self._gene_index = {g: i for i, g in enumerate(self.genes)}
         if self.aggregation == "kmeans" and self.clustering is None:
             self.clustering = Clustering()
+        chosen = set(self.linear_genes or [])
+        self.linear_genes = [g for g in self.genes if g in chosen]
+        if self.linear_genes:
+            if self.linear_layers is None or len(self.linear_layers) != self.n_folds:
+                raise ModelError("A bundle with linear-baseline genes needs one linear map per fold.")
+            rows = self.gene_index(self.linear_genes)
+            self._is_linear = torch.zeros(len(self.genes), dtype=torch.bool)
+            self._is_linear[rows] = True
+            self._he2rna_last = [fold[-1] for fold in self.layers]
+            self.layers, self._input_maps = combine(
+                self.layers, self.linear_layers, rows, self.feature_dim, self.linear_weight
+            )
+
+    @property
+    def _mlp_width(self) -> int:
+        """Width of the HE2RNA part of a fold's hidden activations (its last hidden layer)."""
+        return self.hidden[-1] if self.hidden else self.feature_dim
 
     # -- description ----------------------------------------------------------------------------------
     @property
@@ -292,6 +318,10 @@ class ModelBundle:
             shown = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise GeneError(f"The model does not predict {shown} (it knows {len(self.genes)} genes).")
         return [self._gene_index[g] for g in genes]
+
+    def model_of(self, gene: str) -> str:
+        """``"HE2RNA"`` or ``"linear baseline"``: which model makes ``gene``'s tile scores and prediction."""
+        return model_of_genes(self, gene)
 
     def check_features(self, backbone: str, dim: int, tile_um: float | None = None) -> None:
         """Raise :class:`ModelError` unless (backbone, dim, tile µm) are what the model expects."""
@@ -321,6 +351,8 @@ class ModelBundle:
                 f"(scikit-learn, random_state {c.random_state}, n_init {c.n_init}); tile maps from every "
                 "tile."
             )
+        if self.linear_genes:
+            parts.append(describe_linear(self.genes, self.linear_genes, self.linear_weight))
         unit = meta.get("output_unit")
         if isinstance(unit, str) and unit.strip():
             parts.append(f"Outputs in {unit.strip()}.")
@@ -362,16 +394,20 @@ class ModelBundle:
         self, features: np.ndarray | torch.Tensor, chunk: int = 4096
     ) -> list[torch.Tensor]:
         """Last hidden activations ``(N, h)`` per fold, not cached (callers that keep them, like the viewer's
-        :class:`~napari_he2rna.maps.session.SlideSession`, own their cache)."""
+        :class:`~napari_he2rna.maps.session.SlideSession`, own their cache). With linear genes
+        ``(N, h + w)``: the columns their scores are made from follow (:func:`~.mixed.widen`)."""
         x = self._as_tensor(features)
         outs = []
+        maps = self._input_maps or [None] * self.n_folds
         with torch.no_grad():
-            for fold in self.layers:
+            for fold, input_map in zip(self.layers, maps, strict=True):
                 parts = []
                 for start in range(0, x.shape[0], chunk):
                     h = x[start : start + chunk]
                     for w, b in fold[:-1]:
                         h = torch.relu(torch.addmm(b, h, w.T))
+                    if self.linear_genes:
+                        h = widen(h, x[start : start + chunk], input_map)
                     parts.append(h)
                 outs.append(torch.cat(parts) if parts else x.new_zeros((0, fold[-1][0].shape[1])))
         return outs
@@ -384,6 +420,9 @@ class ModelBundle:
         scores = []
         with torch.no_grad():
             for fold, h in zip(self.layers, hidden, strict=False):
+                if self._is_linear is not None and not is_blend(self):
+                    scores.append(mixed_scores(h, fold[-1], sel, self._is_linear, self._mlp_width))
+                    continue
                 w, b = fold[-1]
                 # Only the requested output rows: one gene for 8,000 tiles is one (N, h) x (h,) product.
                 scores.append(torch.addmm(b[sel], h, w[sel].T))  # (N, len(genes))
@@ -429,16 +468,18 @@ class ModelBundle:
     def slide_prediction(self, features: np.ndarray, genes: Sequence[str] | str | None = None) -> np.ndarray:
         """Slide-level prediction ``(len(genes),)``: per fold, the mean over k in ``ks`` of the top-k mean of
         the tile scores (``aggregation == "topk"``) or the mean of all tile scores (``"mean"``, the linear
-        baseline), then averaged over folds (each fold model was trained with its own aggregation).
+        baseline), then averaged over folds (each fold model was trained with its own aggregation). A gene of
+        :attr:`linear_genes` is the mean of its tile scores whatever the aggregation (not in a blend,
+        ``linear_weight < 1``, aggregated as HE2RNA's).
 
         With ``aggregation == "kmeans"`` the scores are those of the slide's k-means cluster means
         (:meth:`slide_inputs`), not of its tiles: SEQUOIA's forward pass (network in eval mode, ReLU between
         layers, nothing after the last; mean over k in ``ks`` of the top-k mean over the clusters)."""
         if self.aggregation == "kmeans":
             hidden = self.hidden_activations(self.slide_inputs(features))
-            return self.aggregate_fold_scores(self.scores_from_hidden(hidden, genes))
+            return self.aggregate_fold_scores(self.scores_from_hidden(hidden, genes), genes)
         scores, _ = self._fold_scores(features, genes)
-        return self.aggregate_fold_scores(scores)
+        return self.aggregate_fold_scores(scores, genes)
 
     def slide_inputs(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
         """What the slide-level prediction aggregates over, ``(n, feature_dim)`` float32: the tile features
@@ -454,28 +495,57 @@ class ModelBundle:
         self._slide_input_cache = (key, means)
         return means
 
-    def aggregate_fold_scores(self, scores: Sequence[torch.Tensor]) -> np.ndarray:
-        """Slide-level prediction from per-fold scores ``(N, G)`` (see :meth:`slide_prediction`): of the
-        tiles, or with ``aggregation == "kmeans"`` of the rows of :meth:`slide_inputs` (the cluster means)."""
+    def aggregate_fold_scores(
+        self, scores: Sequence[torch.Tensor], genes: Sequence[str] | str | None = None
+    ) -> np.ndarray:
+        """Slide-level prediction from per-fold scores ``(N, len(genes))`` of ``genes`` (None: all genes; see
+        :meth:`slide_prediction`): of the tiles, or with ``aggregation == "kmeans"`` of the rows of
+        :meth:`slide_inputs` (the cluster means). The columns of :attr:`linear_genes` are their mean (in a
+        blend, ``linear_weight < 1``, as every other)."""
+        linear = None
+        if self._is_linear is not None and len(scores) and not is_blend(self):
+            linear = linear_columns(self, genes, scores[0].shape[1])
         preds = []
         for s in scores:
             if self.aggregation == "mean":
                 preds.append(s.mean(dim=0))
                 continue
-            preds.append(topk_mean_multi(s.T[None], None, self.ks)[0])
+            top = topk_mean_multi(s.T[None], None, self.ks)[0]
+            preds.append(top if linear is None else torch.where(linear, s.mean(dim=0), top))
         return torch.stack(preds).mean(dim=0).numpy()
 
-    def to_modules(self) -> list[HE2RNA]:
-        """The fold models as :class:`HE2RNA` modules (e.g. to fine-tune them)."""
+    def fold_modules(self) -> tuple[list[HE2RNA], list[HE2RNA] | None]:
+        """The fold models as modules: HE2RNA's (every gene's output, as trained) and, with
+        :attr:`linear_genes`, the linear maps (``HE2RNA(d, L, hidden=())``, outputs ``linear_genes``)."""
         out = []
-        for fold in self.layers:
+        for f, fold in enumerate(self.layers):
             m = HE2RNA(self.feature_dim, len(self.genes), self.hidden, self.dropout)
+            trained = [*fold[:-1], self._he2rna_last[f]] if self._he2rna_last else fold
             with torch.no_grad():
-                for layer, (w, b) in zip(m.layers, fold, strict=False):
+                for layer, (w, b) in zip(m.layers, trained, strict=True):
                     layer.weight.copy_(w[:, :, None])
                     layer.bias.copy_(b)
             out.append(m)
-        return out
+        if not self.linear_genes:
+            return out, None
+        linear = []
+        for w, b in self.linear_layers:
+            m = HE2RNA(self.feature_dim, len(self.linear_genes), hidden=(), dropout=0.0)
+            with torch.no_grad():
+                m.layers[0].weight.copy_(w[:, :, None])
+                m.layers[0].bias.copy_(b)
+            linear.append(m.eval())
+        return out, linear
+
+    def to_modules(self) -> list[HE2RNA]:
+        """The fold models as :class:`HE2RNA` modules (e.g. to fine-tune them); refused for a bundle with
+        linear-baseline genes."""
+        if self.linear_genes:
+            raise ModelError(
+                f"This model takes {len(self.linear_genes)} genes from the linear baseline and cannot be "
+                "fine-tuned as one network: fine-tune the HE2RNA part: retrain with --model-type he2rna."
+            )
+        return self.fold_modules()[0]
 
 
 def _features_key(x: torch.Tensor) -> tuple:
@@ -507,7 +577,7 @@ def load_bundle(path: str | Path) -> ModelBundle:
     except OSError as exc:
         raise ModelError(f"Model file {path} cannot be read ({exc.strerror}).") from None
 
-    header = _read_header(data, name)
+    header = read_header(data, name)
     meta = header.get("__metadata__")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         raise ModelError(f"{name} is a safetensors file but not a napari-he2rna model bundle.")
@@ -543,6 +613,8 @@ def load_bundle(path: str | Path) -> ModelBundle:
         raise ModelError(f"{name} has an unknown aggregation {aggregation!r}.")
     if not genes or n_folds < 1 or not ks or feature_dim < 1:
         raise ModelError(f"{name} has incomplete model metadata (no genes, folds, k list or feature size).")
+    linear_genes = read_linear_genes(doc, genes, aggregation, name)
+    linear_weight = read_linear_weight(doc, len(linear_genes), len(genes), name)
 
     try:
         tensors = load(data)
@@ -554,6 +626,7 @@ def load_bundle(path: str | Path) -> ModelBundle:
         for f in range(n_folds)
         for k, s in _layer_shapes(feature_dim, hidden, len(genes)).items()
     }
+    expected.update(linear_shapes(n_folds, len(linear_genes), feature_dim))
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -598,4 +671,7 @@ def load_bundle(path: str | Path) -> ModelBundle:
         tile_magnification=tile_mag,
         input_resize=input_resize,
         clustering=clustering,
+        linear_genes=linear_genes,
+        linear_weight=linear_weight,
+        linear_layers=stored_linear_layers(tensors, n_folds) if linear_genes else None,
     )

@@ -118,7 +118,8 @@ def bundle_oof_predictions(
     """Out-of-fold predictions of a saved fold ensemble on its training cohort.
 
     Each sample is predicted by the fold model that did not see it (``metadata['folds']``); samples not in
-    that map are predicted by the whole ensemble (and flagged with fold -1).
+    that map are predicted by the whole ensemble (and flagged with fold -1). The bundle's linear-baseline
+    genes (:attr:`~napari_he2rna.model.bundle.ModelBundle.linear_genes`) come from its fold linear maps.
 
     Returns
     -------
@@ -130,7 +131,12 @@ def bundle_oof_predictions(
     fold_map = {str(k): int(v) for k, v in (bundle.metadata.get("folds") or {}).items()}
     ids = cohort.sample_ids
     folds = np.array([fold_map.get(s, -1) for s in ids], dtype=np.int64)
-    modules = bundle.to_modules()
+    modules, linear = bundle.fold_modules()
+    if linear and bundle.linear_weight < 1.0:  # a blend (--model-type ensemble): one module per fold
+        from .blend import Blend
+
+        modules = [Blend(m, lin, bundle.linear_weight) for m, lin in zip(modules, linear, strict=True)]
+        linear = None
     dev = resolve_device(device)
     first = np.asarray(cohort.features[ids[0]])
     if first.ndim != 2 or first.shape[1] != bundle.feature_dim:
@@ -139,10 +145,12 @@ def bundle_oof_predictions(
             f"{bundle.feature_dim} "
             f"({bundle.backbone}); extract features with the model's backbone."
         )
-    if bundle.aggregation == "mean" and not bundle.hidden:
-        # A linear model: the mean of its tile scores is its value at the mean tile (exact, and it uses
-        # every tile even when the cohort holds supertiles).
+    # A linear model: the mean of its tile scores is its value at the mean tile (exact, and it uses every
+    # tile even when the cohort holds supertiles).
+    means = None
+    if linear or (bundle.aggregation == "mean" and not bundle.hidden):
         means = {s: tile_mean(cohort.features, s)[None, :].astype(np.float32) for s in ids}
+    if bundle.aggregation == "mean" and not bundle.hidden:
         slides = SlideBatches(means, ids, keep_in_memory=True)
     elif bundle.aggregation == "kmeans":
         # The slide input of SEQUOIA's re-trainings: the k-means cluster means of each slide's tile features.
@@ -150,17 +158,32 @@ def bundle_oof_predictions(
         slides = SlideBatches(clusters, ids, keep_in_memory=True)
     else:
         slides = SlideBatches(cohort.features, ids, keep_in_memory=False)
-    agg = bundle.aggregation
-    preds = np.zeros((len(ids), len(bundle.genes)), dtype=np.float32)
+    preds = _oof(modules, slides, folds, bundle.ks, dev, bundle.aggregation)
+    if linear:
+        cols = bundle.gene_index(bundle.linear_genes)
+        lin_slides = SlideBatches(means, ids, keep_in_memory=True)
+        preds[:, cols] = _oof(linear, lin_slides, folds, bundle.ks, dev, "mean")
+    folds[(folds < 0) | (folds >= len(modules))] = -1
+    return pd.DataFrame(preds, index=pd.Index(ids, name="sample_id"), columns=bundle.genes), folds
+
+
+def _oof(
+    modules: Sequence[HE2RNA],
+    slides: SlideBatches,
+    folds: np.ndarray,
+    ks: Sequence[int],
+    dev: torch.device,
+    agg: str,
+) -> np.ndarray:
+    """Each sample by the fold model that did not see it; those of no fold by the mean of them all."""
+    preds = np.zeros((len(folds), modules[0].n_genes), dtype=np.float32)
     for f, m in enumerate(modules):
         idx = np.flatnonzero(folds == f)
         if len(idx):
-            preds[idx] = predict_slides(m.to(dev), slides, idx, bundle.ks, dev, aggregation=agg)
+            preds[idx] = predict_slides(m.to(dev), slides, idx, ks, dev, aggregation=agg)
     rest = np.flatnonzero((folds < 0) | (folds >= len(modules)))
     if len(rest):
         preds[rest] = np.mean(
-            [predict_slides(m.to(dev), slides, rest, bundle.ks, dev, aggregation=agg) for m in modules],
-            axis=0,
+            [predict_slides(m.to(dev), slides, rest, ks, dev, aggregation=agg) for m in modules], axis=0
         )
-        folds[rest] = -1
-    return pd.DataFrame(preds, index=pd.Index(ids, name="sample_id"), columns=bundle.genes), folds
+    return preds

@@ -21,9 +21,10 @@ import numpy as np
 from ..cohorts.cohort import Cohort, all_tiles
 from ..errors import DataError
 from ..jobs import CancelToken, ProgressCallback, check_cancel
+from .blend import LINEAR_WEIGHT
 from .training import CVResult, TrainConfig
 
-MODEL_TYPES = ("he2rna", "ridge")
+MODEL_TYPES = ("ensemble", "he2rna", "ridge")
 
 
 def fit(
@@ -37,15 +38,21 @@ def fit(
     initial_models: Sequence[Any] | None = None,
     log: Callable[[str], None] | None = None,
 ) -> CVResult:
-    """Cross-validated training of ``model_type`` (``"he2rna"`` or ``"ridge"``) on ``cohort``.
+    """Cross-validated training of ``model_type`` (``"ensemble"``, ``"he2rna"`` or ``"ridge"``) on ``cohort``.
 
     ``config`` gives the folds, the seed and (for HE2RNA) every training setting; the ridge baseline uses its
-    fold count and seed, so both see the same folds.
+    fold count and seed, so both see the same folds. ``"ensemble"`` (``he2rna train``'s default) trains both
+    on the same folds and averages them tile by tile (:mod:`napari_he2rna.model.blend`); its ``comparison``
+    (:class:`~napari_he2rna.model.gene_comparison.GeneComparison`) holds every gene's R for the three models.
     """
     from .baseline import RidgeConfig, ridge_cross_validate
     from .training import cross_validate
 
     config = config or TrainConfig()
+    if model_type == "ensemble":
+        mlp = fit(cohort, "he2rna", config, folds, progress, cancel, checkpoint_dir, initial_models, log)
+        lin = fit(cohort, "ridge", config, folds=mlp.folds, cancel=cancel)
+        return ensemble_result(cohort, mlp, lin, log)
     if model_type == "he2rna":
         return cross_validate(
             cohort,
@@ -63,6 +70,37 @@ def fit(
         rc = RidgeConfig(n_folds=config.n_folds, seed=config.seed, mode=config.mode)
         return ridge_cross_validate(cohort, rc, folds=folds, progress=progress, cancel=cancel)
     raise DataError(f"Unknown model type {model_type!r}; use {' or '.join(MODEL_TYPES)}.")
+
+
+def ensemble_result(
+    cohort: Cohort, mlp: CVResult, lin: CVResult, log: Callable[[str], None] | None = None
+) -> CVResult:
+    """The ensemble of a HE2RNA and a ridge cross-validation on the same folds: each fold's
+    :class:`~napari_he2rna.model.blend.Blend`, its held-out samples predicted with HE2RNA's aggregation."""
+    from dataclasses import replace
+
+    import pandas as pd
+    import torch
+
+    from .blend import Blend
+    from .cohort_prediction import SlideBatches, predict_slides
+    from .gene_comparison import compare_genes
+
+    ids = cohort.sample_ids
+    slides = SlideBatches(cohort.features, ids, keep_in_memory=mlp.config.mode == "supertiles")
+    oof = np.full((len(ids), len(cohort.genes)), np.nan, dtype=np.float32)
+    for f, (m, lin_f) in enumerate(zip(mlp.models, lin.models, strict=True)):
+        idx = np.flatnonzero(mlp.folds == f)
+        if len(idx):
+            blend = Blend(m, lin_f)
+            oof[idx] = predict_slides(
+                blend, slides, idx, mlp.config.k_list, torch.device("cpu"), mlp.config.batch
+            )
+    oof_df = pd.DataFrame(oof, index=pd.Index(ids, name="sample_id"), columns=cohort.genes)
+    comparison = compare_genes(cohort.expression, mlp.oof, lin.oof, oof_df, mlp.cancer_types)
+    if log is not None:
+        log(comparison.headline())
+    return replace(mlp, oof=oof_df, model_type="ensemble", linear_models=lin.models, comparison=comparison)
 
 
 def training_data_metadata(cohort: Cohort, cancel: CancelToken | None = None) -> dict[str, Any]:
@@ -107,6 +145,15 @@ def save_result(
         meta,
         demo=demo,
         aggregation=result.aggregation,
+        **(
+            {
+                "linear_models": result.linear_models,
+                "linear_genes": cohort.genes,
+                "linear_weight": LINEAR_WEIGHT,
+            }
+            if result.model_type == "ensemble"
+            else {}
+        ),
     )
 
 

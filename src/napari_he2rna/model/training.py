@@ -307,6 +307,10 @@ class CVResult:
     scalers: list[FeatureScaler] = field(default_factory=list)  # the input scaling of each fold
     model_type: str = "he2rna"
     aggregation: str = "topk"
+    # --model-type ensemble: the linear baseline's fold models (raw features in, every gene) and every gene's
+    # R for the three models (:class:`napari_he2rna.model.gene_comparison.GeneComparison`).
+    linear_models: list[HE2RNA] | None = None
+    comparison: Any = None
 
     def fold_predictions(self, fold: int) -> pd.DataFrame:
         """Out-of-fold predictions of one fold's test samples."""
@@ -599,6 +603,10 @@ def untrained_predictions(
     return out
 
 
+def _finite(v: float) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
 def bundle_metadata(
     result: CVResult, cohort: Cohort, extra: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -630,5 +638,18 @@ def bundle_metadata(
         },
         "output_unit": cohort.expression.attrs.get("unit", "log10(1+FPKM-UQ)"),
     }
+    if result.comparison is not None:  # --model-type ensemble: every gene's R for the three models
+        table = result.comparison.table()
+        meta["gene_models"] = {
+            "headline": result.comparison.headline(),
+            "genes": {
+                row.gene: {
+                    "r_he2rna": _finite(row.r_he2rna),
+                    "r_linear": _finite(row.r_linear),
+                    "r_ensemble": _finite(row.r_ensemble),
+                }
+                for row in table.itertuples()
+            },
+        }
     meta.update(extra or {})
     return meta

@@ -121,9 +121,9 @@ def show_legend(viewer: napari.viewer.Viewer, text: str | None) -> None:
 
 
 def show_warning(viewer: napari.viewer.Viewer, outside: bool) -> None:
-    """The red training-data warning over the canvas while ``outside``: in the top-right stack with the colour
-    bar and its label, where the eye reads the map's scale (at the bottom a napari notification covered it, and
-    on a narrow canvas its wrapped lines ran off the bottom edge)."""
+    """The red training-data warning over the canvas while ``outside``: in the top-right stack with the
+    colour bar and its label, where the eye reads the map's scale (at the bottom a napari notification
+    covered it, and on a narrow canvas its wrapped lines ran off the bottom edge)."""
     tiling = getattr(getattr(viewer, "canvas", None), "overlay_tiling", None)
     if tiling is not None and outside and tiling.top_right != "vertical":
         tiling.top_right = "vertical"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,10 +18,12 @@ from .params import (
     CANCER_PROFILES,
     CANCER_TYPES,
     CELL_TYPES,
+    IMMUNE_PHENOTYPES,
     IMMUNE_PRIOR,
     MPP,
     TILE_UM,
     SlideParams,
+    apply_phenotype,
     draw_params,
 )
 from .truth import SlideTruth, truth_rasters
@@ -118,6 +120,7 @@ def make_cohort(
     progress: ProgressCallback | None = None,
     cancel: CancelToken | None = None,
     n_controls: int = len(HOUSEKEEPING),
+    phenotypes: Mapping[str, float] | None = None,
 ) -> CohortInfo:
     """Generate a cohort of synthetic slides with truth, sample sheet and expression table in ``out_dir``.
 
@@ -135,6 +138,10 @@ def make_cohort(
     second_slide_fraction : probability that a patient gets a second slide.
     n_controls : noise-only control genes in ``expression.tsv`` (:func:`control_genes`: 20 = the
         :data:`HOUSEKEEPING` genes; more adds ``CTRL0001``, ...).
+    phenotypes : immune phenotype -> share of patients (:data:`IMMUNE_PHENOTYPES`: ``mixed``, ``t-only``,
+        ``aggregates``); patients of each cancer type get them in these shares, in turn (a patient's slides
+        share it); the rest of the cohort is drawn as without it. Default: every patient ``mixed``.
+        ``samples.tsv`` names each slide's phenotype (column ``immune_phenotype``).
 
     Files: ``<id>.tiff`` and its truth files (see :func:`make_slide`), ``samples.tsv``, ``expression.tsv``,
     ``cell_abundance.tsv``, the SLIDE-EX targets (:func:`write_celltype_targets`) and ``genes.tsv``, which
@@ -148,6 +155,8 @@ def make_cohort(
     if not 0.0 <= second_slide_fraction <= 1.0:
         raise DataError(f"second_slide_fraction must lie in [0, 1], not {second_slide_fraction!r}.")
     controls = control_genes(n_controls)
+    pheno_names, pheno_p = _phenotype_shares(phenotypes)
+    pheno_counts: dict[str, np.ndarray] = {}  # per cancer type: patients given each phenotype so far
     types = list(cancer_types) if cancer_types else list(CANCER_TYPES)
     for t in types:
         if t not in CANCER_PROFILES:
@@ -157,26 +166,33 @@ def make_cohort(
     slide_seeds = [int(s.generate_state(1)[0]) for s in np.random.SeedSequence([seed, 1]).spawn(n_slides)]
 
     # Patients and their latent parameters.
-    plan: list[tuple[str, SlideParams]] = []
+    plan: list[tuple[str, SlideParams, str]] = []
     pi = 0
     while len(plan) < n_slides:
         ctype = types[pi % len(types)]
         base = draw_params(plan_rng, ctype)
         pid = f"SYN-P{pi:04d}"
-        plan.append((pid, base))
+        # Smooth weighted round-robin within the cancer type: every type gets the asked shares, not a draw.
+        counts = pheno_counts.setdefault(ctype, np.zeros(len(pheno_names)))
+        j = int(np.argmax(pheno_p * (counts.sum() + 1) - counts))
+        counts[j] += 1
+        pheno = pheno_names[j]
+        plan.append((pid, base, pheno))
         if len(plan) < n_slides and plan_rng.random() < second_slide_fraction:
             twin = draw_params(plan_rng, ctype)  # another block: same patient's cancer and immune levels
             for key in IMMUNE_PRIOR:
                 setattr(twin, key, getattr(base, key) * float(plan_rng.lognormal(0, 0.15)))
-            plan.append((pid, twin))
+            plan.append((pid, twin, pheno))
         pi += 1
+    for _pid, params, pheno in plan:
+        apply_phenotype(params, pheno)
 
     # Every file is written into a staging folder inside out_dir and moved into place at the end: an
     # interrupted run leaves the folder as it was (napari_he2rna.safe_output.staged_folder).
     with staged_folder(out, overwrite=True) as stage:
         rows, expr, abund, truths = [], [], [], []
         patient_signals: dict[str, list[dict[str, float]]] = {}
-        for i, (pid, params) in enumerate(plan):
+        for i, (pid, params, pheno) in enumerate(plan):
             check_cancel(cancel)
             sid = names[i] if names is not None else f"SYN-{i:04d}"
             truth = make_slide(stage / f"{sid}.tiff", slide_seeds[i], size_px, mpp=mpp, params=params)
@@ -191,6 +207,7 @@ def make_cohort(
                     "slide": f"{sid}.tiff",
                     "msi_status": "",
                     "seed": slide_seeds[i],
+                    **({"immune_phenotype": pheno} if phenotypes else {}),
                 }
             )
             counts = truth.cells["type"].value_counts()
@@ -237,6 +254,22 @@ def make_cohort(
         info.celltype_abundance,
         info.responders,
     )
+
+
+def _phenotype_shares(phenotypes: Mapping[str, float] | None) -> tuple[list[str], np.ndarray]:
+    """The phenotype names and their probabilities (normalised), checked; ``mixed`` alone when None."""
+    if not phenotypes:
+        return ["mixed"], np.ones(1)
+    names = list(phenotypes)
+    for name in names:
+        if name not in IMMUNE_PHENOTYPES:
+            raise DataError(
+                f"Unknown immune phenotype {name!r}; choose among {', '.join(IMMUNE_PHENOTYPES)}."
+            )
+    shares = np.array([float(phenotypes[n]) for n in names])
+    if not np.all(np.isfinite(shares)) or np.any(shares < 0) or shares.sum() <= 0:
+        raise DataError(f"Phenotype shares must be >= 0 with a positive sum, not {dict(phenotypes)}.")
+    return names, shares / shares.sum()
 
 
 def load_cohort(out_dir: str | Path) -> CohortInfo:

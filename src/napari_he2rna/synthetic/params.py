@@ -50,6 +50,17 @@ B_RADIUS_UM = (3.2, 3.7)
 AGGREGATE_CORE_T = 0.10  # share of T cells among the lymphocytes of an aggregate's B-cell core
 AGGREGATE_RIM_T = 0.85  # share of T cells among the lymphocytes of its rim (T zone)
 
+# Immune phenotypes a cohort can mix (``make_cohort(phenotypes=...)``, ``he2rna make-sample --phenotypes``):
+# how a slide's drawn lymphocyte levels are changed. "mixed" keeps the draw (aggregates with a B core and a
+# T rim, stromal T cells and TILs); "t-only" has T cells only (stromal and tumour-infiltrating, no aggregate,
+# so no B cell), at least the prior's median level; "aggregates" has aggregates but few T cells outside them.
+IMMUNE_PHENOTYPES: dict[str, dict[str, tuple[float, float]]] = {
+    # level -> (multiplier, floor) applied as max(level * multiplier, floor)
+    "mixed": {},
+    "t-only": {"follicles_per_mm2": (0.0, 0.0), "t_level": (1.5, 1.0), "til_level": (1.5, 1.0)},
+    "aggregates": {"follicles_per_mm2": (1.5, 2.0), "t_level": (0.15, 0.0), "til_level": (0.15, 0.0)},
+}
+
 
 @dataclass
 class SlideParams:
@@ -80,6 +91,17 @@ def draw_immune(rng: np.random.Generator) -> dict[str, float]:
         ``follicles_per_mm2`` (expected lymphoid aggregates per mm² of tissue): independent lognormals.
     """
     return {k: float(med * rng.lognormal(0.0, sigma)) for k, (med, sigma) in IMMUNE_PRIOR.items()}
+
+
+def apply_phenotype(params: SlideParams, phenotype: str) -> SlideParams:
+    """Change ``params``' lymphocyte levels (in place, and return it) to one of :data:`IMMUNE_PHENOTYPES`."""
+    if phenotype not in IMMUNE_PHENOTYPES:
+        raise DataError(
+            f"Unknown immune phenotype {phenotype!r}; choose among {', '.join(IMMUNE_PHENOTYPES)}."
+        )
+    for key, (mult, floor) in IMMUNE_PHENOTYPES[phenotype].items():
+        setattr(params, key, max(float(getattr(params, key)) * mult, floor))
+    return params
 
 
 def draw_params(rng: np.random.Generator, cancer_type: str | None = None) -> SlideParams:
