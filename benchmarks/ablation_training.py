@@ -73,6 +73,7 @@ VARIANTS: dict[str, dict] = {
     "k-50-100-no-validation-100": {"ks": (50, 100), "val_fraction": 0.0, "max_epochs": 100},
     # issue 23: candidates to close the gap to the linear baseline (on top of the current defaults)
     "ensemble": {"ks": (50, 100), "val_fraction": 0.0},
+    "ensemble-0.75": {"ks": (50, 100), "val_fraction": 0.0},  # the linear model's share 0.75
     "new-hidden-64": {"ks": (50, 100), "val_fraction": 0.0, "hidden": (64,)},
     "new-hidden-256x1": {"ks": (50, 100), "val_fraction": 0.0, "hidden": (256,)},
     "new-dropout-0.5": {"ks": (50, 100), "val_fraction": 0.0, "dropout": 0.5},
@@ -127,7 +128,7 @@ def fold_models(result, fold: int | None = None) -> list:
     :class:`~napari_he2rna.model.blend.Blend` of HE2RNA and the linear baseline."""
     folds = range(len(result.models)) if fold is None else [fold]
     if result.model_type == "ensemble":
-        return [Blend(result.models[f], result.linear_models[f]) for f in folds]
+        return [Blend(result.models[f], result.linear_models[f], result.linear_weight) for f in folds]
     return [result.models[f] for f in folds]
 
 
@@ -292,7 +293,10 @@ def main(argv=None) -> int:
         if name == "ridge":
             result = fit(cohort, "ridge", base, folds=folds)
         elif name.startswith("ensemble"):
-            result = fit(cohort, "ensemble", replace(base, **VARIANTS[name]), folds=folds)
+            weight = float(name.split("-")[1]) if "-" in name else 0.5
+            result = fit(
+                cohort, "ensemble", replace(base, **VARIANTS[name]), folds=folds, linear_weight=weight
+            )
         else:
             result = fit(cohort, "he2rna", replace(base, **VARIANTS[name]), folds=folds)
         ev = evaluate_result(cohort, result.oof, folds, null)

@@ -71,6 +71,8 @@ def rules(y: np.ndarray, ph: np.ndarray, pl: np.ndarray, types: np.ndarray, fold
         "per gene, linear unless HE2RNA better by 0.05": per_gene(-0.05),
         "per gene, HE2RNA only if better on every inner split by 0.02": unanimous(0.02),
         "ensemble (mean of both)": 0.5 * (ph + pl),
+        "ensemble, linear weight 0.25": 0.75 * ph + 0.25 * pl,
+        "ensemble, linear weight 0.75": 0.25 * ph + 0.75 * pl,
     }
 
 

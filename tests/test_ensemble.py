@@ -98,3 +98,13 @@ def test_per_type_r_leaves_out_tiny_types_and_null_notes_name_the_r_needed():
     assert np.isnan(per_type_r(y[:2], pred[:2], np.array(["A", "B"]))).all()
     notes = null_strength_notes(pd.DataFrame({"cancer_type": ["T1", "T2"], "null_r_q99": [0.66, 0.31]}))
     assert len(notes) == 1 and notes[0].startswith("T1") and "R of about 0.66" in notes[0]
+
+
+def test_another_linear_weight_travels_to_the_bundle(ensemble, tmp_path):
+    cohort, config, _ = ensemble
+    result = fit(cohort, "ensemble", config, linear_weight=0.75)
+    assert result.linear_weight == 0.75
+    bundle = load_bundle(save_result(result, cohort, tmp_path / "w.safetensors", "test-bb", 112.0))
+    assert bundle.linear_weight == 0.75 and "0.25 x HE2RNA's + 0.75 x" in bundle.describe()
+    pred, _ = bundle_oof_predictions(bundle, cohort, device="cpu")
+    np.testing.assert_allclose(pred.to_numpy(), result.oof.to_numpy(), rtol=1e-4, atol=1e-5)

@@ -103,3 +103,10 @@ def test_an_ensemble_bundle_is_fine_tuned_through_its_he2rna_part(small_cohort, 
     bundle = load_bundle(tuned)
     assert bundle.metadata["fine_tuned_from"] == str(first)
     assert bundle.linear_weight == 0.5 and bundle.metadata["training"]["mode"] == "tiles"
+
+
+@pytest.mark.parametrize("weight", ["0", "1", "1.5"])
+def test_a_linear_weight_outside_zero_one(small_cohort, train, weight):
+    proc, out = train(small_cohort, "--folds", "2", "--linear-weight", weight)
+    assert "--linear-weight must lie between 0 and 1" in one_sentence_error(proc)
+    assert not out.exists()

@@ -42,6 +42,13 @@ def register(subparsers) -> None:
         "docs/training.md), he2rna (per-tile MLP, top-k aggregation: the paper's model alone) or ridge "
         "(linear baseline on the slide-mean feature, applied to every tile for heatmaps)",
     )
+    p.add_argument(
+        "--linear-weight",
+        type=float,
+        default=0.5,
+        help="the linear baseline's share of each tile score in the ensemble, in (0, 1) (default 0.5; 0.75 "
+        "found more planted genes on the 40-60-slide cohorts of docs/training.md, chosen after the fact)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--supertiles",
@@ -196,6 +203,13 @@ def run(args: argparse.Namespace) -> int:
             f"{args.init_model} is a {init.aggregation}-aggregation baseline; "
             "only HE2RNA bundles can be fine-tuned."
         )
+    if not 0.0 < args.linear_weight < 1.0:
+        from ..errors import DataError
+
+        raise DataError(
+            f"--linear-weight must lie between 0 and 1 (not {args.linear_weight:g}); --model-type ridge or "
+            "he2rna trains one model alone."
+        )
     backbone = init.backbone if init else args.backbone
     tile_um = init.tile_um if init else args.tile_um
     cohort = load_cohort(
@@ -230,6 +244,7 @@ def run(args: argparse.Namespace) -> int:
         checkpoint_dir=args.checkpoint_dir,
         initial_models=init.fold_modules()[0] if init else None,  # an ensemble: its HE2RNA part
         log=print,
+        linear_weight=args.linear_weight,
     )
     extra = {"fine_tuned_from": str(args.init_model)} if init else None
     save_result(result, cohort, out, backbone, tile_um, extra, demo=args.demo)

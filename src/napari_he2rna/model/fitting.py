@@ -37,13 +37,15 @@ def fit(
     checkpoint_dir: str | Path | None = None,
     initial_models: Sequence[Any] | None = None,
     log: Callable[[str], None] | None = None,
+    linear_weight: float = LINEAR_WEIGHT,
 ) -> CVResult:
     """Cross-validated training of ``model_type`` (``"ensemble"``, ``"he2rna"`` or ``"ridge"``) on ``cohort``.
 
     ``config`` gives the folds, the seed and (for HE2RNA) every training setting; the ridge baseline uses its
     fold count and seed, so both see the same folds. ``"ensemble"`` (``he2rna train``'s default) trains both
     on the same folds and averages them tile by tile (:mod:`napari_he2rna.model.blend`); its ``comparison``
-    (:class:`~napari_he2rna.model.gene_comparison.GeneComparison`) holds every gene's R for the three models.
+    (:class:`~napari_he2rna.model.gene_comparison.GeneComparison`) holds every gene's R for the three models;
+    ``linear_weight`` is the linear model's share of each tile score (default 0.5).
     """
     from .baseline import RidgeConfig, ridge_cross_validate
     from .training import cross_validate
@@ -52,7 +54,7 @@ def fit(
     if model_type == "ensemble":
         mlp = fit(cohort, "he2rna", config, folds, progress, cancel, checkpoint_dir, initial_models, log)
         lin = fit(cohort, "ridge", config, folds=mlp.folds, cancel=cancel)
-        return ensemble_result(cohort, mlp, lin, log)
+        return ensemble_result(cohort, mlp, lin, log, linear_weight)
     if model_type == "he2rna":
         return cross_validate(
             cohort,
@@ -73,7 +75,11 @@ def fit(
 
 
 def ensemble_result(
-    cohort: Cohort, mlp: CVResult, lin: CVResult, log: Callable[[str], None] | None = None
+    cohort: Cohort,
+    mlp: CVResult,
+    lin: CVResult,
+    log: Callable[[str], None] | None = None,
+    linear_weight: float = LINEAR_WEIGHT,
 ) -> CVResult:
     """The ensemble of a HE2RNA and a ridge cross-validation on the same folds: each fold's
     :class:`~napari_he2rna.model.blend.Blend`, its held-out samples predicted with HE2RNA's aggregation."""
@@ -92,7 +98,7 @@ def ensemble_result(
     for f, (m, lin_f) in enumerate(zip(mlp.models, lin.models, strict=True)):
         idx = np.flatnonzero(mlp.folds == f)
         if len(idx):
-            blend = Blend(m, lin_f)
+            blend = Blend(m, lin_f, linear_weight)
             oof[idx] = predict_slides(
                 blend, slides, idx, mlp.config.k_list, torch.device("cpu"), mlp.config.batch
             )
@@ -100,7 +106,14 @@ def ensemble_result(
     comparison = compare_genes(cohort.expression, mlp.oof, lin.oof, oof_df, mlp.cancer_types)
     if log is not None:
         log(comparison.headline())
-    return replace(mlp, oof=oof_df, model_type="ensemble", linear_models=lin.models, comparison=comparison)
+    return replace(
+        mlp,
+        oof=oof_df,
+        model_type="ensemble",
+        linear_models=lin.models,
+        linear_weight=float(linear_weight),
+        comparison=comparison,
+    )
 
 
 def training_data_metadata(cohort: Cohort, cancel: CancelToken | None = None) -> dict[str, Any]:
@@ -149,7 +162,7 @@ def save_result(
             {
                 "linear_models": result.linear_models,
                 "linear_genes": cohort.genes,
-                "linear_weight": LINEAR_WEIGHT,
+                "linear_weight": result.linear_weight,
             }
             if result.model_type == "ensemble"
             else {}

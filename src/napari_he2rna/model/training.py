@@ -311,6 +311,7 @@ class CVResult:
     # R for the three models (:class:`napari_he2rna.model.gene_comparison.GeneComparison`).
     linear_models: list[HE2RNA] | None = None
     comparison: Any = None
+    linear_weight: float = 1.0  # the ensemble's linear share of each tile score (model/blend.py)
 
     def fold_predictions(self, fold: int) -> pd.DataFrame:
         """Out-of-fold predictions of one fold's test samples."""
