@@ -350,6 +350,14 @@ def supertiles(
     centroid_features : (k, dim) float32
     labels : (N,) int64, the cluster of each tile.
     """
+    return supertile_means(grid.centers(), features, k, seed)
+
+
+def supertile_means(
+    centers: np.ndarray, features: np.ndarray, k: int = 100, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`supertiles` from the tile centres ``(N, 2)`` (level-0 px): what a model trained on supertiles
+    predicts a slide from (``ModelBundle.slide_inputs``), computed exactly as the training cohort's were."""
     from sklearn.cluster import KMeans
 
     features = np.asarray(features, dtype=np.float32)
@@ -360,7 +368,7 @@ def supertiles(
     if k == n:
         labels = np.arange(n, dtype=np.int64)
     else:
-        km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(grid.centers())
+        km = KMeans(n_clusters=k, n_init=1, random_state=seed).fit(np.asarray(centers, dtype=np.float64))
         labels = km.labels_.astype(np.int64)
     sums = np.zeros((k, features.shape[1]), dtype=np.float64)
     np.add.at(sums, labels, features)

@@ -52,11 +52,15 @@ def score_resolved(
 
 
 def predict_resolved(
-    bundle: ModelBundle, features: np.ndarray, resolved: Mapping[str, Sequence[str]]
+    bundle: ModelBundle,
+    features: np.ndarray,
+    resolved: Mapping[str, Sequence[str]],
+    positions: np.ndarray | None = None,
 ) -> pd.Series:
-    """Slide-level predictions of already resolved names; a set is the mean of its genes' predictions."""
+    """Slide-level predictions of already resolved names; a set is the mean of its genes' predictions.
+    ``positions``: the tile centres (level-0 px), which a model trained on supertiles needs."""
     needed = _needed_genes(resolved)
-    raw = np.asarray(bundle.slide_prediction(features, needed), dtype=np.float64).reshape(-1)
+    raw = np.asarray(bundle.slide_prediction(features, needed, positions), dtype=np.float64).reshape(-1)
     col = {g: i for i, g in enumerate(needed)}
     values = {name: float(raw[[col[g] for g in genes]].mean()) for name, genes in resolved.items()}
     return pd.Series(values, name="slide_prediction", dtype=np.float64)
@@ -95,8 +99,10 @@ def slide_predictions(
     features: np.ndarray,
     names: Iterable[str],
     gene_sets: Mapping[str, Sequence[str]] | None = None,
+    positions: np.ndarray | None = None,
 ) -> pd.Series:
-    """Slide-level predictions (HE2RNA top-k aggregation) of genes and gene sets.
+    """Slide-level predictions (HE2RNA top-k aggregation) of genes and gene sets (``positions``: the tile
+    centres, level-0 px, for a model trained on supertiles).
 
     Returns
     -------
@@ -104,4 +110,4 @@ def slide_predictions(
         float, indexed by canonical name; a set is the mean of its genes' slide predictions.
         Units: :data:`SCORE_UNITS`.
     """
-    return predict_resolved(bundle, features, resolve_names(bundle.genes, names, gene_sets))
+    return predict_resolved(bundle, features, resolve_names(bundle.genes, names, gene_sets), positions)

@@ -443,9 +443,11 @@ class SlideSession:
 
         With ``aggregation == "kmeans"`` from those of the slide's k-means cluster means
         (:meth:`~napari_he2rna.model.bundle.ModelBundle.slide_inputs`, computed once per feature matrix)."""
-        bundle, _, features = self.require_ready()
-        if bundle.aggregation == "kmeans":
-            hidden = bundle.hidden_activations(bundle.slide_inputs(features))
+        bundle, grid, features = self.require_ready()
+        if (
+            bundle.aggregation == "kmeans" or bundle.supertiles is not None
+        ):  # the slide input it was trained on
+            hidden = bundle.hidden_activations(bundle.slide_inputs(features, grid.centers()))
         else:
             hidden = self.hidden()
         out: dict[str, float] = {}

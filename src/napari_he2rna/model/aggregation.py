@@ -134,3 +134,42 @@ class Clustering:
             return cls(int(doc["n_clusters"]), int(doc["random_state"]), int(doc["n_init"]))
         except (KeyError, TypeError, ValueError) as exc:
             raise ModelError(f"incomplete k-means settings ({exc!s}).") from None
+
+
+@dataclass(frozen=True)
+class Supertiles:
+    """How a model trained on supertiles (``he2rna train --supertiles``) makes a slide's input: the slide's
+    supertiles, k-means of the tile *positions* into ``k`` clusters and the mean feature of each, exactly as
+    the training cohort's were made (:func:`napari_he2rna.features.extraction.supertile_means`). Its top-k
+    aggregation then sees what it was trained on (``k`` rows per slide), not thousands of tiles: with the k
+    list 50 100, the top half of a slide's supertiles, where a slide of 8,000 tiles would give its top 1 %."""
+
+    k: int = 100
+    seed: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "supertiles", "k": int(self.k), "seed": int(self.seed)}
+
+    @classmethod
+    def from_json(cls, doc: Any) -> Supertiles:
+        if not isinstance(doc, dict) or doc.get("kind") != "supertiles":
+            raise ModelError("malformed supertile settings")
+        k, seed = int(doc["k"]), int(doc["seed"])
+        if k < 1:
+            raise ModelError(f"a slide needs at least 1 supertile, not {k}")
+        return cls(k, seed)
+
+    def means(self, positions: np.ndarray | None, features: np.ndarray) -> np.ndarray:
+        """The slide's ``(min(k, N), dim)`` supertile features; ``positions`` ``(N, 2)`` tile centres in
+        level-0 px (not needed when the slide has at most ``k`` tiles: then they are the tiles)."""
+        from ..features.extraction import supertile_means
+
+        features = np.asarray(features, dtype=np.float32)
+        if len(features) <= self.k:
+            return features
+        if positions is None or len(positions) != len(features):
+            raise ModelError(
+                f"This model predicts a slide from its {self.k} supertiles (k-means of the tile positions, "
+                "as it was trained): give the tiles' positions with their features."
+            )
+        return supertile_means(positions, features, self.k, self.seed)[0]

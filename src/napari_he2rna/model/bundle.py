@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ..errors import GeneError, ModelError
-from .aggregation import Clustering
+from .aggregation import Clustering, Supertiles
 from .bundle_header import read_header
 from .mixed import (
     checked_linear_genes,
@@ -103,6 +103,7 @@ def save_bundle(
     linear_models: Sequence[HE2RNA] | None = None,
     linear_genes: Sequence[str] | None = None,
     linear_weight: float = 1.0,
+    supertiles: Supertiles | None = None,
 ) -> Path:
     """Write a fold ensemble as one ``.safetensors`` model bundle (atomically).
 
@@ -142,6 +143,9 @@ def save_bundle(
         :func:`~napari_he2rna.model.baseline.linear_module` makes) and the names whose tile scores and slide
         predictions (the mean of the tile scores) come from it; only their rows are stored. None or empty:
         a plain HE2RNA bundle, the same bytes as without them.
+    supertiles
+        A model trained on supertiles: a slide's prediction aggregates its supertiles (made from the tile
+        positions as in training), not its tiles (:class:`~napari_he2rna.model.aggregation.Supertiles`).
     linear_weight
         1: each linear gene from the linear map alone. Below 1 (``--model-type ensemble``,
         :mod:`napari_he2rna.model.blend`): every gene (``linear_genes`` = all genes) scores a tile with
@@ -216,6 +220,10 @@ def save_bundle(
         doc["input_resize"] = False
     if aggregation == "kmeans":
         doc["clustering"] = (clustering or Clustering()).to_json()
+    if supertiles is not None:
+        if aggregation != "topk":
+            raise ModelError(f"Supertile slide inputs go with the top-k aggregation, not {aggregation!r}.")
+        doc["slide_input"] = supertiles.to_json()
     if linear_genes:
         doc["linear_genes"] = linear_genes
         if float(linear_weight) < 1.0:
@@ -273,6 +281,7 @@ class ModelBundle:
     linear_genes: list[str] = field(default_factory=list)
     linear_layers: list[tuple[torch.Tensor, torch.Tensor]] | None = field(default=None, repr=False)
     linear_weight: float = 1.0  # below 1: every gene blends HE2RNA and the linear map (model/blend.py)
+    supertiles: Supertiles | None = None  # trained on supertiles: a slide is predicted from its supertiles
     _gene_index: dict[str, int] = field(default_factory=dict, repr=False)
     _hidden_cache: tuple | None = field(default=None, repr=False)
     _slide_input_cache: tuple | None = field(default=None, repr=False)
@@ -465,7 +474,12 @@ class ModelBundle:
         scores, _ = self._fold_scores(features, genes)
         return torch.stack(scores).mean(dim=0).numpy()
 
-    def slide_prediction(self, features: np.ndarray, genes: Sequence[str] | str | None = None) -> np.ndarray:
+    def slide_prediction(
+        self,
+        features: np.ndarray,
+        genes: Sequence[str] | str | None = None,
+        positions: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Slide-level prediction ``(len(genes),)``: per fold, the mean over k in ``ks`` of the top-k mean of
         the tile scores (``aggregation == "topk"``) or the mean of all tile scores (``"mean"``, the linear
         baseline), then averaged over folds (each fold model was trained with its own aggregation). A gene of
@@ -475,23 +489,30 @@ class ModelBundle:
         With ``aggregation == "kmeans"`` the scores are those of the slide's k-means cluster means
         (:meth:`slide_inputs`), not of its tiles: SEQUOIA's forward pass (network in eval mode, ReLU between
         layers, nothing after the last; mean over k in ``ks`` of the top-k mean over the clusters)."""
-        if self.aggregation == "kmeans":
-            hidden = self.hidden_activations(self.slide_inputs(features))
+        if self.aggregation == "kmeans" or self.supertiles is not None:
+            hidden = self.hidden_activations(self.slide_inputs(features, positions))
             return self.aggregate_fold_scores(self.scores_from_hidden(hidden, genes), genes)
         scores, _ = self._fold_scores(features, genes)
         return self.aggregate_fold_scores(scores, genes)
 
-    def slide_inputs(self, features: np.ndarray | torch.Tensor) -> np.ndarray:
+    def slide_inputs(
+        self, features: np.ndarray | torch.Tensor, positions: np.ndarray | None = None
+    ) -> np.ndarray:
         """What the slide-level prediction aggregates over, ``(n, feature_dim)`` float32: the tile features
-        themselves, or with ``aggregation == "kmeans"`` the means of their k-means clusters (``clustering``;
-        computed once for the last feature matrix seen)."""
+        themselves, with ``aggregation == "kmeans"`` the means of their k-means clusters (``clustering``), or
+        for a model trained on supertiles the slide's supertiles (``positions``: the tile centres, ``(N, 2)``
+        level-0 px); computed once for the last feature matrix seen."""
         x = self._as_tensor(features)
-        if self.aggregation != "kmeans" or self.clustering is None:
+        if self.supertiles is None and (self.aggregation != "kmeans" or self.clustering is None):
             return x.numpy()
-        key = (_features_key(x), self.clustering)
+        how = self.supertiles if self.supertiles is not None else self.clustering
+        key = (_features_key(x), how)
         if self._slide_input_cache is not None and self._slide_input_cache[0] == key:
             return self._slide_input_cache[1]
-        means = self.clustering.cluster_means(x.numpy())
+        if self.supertiles is not None:
+            means = self.supertiles.means(positions, x.numpy())
+        else:
+            means = self.clustering.cluster_means(x.numpy())
         self._slide_input_cache = (key, means)
         return means
 
@@ -607,6 +628,7 @@ def load_bundle(path: str | Path) -> ModelBundle:
         tile_mag = None if doc.get("tile_magnification") is None else float(doc["tile_magnification"])
         input_resize = bool(doc.get("input_resize", True))
         clustering = Clustering.from_json(doc["clustering"]) if "clustering" in doc else None
+        supertiles = Supertiles.from_json(doc["slide_input"]) if "slide_input" in doc else None
     except (KeyError, TypeError, ValueError, json.JSONDecodeError, ModelError) as exc:
         raise ModelError(f"{name} has incomplete or malformed model metadata ({exc!s}).") from None
     if aggregation not in AGGREGATIONS:
@@ -671,6 +693,7 @@ def load_bundle(path: str | Path) -> ModelBundle:
         tile_magnification=tile_mag,
         input_resize=input_resize,
         clustering=clustering,
+        supertiles=supertiles,
         linear_genes=linear_genes,
         linear_weight=linear_weight,
         linear_layers=stored_linear_layers(tensors, n_folds) if linear_genes else None,

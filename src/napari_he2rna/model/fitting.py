@@ -21,6 +21,7 @@ import numpy as np
 from ..cohorts.cohort import Cohort, all_tiles
 from ..errors import DataError
 from ..jobs import CancelToken, ProgressCallback, check_cancel
+from .aggregation import Supertiles
 from .blend import LINEAR_WEIGHT
 from .training import CVResult, TrainConfig
 
@@ -158,6 +159,12 @@ def save_result(
         meta,
         demo=demo,
         aggregation=result.aggregation,
+        # trained on supertiles: a new slide is predicted from its supertiles, made as the cohort's were
+        supertiles=(
+            Supertiles()
+            if result.aggregation == "topk" and getattr(result.config, "mode", None) == "supertiles"
+            else None
+        ),
         **(
             {
                 "linear_models": result.linear_models,

@@ -376,11 +376,13 @@ def bundle_target_range(bundle: ModelBundle) -> dict[str, tuple[float, float]]:
     return out
 
 
-def _predictions_for(bundle: ModelBundle, features: np.ndarray, genes: list[str]) -> dict[str, float]:
+def _predictions_for(
+    bundle: ModelBundle, features: np.ndarray, genes: list[str], positions: np.ndarray | None = None
+) -> dict[str, float]:
     out: dict[str, float] = {}
     for start in range(0, len(genes), 512):  # bounded memory for models of 20,000 genes
         chunk = genes[start : start + 512]
-        values = np.asarray(bundle.slide_prediction(features, chunk), dtype=np.float64).reshape(-1)
+        values = np.asarray(bundle.slide_prediction(features, chunk, positions), dtype=np.float64).reshape(-1)
         out.update(zip(chunk, (float(v) for v in values), strict=True))
     return out
 
@@ -393,6 +395,7 @@ def assess(
     bundle: ModelBundle,
     features: np.ndarray,
     predictions: Mapping[str, float] | pd.Series | None = None,
+    positions: np.ndarray | None = None,
 ) -> OODAssessment:
     """Compare a slide's tile features (and predictions) with the model's training data.
 
@@ -406,6 +409,8 @@ def assess(
         Slide-level predictions ``{gene: value}`` to check against the training targets' range; names
         that are not genes of the range (gene sets) are ignored. ``None``: the model's slide predictions of
         every gene with a range are computed here.
+    positions
+        The tile centres (level-0 px), which a model trained on supertiles needs for those predictions.
 
     Returns
     -------
@@ -445,7 +450,7 @@ def assess(
     if ranges:
         if predictions is None:
             genes = [g for g in getattr(bundle, "genes", []) if g in ranges]
-            preds = _predictions_for(bundle, feats, genes) if genes and feats.shape[0] else {}
+            preds = _predictions_for(bundle, feats, genes, positions) if genes and feats.shape[0] else {}
         else:
             preds = {str(k): float(v) for k, v in dict(predictions).items()}
         result.range_checked = True
