@@ -385,6 +385,7 @@ def test_an_ensemble_bundle_blends_every_gene(tmp_path, sample_grid, dim):
         b0 = Blend(mlps[0], linear[0])(torch.from_numpy(x).T[None])[0].T.numpy()
     np.testing.assert_allclose(b0, 0.5 * module_scores(mlps[0], x) + 0.5 * module_scores(linear[0], x), 1e-6)
     assert bundle.model_of("MKI67") == BLEND_NAME
+    assert bundle.describe().startswith("HE2RNA + linear baseline model: 5 genes")
     assert "0.5 x HE2RNA's + 0.5 x the linear baseline's" in bundle.describe()
     with SlideSession.open(SLIDE, model=bundle) as session:
         session.start_live(sample_grid, bundle, dim)

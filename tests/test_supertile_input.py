@@ -92,3 +92,28 @@ def test_training_on_supertiles_records_it(tmp_path):
         assert bundle.supertiles == want, model_type
     tiles = fit(cohort, "he2rna", replace(config, mode="tiles", ks=(1, 2)))
     assert load_bundle(save_result(tiles, cohort, tmp_path / "t.safetensors", "bb", 112.0)).supertiles is None
+
+
+@pytest.mark.parametrize("doc", [{"kind": "tiles"}, {"kind": "supertiles", "k": 0, "seed": 0}, "100"])
+def test_malformed_supertile_settings_are_one_sentence(doc):
+    with pytest.raises(ModelError):
+        Supertiles.from_json(doc)
+
+
+def test_a_bundle_with_a_malformed_slide_input_is_refused_in_one_sentence(tmp_path):
+    import json
+    import struct
+
+    path = save(tmp_path / "s.safetensors", modules(4), 4, Supertiles(k=10))
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    doc = json.loads(header["__metadata__"]["he2rna"])
+    doc["slide_input"] = {"kind": "supertiles", "k": "many", "seed": 0}
+    header["__metadata__"]["he2rna"] = json.dumps(doc)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    with pytest.raises(ModelError, match="malformed model metadata"):
+        load_bundle(bad)

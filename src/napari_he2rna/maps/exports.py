@@ -470,13 +470,18 @@ def export_metadata(session: SlideSession, names: Iterable[str]) -> dict[str, An
     )
 
 
+def _tile_export(session: SlideSession, names: Iterable[str]):
+    """(grid, the tile scores of ``names`` with the feature distance, the export metadata)."""
+    names = _score_names(names)
+    _, grid, _ = session.require_ready()
+    return grid, session.scores_with_distance(session.scores_frame(names)), export_metadata(session, names)
+
+
 def export_geojson(
     session: SlideSession, path: str | Path, names: Iterable[str], overwrite: bool = False
 ) -> Path:
-    names = _score_names(names)
-    _, grid, _ = session.require_ready()
-    scores = session.scores_with_distance(session.scores_frame(names))
-    meta = export_metadata(session, names)
+    """The tiles as QuPath GeoJSON (see :func:`write_geojson_tiles`)."""
+    grid, scores, meta = _tile_export(session, names)
     return write_geojson_tiles(path, grid, scores, overwrite=overwrite, metadata=meta)
 
 
@@ -484,10 +489,8 @@ def export_h5ad(
     session: SlideSession, path: str | Path, names: Iterable[str], overwrite: bool = False
 ) -> Path:
     """The tiles as AnnData (see :func:`write_anndata`)."""
-    names = _score_names(names)
-    _, grid, _ = session.require_ready()
-    scores = session.scores_with_distance(session.scores_frame(names))
-    return write_anndata(path, grid, scores, export_metadata(session, names), overwrite=overwrite)
+    grid, scores, meta = _tile_export(session, names)
+    return write_anndata(path, grid, scores, meta, overwrite=overwrite)
 
 
 def export_heatmap_tiff(session: SlideSession, path: str | Path, name: str, overwrite: bool = False) -> Path:

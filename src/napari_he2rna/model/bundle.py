@@ -349,7 +349,8 @@ class ModelBundle:
         meta = self.metadata
         cohort = meta.get("cohort") or {}
         parts = [
-            f"HE2RNA model: {len(self.genes)} genes, ensemble of {self.n_folds} fold(s), "
+            f"{'HE2RNA + linear baseline' if is_blend(self) else 'HE2RNA'} model: {len(self.genes)} genes, "
+            f"ensemble of {self.n_folds} fold(s), "
             f"hidden layers {list(self.hidden)}, backbone '{self.backbone}' ({self.feature_dim} features), "
             f"{self._tiles_text()}, k in {list(self.ks)}."
         ]
@@ -559,8 +560,7 @@ class ModelBundle:
         return out, linear
 
     def to_modules(self) -> list[HE2RNA]:
-        """The fold models as :class:`HE2RNA` modules (e.g. to fine-tune them); refused for a bundle with
-        linear-baseline genes."""
+        """The fold models as :class:`HE2RNA` modules (to fine-tune them); refused with linear genes."""
         if self.linear_genes:
             raise ModelError(
                 f"This model takes {len(self.linear_genes)} genes from the linear baseline and cannot be "
