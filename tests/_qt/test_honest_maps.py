@@ -213,3 +213,58 @@ def test_canvas_texts_rewrap_when_the_canvas_narrows(make_napari_viewer):
         assert len(after) > len(before)
         assert max(len(line) for line in after) < max(len(line) for line in before)
     assert " ".join(wrapped_text(viewer, WARNING_OVERLAY).split()) == " ".join(WARNING_TEXT.split())
+
+
+def _slide_on_canvas(viewer, layer) -> tuple[float, float, float, float]:
+    """(top, left, bottom, right) of ``layer`` on the canvas, in pixels from its top-left corner."""
+    from napari_he2rna.napari._view_fit import camera
+
+    (y0, x0), (y1, x1) = np.asarray(layer.extent.world, dtype=float)[:, -2:]
+    cy, cx = camera(viewer).center[-2:]
+    zoom, (h, w) = camera(viewer).zoom, viewer.canvas.size
+    return (
+        (y0 - cy) * zoom + h / 2,
+        (x0 - cx) * zoom + w / 2,
+        (y1 - cy) * zoom + h / 2,
+        (x1 - cx) * zoom + w / 2,
+    )
+
+
+def test_the_view_keeps_the_slide_clear_of_the_canvas_texts_until_the_user_moves_it(
+    make_napari_viewer, sample_slide
+):
+    # napari's first-launch window leaves a canvas of about 355 x 580 px: its Home put the slide under the
+    # label, the warning and the colour bar; the plugin fits it into what they leave free
+    from napari_he2rna.napari._canvas_notes import TEXT_OVERLAYS, show_legend, show_warning, watch_view
+    from napari_he2rna.napari._view_fit import camera, overlay_footprint
+
+    viewer = make_napari_viewer(show=True)
+    watch_view(viewer)
+    layer = viewer.open(str(sample_slide), plugin="napari-he2rna")[0]
+    layer.colorbar.visible = True
+    viewer.canvas.size = (580, 355)
+    viewer.reset_view()
+    home_top, *_ = _slide_on_canvas(viewer, layer)
+    show_warning(viewer, True)
+    show_legend(viewer, "CD3E\npercentile of this slide's tiles (100 = highest)\nslide prediction 2.23")
+    text_bottom, bar_w, bar_bottom = overlay_footprint(viewer, TEXT_OVERLAYS)
+    assert text_bottom > home_top and bar_w > 0  # napari's Home would put the texts over the slide
+    top, left, bottom, right = _slide_on_canvas(viewer, layer)
+    assert top >= text_bottom - 1 and bottom <= 580 + 1 and left >= -1
+    assert right <= 355 - bar_w + 1 or top >= bar_bottom - 1  # beside the colour bar or under it
+    assert bottom - top > 0.5 * (580 - text_bottom) or right - left > 0.5 * (355 - bar_w)  # and not tiny
+
+    # a resized canvas refits; once the user zooms, their view stays through new texts and resizes
+    viewer.canvas.size = (900, 1200)
+    top_wide, *_ = _slide_on_canvas(viewer, layer)
+    assert top_wide >= overlay_footprint(viewer, TEXT_OVERLAYS)[0] - 1
+    camera(viewer).zoom *= 2.0
+    zoom, center = camera(viewer).zoom, tuple(camera(viewer).center)
+    show_warning(viewer, False)
+    show_legend(viewer, "B cells")
+    viewer.canvas.size = (580, 355)
+    assert camera(viewer).zoom == zoom and tuple(camera(viewer).center) == center
+    # napari's Home gives the fit clear of the texts back
+    viewer.reset_view()
+    top, *_ = _slide_on_canvas(viewer, layer)
+    assert top >= overlay_footprint(viewer, TEXT_OVERLAYS)[0] - 1

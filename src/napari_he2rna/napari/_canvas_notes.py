@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..maps import map_style
+from ._view_fit import keep_clear, track_view
 
 if TYPE_CHECKING:
     import napari
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 #: Canvas overlay keys (``viewer.canvas.overlays[...]``).
 LEGEND_OVERLAY = "he2rna_colorbar_label"
 WARNING_OVERLAY = "he2rna_training_data_warning"
+#: The texts of the top-right stack, top to bottom, which the view keeps clear of (:mod:`._view_fit`).
+TEXT_OVERLAYS = (LEGEND_OVERLAY, WARNING_OVERLAY)
 #: The canvas's warning when the slide is outside the model's training data.
 WARNING_TEXT = "OUTSIDE THE MODEL'S TRAINING DATA:\nthese maps are not predictions"
 #: Longest line of the canvas texts (characters); fewer on a narrow canvas (:func:`line_chars`).
@@ -86,6 +89,7 @@ def _rewrap_on_resize(viewer: napari.viewer.Viewer) -> None:
     def rewrap(*_) -> None:
         for key, (text, style) in list(_GIVEN.get(viewer, {}).items()):
             _set_text(viewer, key, text, **style)
+        keep_clear(viewer, TEXT_OVERLAYS)
 
     events.connect(rewrap)
 
@@ -118,6 +122,7 @@ def show_legend(viewer: napari.viewer.Viewer, text: str | None) -> None:
     if tiling is not None and text and tiling.top_right != "vertical":
         tiling.top_right = "vertical"  # the label above the colour bar, not beside it
     _set_text(viewer, LEGEND_OVERLAY, text, position="top_right", font_size=9, box=True)
+    keep_clear(viewer, TEXT_OVERLAYS)
 
 
 def show_warning(viewer: napari.viewer.Viewer, outside: bool) -> None:
@@ -136,6 +141,13 @@ def show_warning(viewer: napari.viewer.Viewer, outside: bool) -> None:
         color="#ff4040",
         box=True,
     )
+    keep_clear(viewer, TEXT_OVERLAYS)
+
+
+def watch_view(viewer: napari.viewer.Viewer) -> None:
+    """Start following the user's zooms and pans (call when the plugin's dock is made): until they move the
+    view, it is kept clear of the canvas texts (:mod:`._view_fit`)."""
+    track_view(viewer, TEXT_OVERLAYS)
 
 
 def canvas_text(viewer: napari.viewer.Viewer, key: str) -> str:

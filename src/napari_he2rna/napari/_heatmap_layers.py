@@ -23,7 +23,7 @@ from ..errors import He2rnaError
 from ..maps import gene_sets, heatmaps, map_display, map_style, readout
 from ..maps.gene_sets import DISTANCE_NAME
 from ..maps.map_display import MapView
-from ._canvas_notes import show_legend, show_warning, styled_colormap
+from ._canvas_notes import show_legend, show_warning, styled_colormap, watch_view
 from ._state import META_KEY, SessionRegistry, SlideState, layer_info
 
 if TYPE_CHECKING:
@@ -117,6 +117,7 @@ class HeatmapLayers:
         # The colour bar (and its label) follow the active layer: the fold spread has its own.
         viewer.layers.selection.events.active.connect(self._active_changed)
         viewer.layers.events.removed.connect(self._layers_removed)
+        watch_view(viewer)  # the view keeps clear of the canvas texts until the user zooms or pans
         canvas = getattr(viewer, "canvas", None)
         if canvas is not None and hasattr(getattr(canvas, "events", None), "size"):
             canvas.events.size.connect(self._canvas_resized)  # the canvas texts wrap to its width
