@@ -3,6 +3,8 @@ on the same folds and averaged tile by tile (model/blend.py, model/fitting.py, m
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -108,3 +110,48 @@ def test_another_linear_weight_travels_to_the_bundle(ensemble, tmp_path):
     assert bundle.linear_weight == 0.75 and "0.25 x HE2RNA's + 0.75 x" in bundle.describe()
     pred, _ = bundle_oof_predictions(bundle, cohort, device="cpu")
     np.testing.assert_allclose(pred.to_numpy(), result.oof.to_numpy(), rtol=1e-4, atol=1e-5)
+
+
+def _tile_gap(models, linear_models, cohort) -> float:
+    """Mean squared difference between the fold models' and the linear fold models' tile scores."""
+    gaps = []
+    for m, lin in zip(models, linear_models, strict=True):
+        for sid in cohort.sample_ids[:40]:
+            x = torch.from_numpy(np.asarray(cohort.features[sid]).T[None].astype(np.float32))
+            with torch.no_grad():
+                gaps.append(float(((m.eval()(x) - lin.eval()(x)) ** 2).mean()))
+    return float(np.mean(gaps))
+
+
+def test_the_anchor_holds_he2rna_tile_scores_near_the_linear_map(ensemble, tmp_path):
+    cohort, config, ens = ensemble
+    plain = fit(cohort, "he2rna", config)
+    anchored = fit(cohort, "he2rna", replace(config, anchor=1.0))
+    ridge = fit(cohort, "ridge", config, folds=plain.folds)
+    np.testing.assert_array_equal(anchored.folds, plain.folds)
+    # tile by tile, the anchored fold models are closer to the linear maps than the paper's HE2RNA, the
+    # more so the stronger the anchor
+    strong = fit(cohort, "he2rna", replace(config, anchor=10.0))
+    gaps = [_tile_gap(r.models, ridge.models, cohort) for r in (plain, anchored, strong)]
+    assert gaps[2] < gaps[1] < 0.8 * gaps[0]
+    # and they learn the slide means (here faster than the paper's HE2RNA, still near R 0 at 15 epochs)
+    r = [np.corrcoef(m.oof["PLANT1"], cohort.expression["PLANT1"])[0, 1] for m in (plain, anchored)]
+    assert r[1] > 0.3 and r[1] > r[0]
+    # the bundle is a plain HE2RNA bundle that says how it was trained
+    path = save_result(anchored, cohort, tmp_path / "anchored.safetensors", "test", 112.0)
+    bundle = load_bundle(path)
+    assert not bundle.linear_genes and bundle.metadata["training"]["anchor"] == 1.0
+    assert "held near the linear baseline's map in training (anchor 1" in bundle.describe()
+    # without an anchor the training record has no anchor key (earlier checkpoints keep their key)
+    assert "anchor" not in config.fingerprint()
+
+
+def test_an_anchor_needs_the_linear_fold_models_and_is_not_negative(ensemble):
+    from napari_he2rna.errors import DataError
+    from napari_he2rna.model.training import cross_validate
+
+    cohort, config, _ = ensemble
+    with pytest.raises(DataError, match="needs its 3 fold models"):
+        cross_validate(cohort, replace(config, anchor=1.0))
+    with pytest.raises(DataError, match="0 or more"):
+        TrainConfig(anchor=-1.0)

@@ -110,3 +110,23 @@ def test_a_linear_weight_outside_zero_one(small_cohort, train, weight):
     proc, out = train(small_cohort, "--folds", "2", "--linear-weight", weight)
     assert "--linear-weight must lie between 0 and 1" in one_sentence_error(proc)
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [(("--anchor", "-1"), "0 or more"), (("--anchor", "1", "--model-type", "ridge"), "no anchor")],
+)
+def test_an_anchor_below_zero_or_on_the_ridge_baseline(small_cohort, train, extra, says):
+    proc, out = train(small_cohort, "--folds", "2", *extra)
+    assert says in one_sentence_error(proc)
+    assert not out.exists()
+
+
+def test_an_anchored_he2rna_bundle_says_so(small_cohort, train):
+    from napari_he2rna.model.bundle import load_bundle
+
+    proc, out = train(small_cohort, "--folds", "2", "--model-type", "he2rna", "--anchor", "1", "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    bundle = load_bundle(out)
+    assert bundle.metadata["training"]["anchor"] == 1.0 and not bundle.linear_genes
+    assert "anchor 1" in bundle.describe()

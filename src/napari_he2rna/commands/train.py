@@ -49,6 +49,14 @@ def register(subparsers) -> None:
         help="the linear baseline's share of each tile score in the ensemble, in (0, 1) (default 0.5; 0.75 "
         "found more planted genes on the 40-60-slide cohorts of docs/training.md, chosen after the fact)",
     )
+    p.add_argument(
+        "--anchor",
+        type=float,
+        default=0.0,
+        help="hold HE2RNA's tile scores near the linear baseline's map while training: this weight times "
+        "their mean squared difference per tile and gene is added to the loss (the linear baseline is "
+        "trained first, on the same folds; default 0: the paper's HE2RNA; see docs/training.md)",
+    )
     mode = p.add_mutually_exclusive_group()
     mode.add_argument(
         "--supertiles",
@@ -210,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
             f"--linear-weight must lie between 0 and 1 (not {args.linear_weight:g}); --model-type ridge or "
             "he2rna trains one model alone."
         )
+    if args.anchor and args.model_type == "ridge":
+        from ..errors import DataError
+
+        raise DataError("--anchor holds HE2RNA near the linear baseline; the ridge baseline has no anchor.")
     backbone = init.backbone if init else args.backbone
     tile_um = init.tile_um if init else args.tile_um
     cohort = load_cohort(
@@ -228,6 +240,7 @@ def run(args: argparse.Namespace) -> int:
         n_folds=init.n_folds if init else args.folds,
         seed=args.seed,
         weight_decay=args.weight_decay,
+        anchor=args.anchor,
         device=args.device,
     )
     folds = None

@@ -361,8 +361,7 @@ class ModelBundle:
                 f"(scikit-learn, random_state {c.random_state}, n_init {c.n_init}); tile maps from every "
                 "tile."
             )
-        if self.linear_genes:
-            parts.append(describe_linear(self.genes, self.linear_genes, self.linear_weight))
+        parts.append(describe_linear(self.genes, self.linear_genes, self.linear_weight, meta.get("training")))
         unit = meta.get("output_unit")
         if isinstance(unit, str) and unit.strip():
             parts.append(f"Outputs in {unit.strip()}.")
@@ -383,7 +382,7 @@ class ModelBundle:
             parts.append(
                 "DEMO MODEL: trained on synthetic sample slides; its predictions mean nothing on real tissue."
             )
-        return " ".join(parts)
+        return " ".join(p for p in parts if p)
 
     def _tiles_text(self) -> str:
         if self.tile_px is None:

@@ -46,18 +46,23 @@ def fit(
     fold count and seed, so both see the same folds. ``"ensemble"`` (``he2rna train``'s default) trains both
     on the same folds and averages them tile by tile (:mod:`napari_he2rna.model.blend`); its ``comparison``
     (:class:`~napari_he2rna.model.gene_comparison.GeneComparison`) holds every gene's R for the three models;
-    ``linear_weight`` is the linear model's share of each tile score (default 0.5).
+    ``linear_weight`` is the linear model's share of each tile score (default 0.5). With ``config.anchor``
+    > 0 HE2RNA's tile scores are held near the linear baseline's during training (trained first, on the same
+    folds; :func:`napari_he2rna.model.training.train_one`).
     """
     from .baseline import RidgeConfig, ridge_cross_validate
+    from .folds import cv_folds
     from .training import cross_validate
 
     config = config or TrainConfig()
-    if model_type == "ensemble":
-        mlp = fit(cohort, "he2rna", config, folds, progress, cancel, checkpoint_dir, initial_models, log)
-        lin = fit(cohort, "ridge", config, folds=mlp.folds, cancel=cancel)
-        return ensemble_result(cohort, mlp, lin, log, linear_weight)
-    if model_type == "he2rna":
-        return cross_validate(
+    if model_type in ("ensemble", "he2rna"):
+        lin = None
+        if model_type == "ensemble" or config.anchor > 0:  # the linear baseline first, on the same folds
+            if folds is None:
+                ids = cohort.sample_ids
+                folds = cv_folds(cohort.samples.loc[ids], config.n_folds, config.seed)
+            lin = fit(cohort, "ridge", config, folds=folds, cancel=cancel)
+        mlp = cross_validate(
             cohort,
             config,
             progress=progress,
@@ -66,7 +71,11 @@ def fit(
             initial_models=initial_models,
             folds=folds,
             log=log,
+            anchor_models=lin.models if config.anchor > 0 else None,
         )
+        if model_type == "ensemble":
+            return ensemble_result(cohort, mlp, lin, log, linear_weight)
+        return mlp
     if model_type == "ridge":
         if initial_models is not None:
             raise DataError("The ridge baseline cannot be fine-tuned from a model; train it from scratch.")

@@ -273,8 +273,19 @@ def map_models(bundle: ModelBundle, resolved: Mapping[str, Sequence[str]]) -> di
     return {str(name): _model_name(linear, list(genes)) for name, genes in resolved.items()}
 
 
-def describe_linear(genes: Sequence[str], linear_genes: Sequence[str], weight: float = 1.0) -> str:
-    """The sentence of ``ModelBundle.describe`` about the linear genes ("" when there are none)."""
+def describe_linear(
+    genes: Sequence[str], linear_genes: Sequence[str], weight: float = 1.0, training: Mapping | None = None
+) -> str:
+    """The sentences of ``ModelBundle.describe`` about the linear baseline: its genes ("" when there are
+    none), and an anchor of HE2RNA's tile scores to it in training (``training``: the bundle's ``training``
+    metadata, :meth:`napari_he2rna.model.training.TrainConfig.fingerprint`)."""
+    anchor = (training or {}).get("anchor") if isinstance(training, Mapping) else None
+    if isinstance(anchor, (int, float)) and anchor > 0:
+        held = (
+            f"HE2RNA's tile scores were held near the {LINEAR_NAME}'s map in training (anchor {anchor:g}: "
+            "that times their mean squared difference added to the loss)."
+        )
+        return " ".join(x for x in (describe_linear(genes, linear_genes, weight), held) if x)
     if not linear_genes:
         return ""
     if weight < 1.0:

@@ -109,6 +109,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     standardize: bool = True  # inputs (x - mean) / std, fitted per fold on its training samples
     standardize_targets: bool = False  # each gene z-scored on the fold's training samples (equal weight)
+    anchor: float = 0.0  # tile scores held near the fold's linear map (train_one); 0: the paper's HE2RNA
     device: str = "auto"
 
     def __post_init__(self) -> None:
@@ -121,6 +122,8 @@ class TrainConfig:
             raise DataError(f"The validation fraction must be in [0, 1), not {self.val_fraction}.")
         if self.max_epochs < 1:
             raise DataError(f"Training needs at least 1 epoch, not {self.max_epochs}.")
+        if not (np.isfinite(self.anchor) and self.anchor >= 0):
+            raise DataError(f"The anchor to the linear baseline must be 0 or more, not {self.anchor}.")
 
     @property
     def k_list(self) -> tuple[int, ...]:
@@ -134,6 +137,8 @@ class TrainConfig:
         """What determines the result (the device does not, up to floating-point order)."""
         d = asdict(self)
         d.pop("device")
+        if not d["anchor"]:
+            d.pop("anchor")  # as before the anchor existed: earlier checkpoints and bundles keep their key
         d["ks"] = list(self.k_list)
         d["batch_size"] = self.batch
         d["hidden"] = list(self.hidden)
@@ -198,6 +203,7 @@ def train_one(
     on_epoch: Callable[[int, dict[str, Any]], None] | None = None,
     cancel: CancelToken | None = None,
     aggregation: str = "topk",
+    anchor_model: HE2RNA | None = None,
 ) -> dict[str, Any]:
     """Train ``model`` in place with early stopping; it ends with the best validation weights.
 
@@ -223,6 +229,11 @@ def train_one(
         ``train_loss``.
     aggregation
         ``"topk"`` (one k from the k list per batch, the paper's) or ``"mean"`` (all tiles).
+    anchor_model
+        With ``config.anchor`` > 0: the fold's linear-baseline map on the same inputs and in the same target
+        units; ``config.anchor`` x the mean over real tiles and genes of (tile score - its tile score)^2 is
+        added to each batch's loss, so the slide means are fitted with tile scores near the linear map's
+        (issue 23: on 40-60 slides the slide means pin a linear map, not an MLP's non-linear part).
 
     Returns
     -------
@@ -254,6 +265,12 @@ def train_one(
                     k = int(rng.choice(ks))  # one k per batch: the paper's stochastic aggregation
                     pred = topk_mean(scores_t, mask, k)
                 loss = torch.nn.functional.mse_loss(pred, y_t[batch].to(device))
+                if anchor_model is not None and config.anchor > 0:
+                    with torch.no_grad():
+                        ref = anchor_model(x, mask)
+                    real = mask[:, None, :].to(scores_t.dtype).expand_as(scores_t)
+                    pull = ((scores_t - ref) ** 2 * real).sum() / real.sum().clamp_min(1)
+                    loss = loss + config.anchor * pull
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -379,6 +396,7 @@ def cross_validate(
     initial_models: Sequence[HE2RNA] | None = None,
     folds: np.ndarray | None = None,
     log: Callable[[str], None] | None = None,
+    anchor_models: Sequence[HE2RNA] | None = None,
 ) -> CVResult:
     """Train one HE2RNA per cross-validation fold and predict each fold's held-out samples.
 
@@ -401,6 +419,10 @@ def cross_validate(
         Fold per sample (default: :func:`napari_he2rna.model.folds.cv_folds` with the config's seed).
     log
         Called with one line per fold (its validation criterion and split sizes).
+    anchor_models
+        With ``config.anchor`` > 0 (required then): the linear baseline's fold models on the same folds
+        (raw features in, every gene: :func:`napari_he2rna.model.baseline.ridge_cross_validate`), which
+        each fold's tile scores are held near (see :func:`train_one`).
 
     Returns
     -------
@@ -416,6 +438,10 @@ def cross_validate(
         folds = cv_folds(cohort.samples.loc[ids], config.n_folds, config.seed)
     folds = np.asarray(folds, dtype=np.int64)
     n_folds = int(folds.max()) + 1
+    if config.anchor > 0 and (anchor_models is None or len(anchor_models) != n_folds):
+        raise DataError(
+            f"Anchoring HE2RNA to the linear baseline needs its {n_folds} fold models on the same folds."
+        )
     if initial_models is not None and len(initial_models) != n_folds:
         raise DataError(
             f"Fine-tuning needs one initial model per fold ({n_folds}), got {len(initial_models)}."
@@ -513,8 +539,25 @@ def cross_validate(
                 msg = f"fold {f + 1}/{n_folds} epoch {epoch + 1}: train MSE {info['train_loss']:.4f}{tail}"
                 report(progress, f * config.max_epochs + epoch + 1, total, msg)
 
+            anchor = None
+            if config.anchor > 0:  # the fold's linear map, on the scaled features and in training units
+                anchor = copy.deepcopy(anchor_models[f]).float().eval()
+                scaler.unfold_from(anchor)
+                _rescale_output(anchor, 1.0 / y_std, -y_mean / y_std)
+                anchor.to(device)
             history = train_one(
-                model, slides, y_fit, types, train_idx, val_idx, config, device, rng, on_epoch, cancel
+                model,
+                slides,
+                y_fit,
+                types,
+                train_idx,
+                val_idx,
+                config,
+                device,
+                rng,
+                on_epoch,
+                cancel,
+                anchor_model=anchor,
             )
             history["fold"] = f
             history["val_fraction"] = val_fraction
