@@ -247,6 +247,42 @@ def ensemble_spread(result, cohort, held) -> dict:
 HELD_CACHE: list = [None]
 
 
+def score_variant(result, cohort, samples, folds, null, args, held, t0: float) -> dict:
+    """What is recorded per variant: significance counts (fold-mean and pooled R), fold agreement, and the
+    maps of the out-of-fold slides and (``held``: (id, path, phenotype) of unseen slides, with
+    ``args.held_features``) of the unseen ones; ``seconds`` since ``t0``."""
+    ev = evaluate_result(cohort, result.oof, folds, null)
+    row = {
+        "seconds": round(time.perf_counter() - t0, 1),
+        "bh": planted_counts(ev.per_gene, "significant_bh"),
+        "holm_sidak": planted_counts(ev.per_gene, "significant"),
+        "bh_pooled": planted_counts(ev.per_gene, "significant_bh_pooled"),
+        "mean_r": {r.cancer_type: round(float(r.mean_r), 3) for r in ev.summary.itertuples()},
+        "mean_r_pooled": {r.cancer_type: round(float(r.mean_r_pooled), 3) for r in ev.summary.itertuples()},
+        "planted_r_pooled_median": {
+            t: round(float(sub.loc[sub["gene"].isin(list(GENE_PANEL)), "r_pooled_folds"].median()), 3)
+            for t, sub in ev.per_gene.groupby("cancer_type")
+        },
+        "best_epochs": [h.get("best_epoch") for h in result.histories],
+        "criteria": sorted({str(h.get("criterion")) for h in result.histories}),
+        **fold_agreement(result, cohort),
+    }
+    pheno = samples.get("immune_phenotype", pd.Series("mixed", index=samples.index))
+    oof_slides = [
+        (sid, samples.loc[sid, "slide"], pheno.get(sid, "mixed"), fold_models(result, int(result.folds[i])))
+        for i, sid in enumerate(result.sample_ids)
+    ]
+    recs = map_records(list(result.genes), oof_slides, "hed-stats", args.features)
+    row.update(summarise_maps(recs, "oof "))
+    if held is not None:
+        held_slides = [(sid, path, ph, fold_models(result)) for sid, path, ph in held]
+        recs_h = map_records(list(result.genes), held_slides, "hed-stats", args.held_features)
+        row.update(summarise_maps(recs_h, "unseen "))
+        row.update(ensemble_spread(result, cohort, held_slides))
+        row["unseen per slide"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs_h]
+    return row
+
+
 def load_cohort_features(cohort_dir, features_dir):
     """(sample sheet, matched cohort with hed-stats supertile features) of a ``he2rna make-sample`` cohort."""
     samples = load_samples(Path(cohort_dir) / "samples.tsv")
@@ -299,42 +335,7 @@ def main(argv=None) -> int:
             )
         else:
             result = fit(cohort, "he2rna", replace(base, **VARIANTS[name]), folds=folds)
-        ev = evaluate_result(cohort, result.oof, folds, null)
-        row = {
-            "seconds": round(time.perf_counter() - t0, 1),
-            "bh": planted_counts(ev.per_gene, "significant_bh"),
-            "holm_sidak": planted_counts(ev.per_gene, "significant"),
-            "bh_pooled": planted_counts(ev.per_gene, "significant_bh_pooled"),
-            "mean_r": {r.cancer_type: round(float(r.mean_r), 3) for r in ev.summary.itertuples()},
-            "mean_r_pooled": {
-                r.cancer_type: round(float(r.mean_r_pooled), 3) for r in ev.summary.itertuples()
-            },
-            "planted_r_pooled_median": {
-                t: round(float(sub.loc[sub["gene"].isin(list(GENE_PANEL)), "r_pooled_folds"].median()), 3)
-                for t, sub in ev.per_gene.groupby("cancer_type")
-            },
-            "best_epochs": [h.get("best_epoch") for h in result.histories],
-            "criteria": sorted({str(h.get("criterion")) for h in result.histories}),
-            **fold_agreement(result, cohort),
-        }
-        pheno = samples.get("immune_phenotype", pd.Series("mixed", index=samples.index))
-        oof_slides = [
-            (
-                sid,
-                samples.loc[sid, "slide"],
-                pheno.get(sid, "mixed"),
-                fold_models(result, int(result.folds[i])),
-            )
-            for i, sid in enumerate(result.sample_ids)
-        ]
-        recs = map_records(list(result.genes), oof_slides, "hed-stats", args.features)
-        row.update(summarise_maps(recs, "oof "))
-        if held is not None:
-            held_slides = [(sid, path, ph, fold_models(result)) for sid, path, ph in held]
-            recs_h = map_records(list(result.genes), held_slides, "hed-stats", args.held_features)
-            row.update(summarise_maps(recs_h, "unseen "))
-            row.update(ensemble_spread(result, cohort, held_slides))
-            row["unseen per slide"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in recs_h]
+        row = score_variant(result, cohort, samples, folds, null, args, held, t0)
         results[name] = row
         print(name, json.dumps(row), flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

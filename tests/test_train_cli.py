@@ -96,6 +96,9 @@ def test_an_ensemble_bundle_is_fine_tuned_through_its_he2rna_part(small_cohort, 
     proc, first = train(small_cohort, "--folds", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "--model-type ridge" in proc.stdout  # the per-gene comparison line
+    # by default the ensemble's HE2RNA is trained with --anchor 1 (HE2RNA alone: the paper's, no anchor)
+    assert load_bundle(first).metadata["training"]["anchor"] == 1.0
+    assert "HE2RNA alone (anchored, 1)" in proc.stdout
     tuned = small_cohort / "tuned.safetensors"
     proc, _ = train(small_cohort, "--init-model", first, "--tiles", "--epochs", "1", "--overwrite")
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -130,3 +133,6 @@ def test_an_anchored_he2rna_bundle_says_so(small_cohort, train):
     bundle = load_bundle(out)
     assert bundle.metadata["training"]["anchor"] == 1.0 and not bundle.linear_genes
     assert "anchor 1" in bundle.describe()
+    proc, out = train(small_cohort, "--folds", "2", "--model-type", "he2rna", "--overwrite")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "anchor" not in load_bundle(out).metadata["training"]  # the paper's HE2RNA

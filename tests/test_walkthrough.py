@@ -106,7 +106,10 @@ def test_planted_genes_significant_controls_not_and_baseline_beside(walkthrough)
         assert int(sig[planted].sum()) >= 3, (t, int(sig[planted].sum()))
         controls = sig.drop(index=list(GENE_PANEL))
         assert int(controls.sum()) <= 1, (t, controls[controls].index.tolist())
-        assert sub.drop(index=list(GENE_PANEL))["r_pooled_folds"].abs().median() < 0.3
+        # a control is not predicted: its R stays low (signed: a noise gene's pooled out-of-fold R leans
+        # negative, each fold being predicted from the other folds' mean, the more so the closer the model
+        # is to a linear one; -0.66 to 0.4 here with the default's anchor)
+        assert sub.drop(index=list(GENE_PANEL))["r_pooled_folds"].median() < 0.3
     comparison = pd.read_csv(report / "comparison.csv")
     assert set(comparison["model"]) == {"ensemble (HE2RNA + linear)", "ridge baseline"}
     text = (report / "report.md").read_text()

@@ -113,7 +113,8 @@ def ensemble_result(
                 blend, slides, idx, mlp.config.k_list, torch.device("cpu"), mlp.config.batch
             )
     oof_df = pd.DataFrame(oof, index=pd.Index(ids, name="sample_id"), columns=cohort.genes)
-    comparison = compare_genes(cohort.expression, mlp.oof, lin.oof, oof_df, mlp.cancer_types)
+    anchor = float(getattr(mlp.config, "anchor", 0.0) or 0.0)
+    comparison = compare_genes(cohort.expression, mlp.oof, lin.oof, oof_df, mlp.cancer_types, anchor)
     if log is not None:
         log(comparison.headline())
     return replace(

@@ -57,6 +57,7 @@ class GeneComparison:
     r_ensemble: np.ndarray
     oof_he2rna: pd.DataFrame | None = None  # each model's own out-of-fold predictions
     oof_linear: pd.DataFrame | None = None
+    anchor: float = 0.0  # HE2RNA's tile scores were held near the linear map in training (--anchor)
 
     @property
     def linear_better(self) -> np.ndarray:
@@ -83,9 +84,13 @@ class GeneComparison:
     def headline(self) -> str:
         """One sentence for the CLI and the report."""
         lin, n = self.linear_better, len(self.genes)
+        alone = f"HE2RNA alone (anchored, {self.anchor:g})" if self.anchor else "HE2RNA alone"
         ens = (
-            f"the ensemble of both (this bundle) {_median(self.r_ensemble):.2f}, HE2RNA alone "
+            f"the ensemble of both (this bundle) {_median(self.r_ensemble):.2f}, {alone} "
             f"{_median(self.r_he2rna):.2f}, the linear baseline alone {_median(self.r_linear):.2f}"
+        )
+        he2rna_option = (
+            f"--model-type he2rna --anchor {self.anchor:g}" if self.anchor else "--model-type he2rna"
         )
         if not lin.any():
             return (
@@ -96,8 +101,8 @@ class GeneComparison:
             f"The linear baseline alone is better than HE2RNA on this cohort for {int(lin.sum())} of {n} "
             f"genes (median out-of-fold R on them {_median(self.r_linear[lin]):.2f} vs "
             f"{_median(self.r_he2rna[lin]):.2f}, the ensemble {_median(self.r_ensemble[lin]):.2f}); over "
-            f"all genes: {ens}. Use --model-type ridge to keep the linear baseline alone, --model-type "
-            "he2rna for HE2RNA alone."
+            f"all genes: {ens}. Use --model-type ridge to keep the linear baseline alone, {he2rna_option} "
+            "for HE2RNA alone."
         )
 
 
@@ -107,15 +112,19 @@ def compare_genes(
     oof_linear: pd.DataFrame,
     oof_ensemble: pd.DataFrame,
     types: np.ndarray,
+    anchor: float = 0.0,
 ) -> GeneComparison:
-    """:class:`GeneComparison` of three models' out-of-fold predictions on the same samples and genes."""
+    """:class:`GeneComparison` of three models' out-of-fold predictions on the same samples and genes
+    (``anchor``: HE2RNA's, see :attr:`GeneComparison.anchor`)."""
     genes = list(y.columns)
     yv = y.to_numpy(np.float64)
 
     def r(pred: pd.DataFrame) -> np.ndarray:
         return per_type_r(yv, pred.loc[y.index, genes].to_numpy(np.float64), types)
 
-    return GeneComparison(genes, r(oof_he2rna), r(oof_linear), r(oof_ensemble), oof_he2rna, oof_linear)
+    return GeneComparison(
+        genes, r(oof_he2rna), r(oof_linear), r(oof_ensemble), oof_he2rna, oof_linear, float(anchor)
+    )
 
 
 def comparison_markdown(comparison: GeneComparison, max_rows: int = 60) -> str:
