@@ -185,6 +185,20 @@ def test_a_flipped_byte_in_the_supertiles_is_detected_and_repaired(tmp_path, cli
     assert proc.returncode == 0 and proc.stderr == "" and "cached" in proc.stdout
 
 
+def test_a_store_recomputed_for_a_flipped_feature_byte_is_reported_ok_not_cached(tmp_path, cli_in_process):
+    # extract reads a cached store once (no second, checksumming read just to say "cached"); a store it had
+    # to recompute is a new one, reported "ok"
+    argv = ["extract", SLIDE, *EXTRACT, "--cache-dir", tmp_path / "c"]
+    assert cli_in_process(*argv, cwd=tmp_path).returncode == 0
+    final = next((tmp_path / "c").glob("*.zarr"))
+    flip_a_byte(final / "features")
+    proc = cli_in_process(*argv, cwd=tmp_path)
+    assert proc.returncode == 0 and "recomputing it" in proc.stderr
+    assert " ok " in proc.stdout and "cached" not in proc.stdout
+    proc = cli_in_process(*argv, cwd=tmp_path)
+    assert proc.returncode == 0 and proc.stderr == "" and "cached" in proc.stdout
+
+
 def test_a_store_without_supertile_checksums_is_still_read(tmp_path, cli_in_process):
     argv = ["extract", SLIDE, *EXTRACT, "--cache-dir", tmp_path / "c"]
     assert cli_in_process(*argv, cwd=tmp_path).returncode == 0

@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import Cancelled, He2rnaError
 from ..jobs import CancelToken, ProgressCallback, check_cancel, report
 from .backbones import Backbone, get_backbone
-from .cache import cache_path, is_cached, load_or_extract
+from .cache import cache_path, load_or_extract
 from .extraction import ExtractOptions
 
 __all__ = ["extract_cohort", "extract_slide_task"]
@@ -34,6 +34,15 @@ def _cached_backbone(name: str, weights: str | Path | None, device: str) -> Back
 
 def _failed(path: str, reason: str) -> dict[str, Any]:
     return {"slide": str(path), "status": "failed", "reason": reason, "n_tiles": 0, "store": ""}
+
+
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """Which directory ``path`` is now (inode, modification and change times), or None when absent."""
+    try:
+        st = Path(path).stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_ctime_ns
 
 
 def extract_slide_task(
@@ -73,7 +82,9 @@ def extract_slide_task(
             backbone = _cached_backbone(options.backbone, options.weights, options.device)
         with open_slide(path, mpp=mpp) as slide:
             store = cache_path(slide, backbone, options.tile_um, out_dir, options=options)
-            cached = is_cached(slide, backbone, options, cache_dir=out_dir)
+            # "cached": the store that was there before is the one read (a stale or corrupt one is replaced
+            # by a new directory). Not is_cached(): it would read and checksum the whole store once more.
+            before = _identity(store)
             # The backbone is already on its device: device "auto" leaves it there.
             grid, _ = load_or_extract(
                 slide,
@@ -83,6 +94,7 @@ def extract_slide_task(
                 progress=progress,
                 cancel=cancel,
             )
+        cached = before is not None and _identity(store) == before
         result.update(status="cached" if cached else "ok", n_tiles=len(grid.table), store=str(store))
     except Cancelled:
         raise
