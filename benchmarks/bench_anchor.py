@@ -11,13 +11,20 @@ for ``--rounds`` rounds and the best time of each is kept.
 
     python benchmarks/bench_anchor.py [--slides 300] [--genes 2000] [--dim 2048] [--epochs 2 6] [--rounds 1]
 
-Results: ``benchmarks/results/anchor_cost_<device>.json``.
+``--memory`` measures instead the peak memory (max RSS, each in its own process) of one epoch of the ensemble
+with and without the anchor in tile mode (6 slides x 8,000 tiles x 2,048 features, 2,000 genes, batch 4: a
+batch's tile scores are 4 x 2,000 x 8,000 floats, 256 MB), where the anchor's extra (G, N) tensors matter.
+
+Results: ``benchmarks/results/anchor_cost_<device>.json`` (``anchor_memory_<device>.json`` with ``--memory``).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -55,6 +62,45 @@ def synthetic_cohort(n_slides: int, n_tiles: int, dim: int, n_genes: int, seed: 
     return match_cohort(expression, samples, feats)[0]
 
 
+def memory_child(anchor: float) -> None:
+    """One tile-mode epoch of the ensemble; prints the peak RSS in MB before and after."""
+    cohort = synthetic_cohort(6, 8000, 2048, 2000)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    config = TrainConfig(
+        mode="tiles",
+        hidden=(1024, 1024),
+        max_epochs=1,
+        n_folds=3,
+        val_fraction=0.0,
+        ks=(100, 1000),
+        anchor=anchor,
+    )
+    fit(cohort, "ensemble", config)
+    print(
+        json.dumps(
+            {"before_mb": before, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024}
+        )
+    )
+
+
+def memory() -> int:
+    out = {"device": _cpu_name(), "peak_rss_mb": {}}
+    for anchor in (0.0, 1.0):
+        proc = subprocess.run(
+            [sys.executable, __file__, "--memory-child", str(anchor)],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        out["peak_rss_mb"][f"anchor {anchor:g}"] = json.loads(proc.stdout.strip().splitlines()[-1])
+        print(anchor, out["peak_rss_mb"][f"anchor {anchor:g}"], flush=True)
+    peaks = out["peak_rss_mb"]
+    out["anchor_extra_mb"] = peaks["anchor 1"]["peak_mb"] - peaks["anchor 0"]["peak_mb"]
+    print(json.dumps(out, indent=1))
+    (ROOT / "benchmarks" / "results" / "anchor_memory_cpu.json").write_text(json.dumps(out, indent=1))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slides", type=int, default=300)
@@ -63,7 +109,14 @@ def main(argv=None) -> int:
     ap.add_argument("--genes", type=int, default=2000)
     ap.add_argument("--epochs", type=int, nargs=2, default=[2, 6], help="two epoch counts (per-epoch slope)")
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--memory", action="store_true", help="peak memory with and without the anchor instead")
+    ap.add_argument("--memory-child", type=float, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.memory_child is not None:
+        memory_child(args.memory_child)
+        return 0
+    if args.memory:
+        return memory()
     cohort = synthetic_cohort(args.slides, args.tiles, args.dim, args.genes)
     base = TrainConfig(hidden=(1024, 1024), max_epochs=max(args.epochs), val_fraction=0.0, ks=(50, 100))
     runs = {

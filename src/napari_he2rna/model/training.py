@@ -268,9 +268,9 @@ def train_one(
                 if anchor_model is not None and config.anchor > 0:
                     with torch.no_grad():
                         ref = anchor_model(x, mask)
-                    real = mask[:, None, :].to(scores_t.dtype).expand_as(scores_t)
-                    pull = ((scores_t - ref) ** 2 * real).sum() / real.sum().clamp_min(1)
-                    loss = loss + config.anchor * pull
+                    # padded tiles score 0 in both; mse_loss keeps no (B, G, N) temporaries for backward
+                    pull = torch.nn.functional.mse_loss(scores_t, ref, reduction="sum")
+                    loss = loss + config.anchor * pull / (mask.sum() * scores_t.shape[1]).clamp_min(1)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
