@@ -117,7 +117,9 @@ def test_planted_genes_significant_controls_not_and_baseline_beside(walkthrough)
     # the default (--model-type ensemble) is reported beside HE2RNA alone, gene by gene
     assert "## HE2RNA, the linear baseline and their ensemble, gene by gene" in text
     everything = pd.read_csv(report / "comparison_all.csv")
-    assert set(everything["model"]) == {"ensemble (HE2RNA + linear)", "HE2RNA", "ridge"}
+    # the ensemble's HE2RNA is the anchored one (--anchor 1, the default), and says so
+    assert set(everything["model"]) == {"ensemble (HE2RNA + linear)", "HE2RNA (--anchor 1)", "ridge"}
+    assert "held near the linear baseline's map (`--anchor 1`)" in text
     genes = pd.read_csv(report / "gene_models.csv")
     assert {"r_he2rna", "r_linear", "r_ensemble", "best"} <= set(genes.columns)
     assert len(genes) == per_gene["gene"].nunique()

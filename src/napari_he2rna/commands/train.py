@@ -295,7 +295,8 @@ def write_train_report(args: argparse.Namespace, cohort, config, result) -> None
     others = {}
     if args.model_type == "ensemble":
         both = result.comparison
-        others["HE2RNA"] = evaluate_result(cohort, both.oof_he2rna, result.folds, null)
+        he2rna_name = f"HE2RNA (--anchor {both.anchor:g})" if both.anchor else "HE2RNA"
+        others[he2rna_name] = evaluate_result(cohort, both.oof_he2rna, result.folds, null)
         others["ridge"] = evaluate_result(cohort, both.oof_linear, result.folds, null)
     elif args.model_type == "he2rna":
         base = fit(cohort, "ridge", config, folds=result.folds)

@@ -139,6 +139,15 @@ def comparison_markdown(comparison: GeneComparison, max_rows: int = 60) -> str:
         "the ensemble (the default, `--model-type ensemble`) scores each tile with the mean of both models "
         "and aggregates like HE2RNA. All genes are in `gene_models.csv`.",
         "",
+        *(
+            [
+                f"HE2RNA here is the ensemble's own, trained with its tile scores held near the linear "
+                f"baseline's map (`--anchor {comparison.anchor:g}`), not the paper's model alone.",
+                "",
+            ]
+            if comparison.anchor
+            else []
+        ),
         "| gene | R HE2RNA | R linear baseline | R ensemble | best |",
         "|---|---|---|---|---|",
     ]
