@@ -99,6 +99,10 @@ def test_an_ensemble_bundle_is_fine_tuned_through_its_he2rna_part(small_cohort, 
     # by default the ensemble's HE2RNA is trained with --anchor 1 (HE2RNA alone: the paper's, no anchor)
     assert load_bundle(first).metadata["training"]["anchor"] == 1.0
     assert "HE2RNA alone (anchored, 1)" in proc.stdout
+    assert (
+        "the linear baseline (ridge per gene) first, on the same folds (HE2RNA is held near its map)"
+        in proc.stdout
+    )
     tuned = small_cohort / "tuned.safetensors"
     proc, _ = train(small_cohort, "--init-model", first, "--tiles", "--epochs", "1", "--overwrite")
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -230,8 +230,9 @@ def _slide_on_canvas(viewer, layer) -> tuple[float, float, float, float]:
     )
 
 
+@pytest.mark.parametrize("which", ["sample", "cmu"])
 def test_the_view_keeps_the_slide_clear_of_the_canvas_texts_until_the_user_moves_it(
-    make_napari_viewer, sample_slide
+    make_napari_viewer, sample_slide, cmu_slide, which
 ):
     # napari's first-launch window leaves a canvas of about 355 x 580 px: its Home put the slide under the
     # label, the warning and the colour bar; the plugin fits it into what they leave free
@@ -240,7 +241,8 @@ def test_the_view_keeps_the_slide_clear_of_the_canvas_texts_until_the_user_moves
 
     viewer = make_napari_viewer(show=True)
     watch_view(viewer)
-    layer = viewer.open(str(sample_slide), plugin="napari-he2rna")[0]
+    slide = sample_slide if which == "sample" else cmu_slide  # synthetic, and a real H&E region (tall)
+    layer = viewer.open(str(slide), plugin="napari-he2rna")[0]
     layer.colorbar.visible = True
     viewer.canvas.size = (580, 355)
     viewer.reset_view()
@@ -253,6 +255,19 @@ def test_the_view_keeps_the_slide_clear_of_the_canvas_texts_until_the_user_moves
     assert top >= text_bottom - 1 and bottom <= 580 + 1 and left >= -1
     assert right <= 355 - bar_w + 1 or top >= bar_bottom - 1  # beside the colour bar or under it
     assert bottom - top > 0.5 * (580 - text_bottom) or right - left > 0.5 * (355 - bar_w)  # and not tiny
+
+    # when the texts go, the whole canvas is free again (napari's Home); they come back: under them again
+    show_warning(viewer, False)
+    show_legend(viewer, None)
+    layer.colorbar.visible = False
+    show_legend(viewer, None)
+    t, lft, b, r = _slide_on_canvas(viewer, layer)
+    assert abs(t - (580 - b)) < 1 and abs(lft - (355 - r)) < 1  # centred on the whole canvas
+    assert max((b - t) / 580, (r - lft) / 355) > 0.9 and t < text_bottom
+    layer.colorbar.visible = True
+    show_warning(viewer, True)
+    show_legend(viewer, "CD3E\npercentile of this slide's tiles (100 = highest)\nslide prediction 2.23")
+    assert _slide_on_canvas(viewer, layer)[0] >= text_bottom - 1
 
     # a resized canvas refits; once the user zooms, their view stays through new texts and resizes
     viewer.canvas.size = (900, 1200)

@@ -61,6 +61,9 @@ def fit(
             if folds is None:
                 ids = cohort.sample_ids
                 folds = cv_folds(cohort.samples.loc[ids], config.n_folds, config.seed)
+            if log is not None:  # it reads every slide's features once, before HE2RNA's first epoch
+                why = "HE2RNA is held near its map" if config.anchor > 0 else "for the ensemble"
+                log(f"the linear baseline (ridge per gene) first, on the same folds ({why})")
             lin = fit(cohort, "ridge", config, folds=folds, cancel=cancel)
         mlp = cross_validate(
             cohort,

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..maps import map_style
-from ._view_fit import keep_clear, track_view
+from ._view_fit import canvas_overlays, keep_clear, track_view
 
 if TYPE_CHECKING:
     import napari
@@ -49,11 +49,6 @@ def styled_colormap(base: str, fade: float | None = None, grey: bool = False, ba
     for a slide outside the training data, with a white mark at ``band`` (0-1 of the colour range)."""
     fade = map_style.heatmap_fade() if fade is None else float(fade)
     return _styled(base, round(fade, 3), bool(grey), None if band is None else round(float(band), 2))
-
-
-def _overlays(viewer: napari.viewer.Viewer):
-    canvas = getattr(viewer, "canvas", None)
-    return canvas.overlays if canvas is not None and hasattr(canvas, "overlays") else viewer._overlays
 
 
 def line_chars(viewer: napari.viewer.Viewer, font_size: float) -> int:
@@ -100,7 +95,7 @@ def _set_text(viewer: napari.viewer.Viewer, key: str, text: str | None, **style)
     _rewrap_on_resize(viewer)
     if viewer in _GIVEN:
         _GIVEN[viewer][key] = (text, style)
-    overlays = _overlays(viewer)
+    overlays = canvas_overlays(viewer)
     overlay = overlays.get(key) if hasattr(overlays, "get") else None
     if not text:
         if overlay is not None and overlay.visible:
@@ -152,5 +147,5 @@ def watch_view(viewer: napari.viewer.Viewer) -> None:
 
 def canvas_text(viewer: napari.viewer.Viewer, key: str) -> str:
     """The text a canvas overlay shows now (``""`` when hidden or absent)."""
-    overlay = _overlays(viewer).get(key)
+    overlay = canvas_overlays(viewer).get(key)
     return str(overlay.text).strip() if overlay is not None and overlay.visible else ""

@@ -7,9 +7,10 @@ corner (:mod:`._canvas_notes`). On a wide canvas they sit beside the slide; on n
 pathologist sees the top strip of the map through text. Here the view is fitted, as napari's Home does, but
 into the part of the canvas below the texts (and left of the colour bar, or below it when that is larger):
 
-* when a text appears, changes or goes, and when the canvas is resized, **unless the user has zoomed or
-  panned since the last fit** (napari's own on the first layer or Home, or ours): they keep their view;
-* right after napari's Home (``reset_view``) while a text is shown.
+* when a text appears, changes or goes (then the whole canvas is free again), and when the canvas is
+  resized, **unless the user has zoomed or panned since the last fit** (napari's own on the first layer or
+  Home, or ours): they keep their view;
+* right after napari's Home (``reset_view``).
 
 napari does not expose the drawn size of a text overlay, so the stack's size is estimated from its lines
 and font size (:data:`LINE_PX_PER_PT`, measured on screenshots under Xvfb at 96 dpi) and napari's colour bar
@@ -41,9 +42,10 @@ _TOUCHED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FITTING: set[int] = set()  # ids of the viewers whose camera this module is moving now
 
 
-def _overlays(viewer: napari.viewer.Viewer):
+def canvas_overlays(viewer: napari.viewer.Viewer):
+    """The canvas overlays by key (``viewer.canvas.overlays``; an older napari's ``viewer._overlays``)."""
     canvas = getattr(viewer, "canvas", None)
-    return canvas.overlays if canvas is not None and hasattr(canvas, "overlays") else {}
+    return canvas.overlays if canvas is not None and hasattr(canvas, "overlays") else viewer._overlays
 
 
 def camera(viewer: napari.viewer.Viewer):
@@ -63,7 +65,7 @@ def canvas_size(viewer: napari.viewer.Viewer) -> tuple[float, float] | None:
 def overlay_footprint(viewer: napari.viewer.Viewer, keys) -> tuple[float, float, float]:
     """``(top, right, bar_bottom)``: how far down the visible text overlays ``keys`` reach, how wide the
     colour bar under them is (0 without one) and how far down it reaches (px from the canvas's top)."""
-    overlays = _overlays(viewer)
+    overlays = canvas_overlays(viewer)
     top = 0.0
     for key in keys:
         ov = overlays.get(key) if hasattr(overlays, "get") else None
@@ -82,14 +84,13 @@ def overlay_footprint(viewer: napari.viewer.Viewer, keys) -> tuple[float, float,
 def fit_clear(viewer: napari.viewer.Viewer, keys) -> bool:
     """Fit the layers' extent into the canvas area the overlays ``keys`` and the colour bar leave free.
 
-    Returns False (view unchanged) in 3D, in grid mode, without layers or a canvas, or when nothing covers
-    the canvas."""
+    With nothing shown it is napari's Home over the visible layers (so a view fitted under the texts goes back
+    when they go). Returns False (view unchanged) in 3D, in grid mode, or without visible layers or a
+    canvas."""
     size = canvas_size(viewer)
     if size is None or len(viewer.layers) == 0 or viewer.dims.ndisplay != 2 or viewer.grid.enabled:
         return False
     top, right, bar_bottom = overlay_footprint(viewer, keys)
-    if top <= 0 and right <= 0:
-        return False
     h, w = size
     shown = [np.asarray(layer.extent.world, dtype=float)[:, -2:] for layer in viewer.layers if layer.visible]
     if not shown:
