@@ -13,7 +13,8 @@ into the part of the canvas below the texts (and left of the colour bar, or belo
 * right after napari's Home (``reset_view``).
 
 napari does not expose the drawn size of a text overlay, so the stack's size is estimated from its lines
-and font size (:data:`LINE_PX_PER_PT`, measured on screenshots under Xvfb at 96 dpi) and napari's colour bar
+and font size (:data:`LINE_PX_PER_PT`, measured on screenshots under Xvfb at 96 dpi; checked at a device pixel
+ratio of 2 too, ``QT_SCALE_FACTOR=2``, where canvas texts and sizes scale together) and napari's colour bar
 size. No Qt import: it works on napari's models (viewer, camera, overlays).
 """
 
