@@ -38,7 +38,8 @@ TILE_UM = 112.0
 DEFAULT_N_SLIDES = 300
 DEFAULT_SIZE_PX = (1344, 1344)
 DEFAULT_HIDDEN = (256, 256)  # the paper's size for gene subsets; `he2rna train --hidden 256 256`
-# The rest are `he2rna train`'s own defaults: the demo is trained exactly as a user's model is.
+# The rest are `he2rna train --model-type he2rna`'s defaults: the demo is the paper's HE2RNA alone, trained as
+# a user's model of that type is (train's default is HE2RNA anchored to and averaged with ridge).
 DEFAULT_EPOCHS = 200
 DEFAULT_PATIENCE = 50
 DEFAULT_LR = 3e-4
@@ -257,8 +258,9 @@ def _build(
     cohort, _ = match_cohort(expression, samples, feats)
     log.info("demo model: features took %.1f s", time.perf_counter() - t0)
 
-    # 3. Cross-validated training: the same call as `he2rna train --supertiles --hidden 256 256` (inputs
-    # standardised per fold inside it; each finished fold is checkpointed, so an interrupted build resumes).
+    # 3. Cross-validated training: the same call as `he2rna train --supertiles --hidden 256 256 --model-type
+    # he2rna` (the paper's model alone, not train's default ensemble; inputs standardised per fold inside it;
+    # each finished fold is checkpointed, so an interrupted build resumes).
     t0 = time.perf_counter()
     check_cancel(cancel)
     config = TrainConfig(
