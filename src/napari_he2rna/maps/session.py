@@ -441,12 +441,10 @@ class SlideSession:
     def gene_slide_predictions(self, genes: Sequence[str], chunk: int = 512) -> dict[str, float]:
         """``{gene: slide prediction}`` from the cached hidden layers (bounded memory: genes in chunks).
 
-        With ``aggregation == "kmeans"`` from those of the slide's k-means cluster means
+        For a bundle that predicts from its slide inputs (k-means cluster means, supertiles) from those
         (:meth:`~napari_he2rna.model.bundle.ModelBundle.slide_inputs`, computed once per feature matrix)."""
         bundle, grid, features = self.require_ready()
-        if (
-            bundle.aggregation == "kmeans" or bundle.supertiles is not None
-        ):  # the slide input it was trained on
+        if bundle.uses_slide_inputs:  # the slide input it was trained on
             hidden = bundle.hidden_activations(bundle.slide_inputs(features, grid.centers()))
         else:
             hidden = self.hidden()

@@ -474,6 +474,11 @@ class ModelBundle:
         scores, _ = self._fold_scores(features, genes)
         return torch.stack(scores).mean(dim=0).numpy()
 
+    @property
+    def uses_slide_inputs(self) -> bool:
+        """A slide's prediction aggregates :meth:`slide_inputs` (k-means means, supertiles), not its tiles."""
+        return self.aggregation == "kmeans" or self.supertiles is not None
+
     def slide_prediction(
         self,
         features: np.ndarray,
@@ -486,10 +491,9 @@ class ModelBundle:
         :attr:`linear_genes` is the mean of its tile scores whatever the aggregation (not in a blend,
         ``linear_weight < 1``, aggregated as HE2RNA's).
 
-        With ``aggregation == "kmeans"`` the scores are those of the slide's k-means cluster means
-        (:meth:`slide_inputs`), not of its tiles: SEQUOIA's forward pass (network in eval mode, ReLU between
-        layers, nothing after the last; mean over k in ``ks`` of the top-k mean over the clusters)."""
-        if self.aggregation == "kmeans" or self.supertiles is not None:
+        With :attr:`uses_slide_inputs` the scores are those of :meth:`slide_inputs` (k-means cluster means:
+        SEQUOIA's forward pass, ReLU between layers, nothing after the last; or the slide's supertiles)."""
+        if self.uses_slide_inputs:
             hidden = self.hidden_activations(self.slide_inputs(features, positions))
             return self.aggregate_fold_scores(self.scores_from_hidden(hidden, genes), genes)
         scores, _ = self._fold_scores(features, genes)
